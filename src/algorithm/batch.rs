@@ -1,0 +1,229 @@
+//! Applying all hits of one request together, with one [`Mode`].
+//!
+//! This is the whole decision a store makes for a request, written once as a
+//! pure function over a [`StateView`]. The memory store runs it while holding
+//! the locks of every key involved; the Redis script
+//! (`store/redis/batch.lua`) is its line-by-line twin. Hits are evaluated in
+//! request order, each seeing the writes of the hits before it (a request that
+//! names one counter twice counts twice), then kept or rolled back as the mode
+//! says.
+
+use super::{AlgorithmKind, Outcome, Quota, State, Stored};
+
+/// How the hits of one request are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Every hit is judged and counted on its own (Envoy's RLS semantics:
+    /// a denied descriptor still counts when its algorithm counts rejections).
+    Independent,
+    /// The request is admitted only when every enforced hit is allowed; if
+    /// not, nothing is written for any hit (`ShouldAllow`).
+    AllOrNothing,
+    /// Judge as [`Mode::AllOrNothing`] but never write.
+    DryRun,
+}
+
+/// One hit of a batch: add `hits` to the counter at `key`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchHit<'a> {
+    /// Storage key of the counter.
+    pub key: &'a [u8],
+    /// The algorithm that owns the counter's state.
+    pub algorithm: AlgorithmKind,
+    /// The limit.
+    pub quota: Quota,
+    /// How many hits to add (0 only checks).
+    pub hits: u64,
+    /// `false` for shadow-mode rules: judged and counted, but a denial does
+    /// not deny the request.
+    pub enforced: bool,
+}
+
+/// Read and write access to counter states, for the duration of one batch.
+pub trait StateView {
+    /// The live state at `key`, or `None` when absent or expired.
+    fn load(&mut self, key: &[u8]) -> Option<Stored>;
+    /// Replaces the state at `key`; `None` removes it.
+    fn store(&mut self, key: &[u8], stored: Option<Stored>);
+}
+
+/// Applies `hits` to `view` at `now_ms` and returns one outcome per hit.
+///
+/// When the batch is not committed (a denied [`Mode::AllOrNothing`] request or
+/// a [`Mode::DryRun`]), every write is undone and each outcome's `remaining`
+/// and `reset_after_ms` describe the counter as it stands, since nothing was
+/// taken; `allowed` and `retry_after_ms` still describe this request's hits.
+pub fn apply_batch(
+    view: &mut impl StateView,
+    hits: &[BatchHit<'_>],
+    mode: Mode,
+    now_ms: u64,
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::with_capacity(hits.len());
+    let mut undo: Vec<(&[u8], Option<Stored>)> = Vec::with_capacity(hits.len());
+    let mut all_enforced_allowed = true;
+
+    for hit in hits {
+        let before = view.load(hit.key);
+        let eval =
+            hit.algorithm
+                .algorithm()
+                .evaluate(&hit.quota, state_of(before), hit.hits, now_ms);
+        if !eval.outcome.allowed && hit.enforced {
+            all_enforced_allowed = false;
+        }
+        let write = if eval.outcome.allowed {
+            Some(eval.admitted)
+        } else {
+            eval.rejected
+        };
+        if let Some(write) = write {
+            undo.push((hit.key, before));
+            view.store(hit.key, Some(write));
+        }
+        outcomes.push(eval.outcome);
+    }
+
+    let commit = match mode {
+        Mode::Independent => true,
+        Mode::AllOrNothing => all_enforced_allowed,
+        Mode::DryRun => false,
+    };
+    if !commit {
+        for (key, before) in undo.into_iter().rev() {
+            view.store(key, before);
+        }
+        for (hit, outcome) in hits.iter().zip(&mut outcomes) {
+            let current = hit
+                .algorithm
+                .algorithm()
+                .evaluate(&hit.quota, state_of(view.load(hit.key)), 0, now_ms)
+                .outcome;
+            outcome.remaining = current.remaining;
+            outcome.reset_after_ms = current.reset_after_ms;
+        }
+    }
+    outcomes
+}
+
+fn state_of(stored: Option<Stored>) -> State {
+    stored.map_or([0; 3], |s| s.state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// A plain map; expiry is ignored because these tests stay in one window.
+    #[derive(Default)]
+    struct MapView(HashMap<Vec<u8>, Stored>);
+
+    impl StateView for MapView {
+        fn load(&mut self, key: &[u8]) -> Option<Stored> {
+            self.0.get(key).copied()
+        }
+        fn store(&mut self, key: &[u8], stored: Option<Stored>) {
+            match stored {
+                Some(s) => self.0.insert(key.to_vec(), s),
+                None => self.0.remove(key),
+            };
+        }
+    }
+
+    const NOW: u64 = 1_700_000_040_000;
+
+    fn hit(key: &'static [u8], limit: u64, hits: u64, enforced: bool) -> BatchHit<'static> {
+        BatchHit {
+            key,
+            algorithm: AlgorithmKind::FixedWindow,
+            quota: Quota {
+                limit,
+                window_ms: 60_000,
+            },
+            hits,
+            enforced,
+        }
+    }
+
+    fn count(view: &MapView, key: &[u8]) -> u64 {
+        view.0.get(key).map_or(0, |s| s.state[1])
+    }
+
+    #[test]
+    fn independent_mode_counts_every_hit_including_rejected_ones() {
+        let mut view = MapView::default();
+        let batch = [hit(b"a", 1, 1, true), hit(b"b", 10, 1, true)];
+        apply_batch(&mut view, &batch, Mode::Independent, NOW);
+        let outcomes = apply_batch(&mut view, &batch, Mode::Independent, NOW);
+        assert!(!outcomes[0].allowed);
+        assert!(outcomes[1].allowed);
+        assert_eq!((count(&view, b"a"), count(&view, b"b")), (2, 2));
+    }
+
+    #[test]
+    fn all_or_nothing_writes_nothing_when_one_hit_is_denied() {
+        let mut view = MapView::default();
+        apply_batch(&mut view, &[hit(b"a", 1, 1, true)], Mode::AllOrNothing, NOW);
+        let outcomes = apply_batch(
+            &mut view,
+            &[hit(b"a", 1, 1, true), hit(b"b", 10, 3, true)],
+            Mode::AllOrNothing,
+            NOW,
+        );
+        assert!(!outcomes[0].allowed);
+        assert!(outcomes[1].allowed);
+        // Nothing was taken from b, so it reports its full limit.
+        assert_eq!(outcomes[1].remaining, 10);
+        assert_eq!((count(&view, b"a"), count(&view, b"b")), (1, 0));
+    }
+
+    #[test]
+    fn all_or_nothing_commits_when_every_enforced_hit_fits() {
+        let mut view = MapView::default();
+        let outcomes = apply_batch(
+            &mut view,
+            &[hit(b"a", 5, 2, true), hit(b"b", 1, 3, false)],
+            Mode::AllOrNothing,
+            NOW,
+        );
+        // b is a shadow rule: denied, but the request is admitted and b counts.
+        assert!(outcomes[0].allowed && !outcomes[1].allowed);
+        assert_eq!(outcomes[0].remaining, 3);
+        assert_eq!((count(&view, b"a"), count(&view, b"b")), (2, 3));
+    }
+
+    #[test]
+    fn dry_run_never_writes() {
+        let mut view = MapView::default();
+        let outcomes = apply_batch(&mut view, &[hit(b"a", 5, 2, true)], Mode::DryRun, NOW);
+        assert!(outcomes[0].allowed);
+        assert_eq!(outcomes[0].remaining, 5);
+        assert!(view.0.is_empty());
+    }
+
+    #[test]
+    fn the_same_key_twice_counts_twice() {
+        let mut view = MapView::default();
+        let outcomes = apply_batch(
+            &mut view,
+            &[hit(b"a", 3, 2, true), hit(b"a", 3, 2, true)],
+            Mode::AllOrNothing,
+            NOW,
+        );
+        // 2 fits, 2 + 2 does not: the whole request is denied and a is untouched.
+        assert!(outcomes[0].allowed && !outcomes[1].allowed);
+        assert_eq!(count(&view, b"a"), 0);
+        assert_eq!(outcomes[0].remaining, 3);
+        let outcomes = apply_batch(
+            &mut view,
+            &[hit(b"a", 3, 1, true), hit(b"a", 3, 2, true)],
+            Mode::AllOrNothing,
+            NOW,
+        );
+        assert!(outcomes.iter().all(|o| o.allowed));
+        assert_eq!(outcomes[1].remaining, 0);
+        assert_eq!(count(&view, b"a"), 3);
+    }
+}

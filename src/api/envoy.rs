@@ -1,0 +1,196 @@
+//! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`, answering
+//! exactly as envoyproxy/ratelimit does (same statuses, remaining counts and
+//! reset durations), over the shared engine.
+//!
+//! Differences, all deliberate: bad input is `INVALID_ARGUMENT` and a store
+//! failure `UNAVAILABLE` (upstream answers `UNKNOWN` for both); a limit
+//! override with unit `UNKNOWN` is refused instead of crashing the process.
+
+use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+
+use super::validate::check_cost;
+use super::{RequestLimits, ceil_seconds};
+use crate::algorithm::Mode;
+use crate::error::Error;
+use crate::limiter::{CheckRequest, Decision, DescriptorDecision, DescriptorInput, Limiter};
+use crate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit, rate_limit::Unit as ResponseUnit,
+};
+use crate::proto::envoy::service::ratelimit::v3::{
+    RateLimitRequest, RateLimitResponse, rate_limit_service_server,
+};
+use crate::proto::envoy::r#type::v3::RateLimitUnit;
+use crate::rules::matcher::EntryRef;
+use crate::rules::{Limit, MAX_REQUESTS_PER_UNIT, Unit};
+
+/// `limit_remaining` of an unlimited descriptor, as upstream reports it.
+const UNLIMITED_REMAINING: u32 = u32::MAX;
+
+/// The Envoy `RateLimitService` gRPC service.
+#[derive(Debug, Clone)]
+pub struct EnvoyService {
+    limiter: Limiter,
+    limits: RequestLimits,
+}
+
+// === impl EnvoyService ===
+
+impl EnvoyService {
+    /// A service deciding with `limiter`, refusing requests beyond `limits`.
+    pub fn new(limiter: Limiter, limits: RequestLimits) -> Self {
+        Self { limiter, limits }
+    }
+
+    fn translate<'a>(&self, request: &'a RateLimitRequest) -> Result<CheckRequest<'a>, Error> {
+        self.limits.check_domain(&request.domain)?;
+        self.limits
+            .check_descriptor_count(request.descriptors.len())?;
+        let request_hits = u64::from(request.hits_addend.max(1));
+        let descriptors = request
+            .descriptors
+            .iter()
+            .enumerate()
+            .map(|(d, descriptor)| {
+                // Upstream accepts a descriptor without entries (it matches
+                // nothing unless it carries a limit override).
+                self.limits
+                    .check_entry_count(d, descriptor.entries.len(), 0)?;
+                let entries = descriptor
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .map(|(e, entry)| {
+                        self.limits.check_entry(d, e, &entry.key, &entry.value)?;
+                        Ok(EntryRef {
+                            key: &entry.key,
+                            value: &entry.value,
+                        })
+                    })
+                    .collect::<Result<_, Error>>()?;
+                // A per-descriptor addend, when present, wins, including 0
+                // (check only); otherwise the request's, where 0 means 1.
+                let hits = match descriptor.hits_addend {
+                    Some(hits) => check_cost(&format!("descriptors[{d}].hits_addend"), hits)?,
+                    None => request_hits,
+                };
+                let limit_override = descriptor
+                    .limit
+                    .as_ref()
+                    .map(|limit| override_limit(d, limit))
+                    .transpose()?;
+                Ok(DescriptorInput {
+                    entries,
+                    limit_override,
+                    hits,
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(CheckRequest {
+            domain: &request.domain,
+            descriptors,
+            mode: Mode::Independent,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl rate_limit_service_server::RateLimitService for EnvoyService {
+    #[tracing::instrument(name = "ShouldRateLimit", skip_all, fields(domain = %request.get_ref().domain, overall_code = Empty))]
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let request = request.get_ref();
+        let check = self.translate(request)?;
+        let decision = self.limiter.check(&check).await?;
+        let response = to_response(&decision);
+        tracing::Span::current().record("overall_code", response.overall_code().as_str_name());
+        Ok(Response::new(response))
+    }
+}
+
+fn override_limit(index: usize, limit: &RateLimitOverride) -> Result<Limit, Error> {
+    let unit = match RateLimitUnit::try_from(limit.unit) {
+        Ok(RateLimitUnit::Second) => Unit::Second,
+        Ok(RateLimitUnit::Minute) => Unit::Minute,
+        Ok(RateLimitUnit::Hour) => Unit::Hour,
+        Ok(RateLimitUnit::Day) => Unit::Day,
+        Ok(RateLimitUnit::Month) => Unit::Month,
+        Ok(RateLimitUnit::Year) => Unit::Year,
+        Ok(RateLimitUnit::Unknown) | Err(_) => {
+            return Err(Error::invalid(
+                format!("descriptors[{index}].limit.unit"),
+                format!("unit {} is not a known rate limit unit", limit.unit),
+            ));
+        }
+    };
+    Ok(Limit {
+        requests_per_unit: u64::from(limit.requests_per_unit).min(MAX_REQUESTS_PER_UNIT),
+        unit,
+    })
+}
+
+fn to_response(decision: &Decision) -> RateLimitResponse {
+    let statuses: Vec<DescriptorStatus> = decision.descriptors.iter().map(to_status).collect();
+    let over = statuses.iter().any(|s| s.code() == Code::OverLimit);
+    RateLimitResponse {
+        overall_code: if over { Code::OverLimit } else { Code::Ok }.into(),
+        statuses,
+        ..Default::default()
+    }
+}
+
+fn to_status(decision: &DescriptorDecision) -> DescriptorStatus {
+    match decision {
+        DescriptorDecision::NoRule => DescriptorStatus {
+            code: Code::Ok.into(),
+            ..Default::default()
+        },
+        DescriptorDecision::Unlimited { .. } => DescriptorStatus {
+            code: Code::Ok.into(),
+            limit_remaining: UNLIMITED_REMAINING,
+            ..Default::default()
+        },
+        DescriptorDecision::Limited {
+            rule,
+            limit,
+            outcome,
+        } => {
+            // A shadow rule is counted and reported but never over limit.
+            let code = if outcome.allowed || rule.shadow_mode {
+                Code::Ok
+            } else {
+                Code::OverLimit
+            };
+            DescriptorStatus {
+                code: code.into(),
+                current_limit: Some(RateLimit {
+                    name: rule.name.clone().unwrap_or_default(),
+                    requests_per_unit: u32::try_from(limit.requests_per_unit).unwrap_or(u32::MAX),
+                    unit: response_unit(limit.unit).into(),
+                }),
+                limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
+                duration_until_reset: Some(prost_types::Duration {
+                    seconds: i64::try_from(ceil_seconds(outcome.reset_after_ms))
+                        .unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
+                quota: None,
+            }
+        }
+    }
+}
+
+fn response_unit(unit: Unit) -> ResponseUnit {
+    match unit {
+        Unit::Second => ResponseUnit::Second,
+        Unit::Minute => ResponseUnit::Minute,
+        Unit::Hour => ResponseUnit::Hour,
+        Unit::Day => ResponseUnit::Day,
+        Unit::Week => ResponseUnit::Week,
+        Unit::Month => ResponseUnit::Month,
+        Unit::Year => ResponseUnit::Year,
+    }
+}

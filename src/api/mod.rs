@@ -1,0 +1,62 @@
+//! The gRPC surfaces: ratekeeper's own `ShouldAllow` ([`should_allow`]) and
+//! Envoy's `ShouldRateLimit` ([`envoy`]), both thin translations onto one
+//! [`Limiter`](crate::limiter::Limiter).
+//!
+//! Each surface validates its request against [`RequestLimits`] first
+//! ([`validate`]), so a malformed or oversized request is refused with
+//! `INVALID_ARGUMENT` naming the field before any matching or store work.
+
+pub mod envoy;
+pub mod should_allow;
+pub mod validate;
+
+use std::time::Duration;
+
+pub use envoy::EnvoyService;
+pub use should_allow::ShouldAllowService;
+
+/// Default cap on descriptors per request.
+pub const DEFAULT_MAX_DESCRIPTORS: usize = 64;
+/// Default cap on entries per descriptor.
+pub const DEFAULT_MAX_ENTRIES: usize = 32;
+/// Default cap on the length of a domain, key or value, in bytes.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024;
+/// Largest cost (hits) one request may add to one counter. Keeps every count
+/// exact in Redis's Lua (doubles) and far from overflow.
+pub const MAX_COST: u64 = u32::MAX as u64;
+
+/// Caps on request size, checked before any work is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most descriptors in one request.
+    pub max_descriptors: usize,
+    /// Most entries in one descriptor.
+    pub max_entries: usize,
+    /// Longest domain, key or value, in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_descriptors: DEFAULT_MAX_DESCRIPTORS,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+/// Whole seconds for Envoy's `duration_until_reset`: rounded up, so a window
+/// with time left never reads as 0.
+pub(crate) fn ceil_seconds(ms: u64) -> u64 {
+    ms.div_ceil(1_000)
+}
+
+/// A protobuf `Duration` from milliseconds.
+pub(crate) fn duration_from_ms(ms: u64) -> prost_types::Duration {
+    let d = Duration::from_millis(ms);
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}

@@ -1,0 +1,155 @@
+//! `ratekeeper.v1.RateLimiter/ShouldAllow`: all-or-nothing decisions for
+//! services calling with a client generated from our proto.
+
+use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+
+use super::validate::check_cost;
+use super::{RequestLimits, duration_from_ms};
+use crate::algorithm::Mode;
+use crate::error::Error;
+use crate::limiter::{CheckRequest, Decision, DescriptorDecision, DescriptorInput, Limiter};
+use crate::proto::ratekeeper::v1 as pb;
+use crate::rules::matcher::EntryRef;
+
+/// The `RateLimiter` gRPC service.
+#[derive(Debug, Clone)]
+pub struct ShouldAllowService {
+    limiter: Limiter,
+    limits: RequestLimits,
+}
+
+// === impl ShouldAllowService ===
+
+impl ShouldAllowService {
+    /// A service deciding with `limiter`, refusing requests beyond `limits`.
+    pub fn new(limiter: Limiter, limits: RequestLimits) -> Self {
+        Self { limiter, limits }
+    }
+
+    fn translate<'a>(
+        &self,
+        request: &'a pb::ShouldAllowRequest,
+    ) -> Result<CheckRequest<'a>, Error> {
+        self.limits.check_domain(&request.domain)?;
+        self.limits
+            .check_descriptor_count(request.descriptors.len())?;
+        let hits = check_cost("cost", request.cost.max(1))?;
+        let descriptors = request
+            .descriptors
+            .iter()
+            .enumerate()
+            .map(|(d, descriptor)| {
+                self.limits
+                    .check_entry_count(d, descriptor.entries.len(), 1)?;
+                let entries = descriptor
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .map(|(e, entry)| {
+                        self.limits.check_entry(d, e, &entry.key, &entry.value)?;
+                        Ok(EntryRef {
+                            key: &entry.key,
+                            value: &entry.value,
+                        })
+                    })
+                    .collect::<Result<_, Error>>()?;
+                Ok(DescriptorInput {
+                    entries,
+                    limit_override: None,
+                    hits,
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(CheckRequest {
+            domain: &request.domain,
+            descriptors,
+            mode: if request.dry_run {
+                Mode::DryRun
+            } else {
+                Mode::AllOrNothing
+            },
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::rate_limiter_server::RateLimiter for ShouldAllowService {
+    #[tracing::instrument(name = "ShouldAllow", skip_all, fields(domain = %request.get_ref().domain, allowed = Empty))]
+    async fn should_allow(
+        &self,
+        request: Request<pb::ShouldAllowRequest>,
+    ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
+        let request = request.get_ref();
+        let check = self.translate(request)?;
+        let decision = self.limiter.check(&check).await?;
+        let response = to_response(&decision);
+        tracing::Span::current().record("allowed", response.allowed);
+        Ok(Response::new(response))
+    }
+}
+
+fn to_response(decision: &Decision) -> pb::ShouldAllowResponse {
+    let allowed = !decision.over_limit();
+    let results: Vec<pb::DescriptorResult> = decision.descriptors.iter().map(to_result).collect();
+    // A caller retries the whole request, so it must wait for the slowest
+    // enforced denial; if any of those can never pass, no wait helps.
+    let retry_after = if allowed {
+        None
+    } else {
+        decision
+            .descriptors
+            .iter()
+            .filter_map(|d| match d {
+                DescriptorDecision::Limited { rule, outcome, .. }
+                    if !outcome.allowed && !rule.shadow_mode =>
+                {
+                    Some(outcome.retry_after_ms)
+                }
+                _ => None,
+            })
+            .try_fold(0, |longest, retry| retry.map(|ms| longest.max(ms)))
+            .map(duration_from_ms)
+    };
+    pb::ShouldAllowResponse {
+        allowed,
+        results,
+        retry_after,
+    }
+}
+
+fn to_result(decision: &DescriptorDecision) -> pb::DescriptorResult {
+    match decision {
+        DescriptorDecision::NoRule => pb::DescriptorResult {
+            decision: pb::Decision::NoRule.into(),
+            ..Default::default()
+        },
+        DescriptorDecision::Unlimited { rule } => pb::DescriptorResult {
+            decision: pb::Decision::Allowed.into(),
+            rule_name: rule.name.clone().unwrap_or_default(),
+            unlimited: true,
+            shadow_mode: rule.shadow_mode,
+            ..Default::default()
+        },
+        DescriptorDecision::Limited {
+            rule,
+            limit,
+            outcome,
+        } => pb::DescriptorResult {
+            decision: if outcome.allowed {
+                pb::Decision::Allowed
+            } else {
+                pb::Decision::Denied
+            }
+            .into(),
+            rule_name: rule.name.clone().unwrap_or_default(),
+            limit: limit.requests_per_unit,
+            remaining: outcome.remaining,
+            reset_after: Some(duration_from_ms(outcome.reset_after_ms)),
+            retry_after: outcome.retry_after_ms.map(duration_from_ms),
+            unlimited: false,
+            shadow_mode: rule.shadow_mode,
+            window: Some(duration_from_ms(limit.window_ms())),
+        },
+    }
+}

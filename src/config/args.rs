@@ -1,0 +1,208 @@
+//! Command-line flags. Every flag can also be set through an environment
+//! variable `RATEKEEPER_<FLAG>`; the flag wins when both are given.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default gRPC listen address (the port envoyproxy/ratelimit uses).
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:8081";
+/// Default admin HTTP listen address; loopback so it is not exposed by accident.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:8080";
+/// Default Redis URL.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Default Redis pool size.
+pub const DEFAULT_REDIS_POOL_SIZE: usize = 32;
+/// Default store deadline: well under Envoy's 20 ms rate limit timeout.
+pub const DEFAULT_STORE_TIMEOUT: &str = "10ms";
+/// Default deadline for opening a Redis connection.
+pub const DEFAULT_REDIS_CONNECT_TIMEOUT: &str = "1s";
+/// Default cap on live counters in the memory store.
+pub const DEFAULT_MEMORY_MAX_KEYS: usize = crate::store::memory::DEFAULT_MAX_KEYS;
+/// Default time in-flight calls get to finish at shutdown.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "10s";
+
+/// ratekeeper: a gRPC rate limit decision service.
+#[derive(Debug, Parser)]
+#[command(name = "ratekeeper", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the ShouldAllow and Envoy RLS APIs.
+    Serve(Box<ServeArgs>),
+    /// Validate a rules file or directory, print a summary and exit 0 (valid) or 1.
+    CheckConfig {
+        /// A rules file or a directory of them.
+        path: PathBuf,
+    },
+}
+
+/// Where counters are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// In this process: no setup, per instance.
+    Memory,
+    /// In Redis: shared by every instance.
+    Redis,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `ratekeeper serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Rules file, or a directory of rules files (envoyproxy/ratelimit YAML).
+    #[arg(long, env = "RATEKEEPER_CONFIG")]
+    pub config: PathBuf,
+
+    /// gRPC listen address (ShouldAllow, Envoy RLS v3, health).
+    #[arg(long, env = "RATEKEEPER_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
+
+    /// Admin HTTP listen address (/healthz, /readyz).
+    #[arg(long, env = "RATEKEEPER_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    /// Counter store.
+    #[arg(long, env = "RATEKEEPER_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    pub store: StoreKind,
+
+    /// Redis URL: redis://[user:password@]host:port[/db], or rediss:// for TLS.
+    #[arg(long, env = "RATEKEEPER_REDIS_URL", default_value = DEFAULT_REDIS_URL)]
+    pub redis_url: String,
+
+    /// Most Redis connections held at once.
+    #[arg(long, env = "RATEKEEPER_REDIS_POOL_SIZE", default_value_t = DEFAULT_REDIS_POOL_SIZE,
+          value_parser = parse_positive)]
+    pub redis_pool_size: usize,
+
+    /// Deadline of one store call (e.g. 10ms); past it the call fails with UNAVAILABLE.
+    #[arg(long, env = "RATEKEEPER_STORE_TIMEOUT", default_value = DEFAULT_STORE_TIMEOUT, value_parser = parse_duration)]
+    pub store_timeout: Duration,
+
+    /// Deadline for opening one Redis connection.
+    #[arg(long, env = "RATEKEEPER_REDIS_CONNECT_TIMEOUT", default_value = DEFAULT_REDIS_CONNECT_TIMEOUT, value_parser = parse_duration)]
+    pub redis_connect_timeout: Duration,
+
+    /// Most live counters the memory store keeps.
+    #[arg(long, env = "RATEKEEPER_MEMORY_MAX_KEYS", default_value_t = DEFAULT_MEMORY_MAX_KEYS,
+          value_parser = parse_positive)]
+    pub memory_max_keys: usize,
+
+    /// Most descriptors in one request.
+    #[arg(long, env = "RATEKEEPER_MAX_DESCRIPTORS", default_value_t = crate::api::DEFAULT_MAX_DESCRIPTORS,
+          value_parser = parse_positive)]
+    pub max_descriptors: usize,
+
+    /// Most entries in one descriptor.
+    #[arg(long, env = "RATEKEEPER_MAX_ENTRIES", default_value_t = crate::api::DEFAULT_MAX_ENTRIES,
+          value_parser = parse_positive)]
+    pub max_entries: usize,
+
+    /// Longest domain, entry key or entry value, in bytes.
+    #[arg(long, env = "RATEKEEPER_MAX_VALUE_BYTES", default_value_t = crate::api::DEFAULT_MAX_VALUE_BYTES,
+          value_parser = parse_positive)]
+    pub max_value_bytes: usize,
+
+    /// Log format.
+    #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Time in-flight calls get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "RATEKEEPER_SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 10ms, 2s, 1m)"))?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let argv = ["ratekeeper", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(args) => Ok(*args),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_work_out_of_the_box() {
+        let args = serve(&["--config", "rules.yaml"]).unwrap();
+        assert_eq!(args.grpc_addr.port(), 8081);
+        assert!(args.admin_addr.ip().is_loopback());
+        assert_eq!(args.store, StoreKind::Memory);
+        assert_eq!(args.store_timeout, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_the_flag_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--config"),
+            (&["--config", "x", "--store", "etcd"], "--store"),
+            (
+                &["--config", "x", "--grpc-addr", "localhost"],
+                "--grpc-addr",
+            ),
+            (
+                &["--config", "x", "--store-timeout", "soon"],
+                "--store-timeout",
+            ),
+            (
+                &["--config", "x", "--store-timeout", "0s"],
+                "--store-timeout",
+            ),
+            (
+                &["--config", "x", "--redis-pool-size", "0"],
+                "--redis-pool-size",
+            ),
+            (
+                &["--config", "x", "--max-descriptors", "0"],
+                "--max-descriptors",
+            ),
+            (&["--config", "x", "--log-format", "xml"], "--log-format"),
+        ];
+        for (args, flag) in cases {
+            let error = serve(args).unwrap_err().to_string();
+            assert!(error.contains(flag), "{args:?}: {error}");
+        }
+    }
+}

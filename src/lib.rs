@@ -1,0 +1,183 @@
+//! ratekeeper: a gRPC rate limit decision service.
+//!
+//! Gateways (through Envoy's rate limit service API) and services (through
+//! our own `ShouldAllow`) ask, on every request, whether it may pass. The
+//! answer comes from limits in envoyproxy/ratelimit's YAML and is counted
+//! atomically in memory or in Redis, so any number of instances share a limit.
+//!
+//! ```text
+//! gRPC request ──▶ api (validate, translate) ──▶ Limiter
+//!                                                 │ rules: domain + descriptors ──▶ matched limits (pure)
+//!                                                 │ store: apply all hits in ONE call ──▶ outcomes
+//!                                                 ▼
+//!                          api ◀── Decision (per descriptor)
+//! ```
+//!
+//! Modules:
+//! - [`config`]: CLI flags and the rules files (load, validate, compile).
+//! - [`rules`]: the compiled rules, descriptor matching, storage keys (pure).
+//! - [`algorithm`]: the limit math and batch semantics (pure).
+//! - [`store`]: `CounterStore` with the memory and Redis backends.
+//! - [`limiter`]: match → hits → one store call → decision.
+//! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services.
+//! - [`admin`]: `/healthz` and `/readyz`.
+//! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
+
+pub mod admin;
+pub mod algorithm;
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod limiter;
+pub mod proto;
+pub mod rules;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+pub use error::Error;
+
+use crate::api::{EnvoyService, RequestLimits, ShouldAllowService};
+use crate::limiter::Limiter;
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
+use crate::rules::Rules;
+use crate::store::CounterStore;
+
+/// gRPC health service names reported as serving (besides `""`): our two
+/// services and `ratelimit`, the name envoyproxy/ratelimit reports.
+const HEALTH_NAMES: [&str; 4] = [
+    "",
+    "ratelimit",
+    "ratekeeper.v1.RateLimiter",
+    "envoy.service.ratelimit.v3.RateLimitService",
+];
+
+/// The listeners a server runs on, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: both rate limit APIs and health.
+    pub grpc: TcpListener,
+    /// Admin HTTP, if wanted.
+    pub admin: Option<TcpListener>,
+}
+
+/// A configured ratekeeper server, ready to [`serve`](Server::serve).
+#[derive(Debug, Clone)]
+pub struct Server {
+    limiter: Limiter,
+    limits: RequestLimits,
+    shutdown_timeout: Duration,
+}
+
+// === impl Server ===
+
+impl Server {
+    /// A server deciding with `rules`, counting in `store`, with default
+    /// request caps and a 10 s drain deadline.
+    pub fn new(rules: Rules, store: Arc<dyn CounterStore>) -> Self {
+        Self {
+            limiter: Limiter::new(rules, store),
+            limits: RequestLimits::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Sets the request caps.
+    pub fn with_request_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets how long in-flight calls may take to finish after shutdown begins.
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The engine, e.g. to swap rules.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops
+    /// accepting, lets in-flight calls finish (up to the drain deadline) and
+    /// returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Internal`] when a listener fails.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        let grpc = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(RateLimiterServer::new(ShouldAllowService::new(
+                self.limiter.clone(),
+                self.limits,
+            )))
+            .add_service(RateLimitServiceServer::new(EnvoyService::new(
+                self.limiter.clone(),
+                self.limits,
+            )))
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+
+        let admin = async {
+            match listeners.admin {
+                Some(listener) => axum::serve(listener, admin::router(self.limiter.clone()))
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .await
+                    .map_err(|e| Error::Internal(format!("admin server: {e}"))),
+                None => Ok(()),
+            }
+        };
+        let servers = async {
+            let (grpc, admin) = tokio::join!(grpc, admin);
+            grpc.map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
+            admin
+        };
+        tokio::pin!(servers);
+
+        tokio::select! {
+            result = &mut servers => return result,
+            () = shutdown => {}
+        }
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(self.shutdown_timeout, servers).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(timeout = ?self.shutdown_timeout, "drain deadline reached; closing with calls in flight");
+                Ok(())
+            }
+        }
+    }
+}

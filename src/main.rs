@@ -1,0 +1,158 @@
+//! The `ratekeeper` binary: parse flags, load rules, build the store, serve.
+//! Exit codes: 0 after a clean shutdown, 64 for bad flags or config, 1 for a
+//! runtime failure (e.g. a port already in use).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use ratekeeper::api::RequestLimits;
+use ratekeeper::clock::SystemClock;
+use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
+use ratekeeper::rules::RuleLimit;
+use ratekeeper::store::redis::RedisSettings;
+use ratekeeper::store::{CounterStore, MemoryStore, RedisStore};
+use ratekeeper::{Listeners, Server, telemetry};
+
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Serve(args) => serve(*args),
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match load_rules(path) {
+        Ok(rules) => {
+            for (domain, _) in rules.domains() {
+                println!("domain {domain}");
+            }
+            for rule in rules.all_rules() {
+                let limit = match rule.limit {
+                    RuleLimit::Limited(limit) => {
+                        format!("{} per {}", limit.requests_per_unit, limit.unit)
+                    }
+                    RuleLimit::Unlimited => "unlimited".to_owned(),
+                };
+                let shadow = if rule.shadow_mode { " (shadow)" } else { "" };
+                println!("  {}: {limit}{shadow}", rule.path);
+            }
+            println!(
+                "ok: {} domains, {} rules",
+                rules.domains().count(),
+                rules.all_rules().len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("invalid config: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    telemetry::init(args.log_format);
+    let rules = match load_rules(&args.config) {
+        Ok(rules) => rules,
+        Err(error) => {
+            tracing::error!(%error, "invalid config");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The Redis pool spawns nothing until used, but building it needs a runtime.
+    let store = match runtime.block_on(async { build_store(&args) }) {
+        Ok(store) => store,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "invalid store settings");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime.block_on(run(args, rules, store)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "ratekeeper failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
+    Ok(match args.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(
+            args.memory_max_keys,
+            Arc::new(SystemClock),
+        )),
+        StoreKind::Redis => Arc::new(
+            RedisStore::new(&RedisSettings {
+                url: args.redis_url.clone(),
+                pool_size: args.redis_pool_size,
+                timeout: args.store_timeout,
+                connect_timeout: args.redis_connect_timeout,
+            })
+            .context("--redis-url")?,
+        ),
+    })
+}
+
+async fn run(
+    args: ServeArgs,
+    rules: ratekeeper::rules::Rules,
+    store: Arc<dyn CounterStore>,
+) -> anyhow::Result<()> {
+    let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding --grpc-addr {}", args.grpc_addr))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
+    tracing::info!(
+        grpc = %grpc.local_addr()?,
+        admin = %admin.local_addr()?,
+        store = store.backend(),
+        config = %args.config.display(),
+        "ratekeeper serving"
+    );
+    let server = Server::new(rules, store)
+        .with_request_limits(RequestLimits {
+            max_descriptors: args.max_descriptors,
+            max_entries: args.max_entries,
+            max_value_bytes: args.max_value_bytes,
+        })
+        .with_shutdown_timeout(args.shutdown_timeout);
+    server
+        .serve(
+            Listeners {
+                grpc,
+                admin: Some(admin),
+            },
+            ratekeeper::shutdown::signal(),
+        )
+        .await?;
+    tracing::info!("ratekeeper stopped");
+    Ok(())
+}

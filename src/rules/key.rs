@@ -1,0 +1,234 @@
+//! Storage keys: an injective encoding of (domain, descriptor, limit shape).
+//!
+//! envoyproxy/ratelimit joins parts with `_`, so `("a_b", "c")` and
+//! `("a", "b_c")` share a counter — a caller who controls a value can spend
+//! someone else's quota. Here every variable part is length-prefixed and the
+//! number of entries is written up front, so the encoding can be parsed back
+//! uniquely and two different descriptors never share a key, whatever bytes
+//! their values hold.
+//!
+//! Layout: `rk1:{<tag>}:d<len>:<domain>n<count>` then per entry
+//! `k<len>:<key>` followed by `v<len>:<value>` (the runtime value) or
+//! `p<len>:<pattern>` (a `share_threshold` wildcard), then `|<algorithm>|<window ms>`.
+//! `rk1` versions the layout. `<tag>` is a 64-bit FNV-1a hash of the rest in
+//! hex; inside braces it is the Redis Cluster hash tag, so all state of one
+//! descriptor lives on one slot, and it never contains a brace itself.
+
+use std::fmt::Write as _;
+
+use super::Rule;
+use super::matcher::EntryRef;
+
+/// Prefix of every key; bump the version when the layout changes.
+pub const KEY_PREFIX: &str = "rk1:";
+
+/// Builds the storage key of `rule`'s counter for one request descriptor.
+///
+/// `algorithm` names the state layout (e.g. `fw`) and `window_ms` the limit's
+/// window, so a rule that changes either starts from fresh state while a rule
+/// that only changes its `requests_per_unit` keeps counting.
+pub fn storage_key(
+    domain: &str,
+    entries: &[EntryRef<'_>],
+    rule: &Rule,
+    algorithm: &str,
+    window_ms: u64,
+) -> Vec<u8> {
+    let mut body = String::with_capacity(32 + domain.len() + entries.len() * 24);
+    push_part(&mut body, 'd', domain);
+    let _ = write!(body, "n{}", entries.len());
+    for (level, entry) in entries.iter().enumerate() {
+        push_part(&mut body, 'k', entry.key);
+        match rule.shared_values.get(level).and_then(Option::as_deref) {
+            Some(pattern) => push_part(&mut body, 'p', pattern),
+            None => push_part(&mut body, 'v', entry.value),
+        }
+    }
+    let _ = write!(body, "|{algorithm}|{window_ms}");
+
+    let mut key = Vec::with_capacity(KEY_PREFIX.len() + 20 + body.len());
+    key.extend_from_slice(KEY_PREFIX.as_bytes());
+    let _ = write!(ByteWriter(&mut key), "{{{:016x}}}:", fnv1a(body.as_bytes()));
+    key.extend_from_slice(body.as_bytes());
+    key
+}
+
+fn push_part(out: &mut String, marker: char, part: &str) {
+    let _ = write!(out, "{marker}{}:", part.len());
+    out.push_str(part);
+}
+
+/// 64-bit FNV-1a: tiny, stable across versions and platforms, good enough to
+/// spread tags over cluster slots (it is not a security boundary; the key
+/// body after the tag is what keeps counters apart).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Lets `write!` append formatted text to a byte buffer.
+struct ByteWriter<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for ByteWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::rules::{Limit, RuleLimit, Unit};
+
+    fn rule(shared_values: Vec<Option<String>>) -> Rule {
+        Rule {
+            name: None,
+            limit: RuleLimit::Limited(Limit {
+                requests_per_unit: 1,
+                unit: Unit::Minute,
+            }),
+            replaces: vec![],
+            shadow_mode: false,
+            detailed_metric: false,
+            path: String::new(),
+            source: Arc::from(""),
+            shared_values,
+        }
+    }
+
+    fn key(domain: &str, entries: &[(&str, &str)]) -> Vec<u8> {
+        let entries: Vec<EntryRef<'_>> = entries
+            .iter()
+            .map(|&(key, value)| EntryRef { key, value })
+            .collect();
+        storage_key(domain, &entries, &rule(vec![]), "fw", 60_000)
+    }
+
+    #[test]
+    fn underscore_joins_do_not_collide() {
+        assert_ne!(key("d", &[("a_b", "c")]), key("d", &[("a", "b_c")]));
+        assert_ne!(key("d_a", &[("b", "c")]), key("d", &[("a_b", "c")]));
+        assert_ne!(
+            key("d", &[("a", "b"), ("c", "d")]),
+            key("d", &[("a", "b_c_d")])
+        );
+        assert_ne!(key("d", &[("k", "")]), key("d", &[("k_", "")]));
+    }
+
+    #[test]
+    fn length_prefixes_defeat_crafted_values() {
+        // A value that spells out the encoding of a following entry.
+        assert_ne!(
+            key("d", &[("a", "1v1:x"), ("b", "c")]),
+            key("d", &[("a", "1"), ("b", "c")])
+        );
+        assert_ne!(
+            key("d", &[("a", "bk1:c")]),
+            key("d", &[("a", "b"), ("c", "")])
+        );
+    }
+
+    #[test]
+    fn keys_are_versioned_and_hash_tagged() {
+        let key = String::from_utf8(key("dom", &[("user", "alice")])).unwrap();
+        assert!(key.starts_with("rk1:{"), "{key}");
+        let tag_end = key.find('}').unwrap();
+        assert_eq!(tag_end, 5 + 16, "{key}");
+        assert!(key.ends_with("|fw|60000"), "{key}");
+        assert!(key.contains("d3:domn1k4:userv5:alice"), "{key}");
+    }
+
+    #[test]
+    fn window_and_algorithm_are_part_of_the_key() {
+        let entries = [EntryRef {
+            key: "k",
+            value: "v",
+        }];
+        let r = rule(vec![]);
+        assert_ne!(
+            storage_key("d", &entries, &r, "fw", 1_000),
+            storage_key("d", &entries, &r, "fw", 60_000)
+        );
+        assert_ne!(
+            storage_key("d", &entries, &r, "fw", 1_000),
+            storage_key("d", &entries, &r, "tb", 1_000)
+        );
+    }
+
+    #[test]
+    fn shared_wildcards_use_the_pattern_and_cannot_collide_with_values() {
+        let shared = rule(vec![Some("foo*".to_owned())]);
+        let a = storage_key(
+            "d",
+            &[EntryRef {
+                key: "k",
+                value: "foo1",
+            }],
+            &shared,
+            "fw",
+            1_000,
+        );
+        let b = storage_key(
+            "d",
+            &[EntryRef {
+                key: "k",
+                value: "foo2",
+            }],
+            &shared,
+            "fw",
+            1_000,
+        );
+        assert_eq!(a, b);
+        let literal = key("d", &[("k", "foo*")]);
+        assert_ne!(
+            storage_key(
+                "d",
+                &[EntryRef {
+                    key: "k",
+                    value: "foo*"
+                }],
+                &shared,
+                "fw",
+                60_000
+            ),
+            literal
+        );
+    }
+
+    #[test]
+    fn many_similar_descriptors_get_distinct_keys() {
+        let parts = ["", "a", "_", "a_", "_a", "a_b", "b", "1:", ":1", "v1:a"];
+        let mut seen = HashSet::new();
+        let mut count = 0;
+        for k1 in parts.iter().filter(|k| !k.is_empty()) {
+            for v1 in parts {
+                for v2 in parts {
+                    seen.insert(key("d", &[(k1, v1), ("x", v2)]));
+                    seen.insert(key("d", &[(k1, &format!("{v1}{v2}"))]));
+                    count += 2;
+                }
+            }
+        }
+        // Only the one-entry keys repeat (the same concatenation from several
+        // splits); every two-entry key is unique and differs from all one-entry keys.
+        let mut one_entry = HashSet::new();
+        for k1 in parts.iter().filter(|k| !k.is_empty()) {
+            for v1 in parts {
+                for v2 in parts {
+                    one_entry.insert((k1.to_string(), format!("{v1}{v2}")));
+                }
+            }
+        }
+        let keys = parts.len() - 1;
+        assert_eq!(
+            seen.len(),
+            keys * parts.len() * parts.len() + one_entry.len()
+        );
+        assert!(count > seen.len());
+    }
+}

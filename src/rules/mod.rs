@@ -1,0 +1,229 @@
+//! The loaded rules and how a request descriptor finds its limit.
+//!
+//! [`Rules`] is an immutable value built once by the config loader: one lookup
+//! tree per domain ([`matcher`]). Matching is pure and follows
+//! envoyproxy/ratelimit exactly: level by level, exact value before wildcard
+//! before key-only, no backtracking, and only the node reached by the last
+//! entry may carry the limit. [`key`] turns a match into the storage key of its
+//! counter. Nothing here is async or reads a clock.
+
+pub mod key;
+pub mod matcher;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+pub use matcher::{DescriptorTree, Node};
+
+/// Largest number of hits a limit may admit per window. Counts are kept far
+/// below 2^53 so the Redis scripts (Lua numbers are doubles) stay exact.
+pub const MAX_REQUESTS_PER_UNIT: u64 = u32::MAX as u64;
+
+/// The unit of a limit's period, with envoyproxy/ratelimit's lengths (MONTH is
+/// 30 days and YEAR 365 days, counted from the Unix epoch, not the calendar).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    /// 1 second.
+    Second,
+    /// 60 seconds.
+    Minute,
+    /// 3,600 seconds.
+    Hour,
+    /// 86,400 seconds.
+    Day,
+    /// 7 days.
+    Week,
+    /// 30 days.
+    Month,
+    /// 365 days.
+    Year,
+}
+
+/// A finite limit: `requests_per_unit` hits per `unit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Hits admitted per window.
+    pub requests_per_unit: u64,
+    /// Length of the window.
+    pub unit: Unit,
+}
+
+/// What a rule does with the descriptors it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleLimit {
+    /// Count against this limit.
+    Limited(Limit),
+    /// Always allow, never count.
+    Unlimited,
+}
+
+/// One configured (or request-supplied) limit, with everything needed to
+/// decide and report on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// The `rate_limit.name`, used by `replaces` and echoed in responses.
+    pub name: Option<String>,
+    /// The limit itself.
+    pub limit: RuleLimit,
+    /// Names of rules this one replaces when both match one request.
+    pub replaces: Vec<String>,
+    /// Counted and reported, but never denies the request.
+    pub shadow_mode: bool,
+    /// Report per-value metrics for this rule (kept for metrics; no effect on decisions).
+    pub detailed_metric: bool,
+    /// Human-readable location of the rule: `domain.key_value.key`.
+    pub path: String,
+    /// The file the rule came from; empty for a request-supplied override.
+    pub source: Arc<str>,
+    /// Per descriptor level, the wildcard pattern that replaces the runtime
+    /// value in the counter key (`share_threshold: true`), else `None`.
+    pub shared_values: Vec<Option<String>>,
+}
+
+/// All loaded rules: the domain trees, by domain name.
+#[derive(Debug, Default, Clone)]
+pub struct Rules {
+    domains: HashMap<String, DescriptorTree>,
+}
+
+// === impl Unit ===
+
+impl Unit {
+    /// Every unit, shortest first.
+    pub const ALL: [Unit; 7] = [
+        Unit::Second,
+        Unit::Minute,
+        Unit::Hour,
+        Unit::Day,
+        Unit::Week,
+        Unit::Month,
+        Unit::Year,
+    ];
+
+    /// Length of the unit in seconds.
+    pub fn seconds(self) -> u64 {
+        match self {
+            Unit::Second => 1,
+            Unit::Minute => 60,
+            Unit::Hour => 3_600,
+            Unit::Day => 86_400,
+            Unit::Week => 604_800,
+            Unit::Month => 2_592_000,
+            Unit::Year => 31_536_000,
+        }
+    }
+
+    /// The unit's name as written in config (lowercase).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Second => "second",
+            Unit::Minute => "minute",
+            Unit::Hour => "hour",
+            Unit::Day => "day",
+            Unit::Week => "week",
+            Unit::Month => "month",
+            Unit::Year => "year",
+        }
+    }
+
+    /// Parses a unit name, case-insensitively, as envoyproxy/ratelimit does.
+    pub fn parse(name: &str) -> Option<Unit> {
+        Unit::ALL
+            .into_iter()
+            .find(|unit| unit.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+impl fmt::Display for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl Limit ===
+
+impl Limit {
+    /// Length of the window in milliseconds.
+    pub fn window_ms(&self) -> u64 {
+        self.unit.seconds() * 1_000
+    }
+}
+
+// === impl Rule ===
+
+impl Rule {
+    /// The rule a request-supplied limit override stands for: no name, never
+    /// shadow, matched regardless of the configuration.
+    pub fn from_override(domain: &str, limit: Limit) -> Self {
+        Self {
+            name: None,
+            limit: RuleLimit::Limited(limit),
+            replaces: Vec::new(),
+            shadow_mode: false,
+            detailed_metric: false,
+            path: format!("{domain}.<override>"),
+            source: Arc::from(""),
+            shared_values: Vec::new(),
+        }
+    }
+
+    /// The finite limit, unless the rule is unlimited.
+    pub fn limited(&self) -> Option<&Limit> {
+        match &self.limit {
+            RuleLimit::Limited(limit) => Some(limit),
+            RuleLimit::Unlimited => None,
+        }
+    }
+}
+
+// === impl Rules ===
+
+impl Rules {
+    /// Rules made of the given domain trees.
+    pub fn new(domains: HashMap<String, DescriptorTree>) -> Self {
+        Self { domains }
+    }
+
+    /// The tree of `domain`, if it is configured.
+    pub fn domain(&self, domain: &str) -> Option<&DescriptorTree> {
+        self.domains.get(domain)
+    }
+
+    /// The configured domains, sorted by name.
+    pub fn domains(&self) -> impl Iterator<Item = (&str, &DescriptorTree)> {
+        let mut domains: Vec<_> = self.domains.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        domains.sort_by_key(|(name, _)| *name);
+        domains.into_iter()
+    }
+
+    /// Every rule of every domain, for summaries.
+    pub fn all_rules(&self) -> Vec<Arc<Rule>> {
+        let mut rules: Vec<Arc<Rule>> = Vec::new();
+        for (_, tree) in self.domains() {
+            tree.collect_rules(&mut rules);
+        }
+        rules
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_parse_case_insensitively() {
+        assert_eq!(Unit::parse("MINUTE"), Some(Unit::Minute));
+        assert_eq!(Unit::parse("Second"), Some(Unit::Second));
+        assert_eq!(Unit::parse("week"), Some(Unit::Week));
+        assert_eq!(Unit::parse("minutes"), None);
+        assert_eq!(Unit::parse(""), None);
+        assert_eq!(Unit::parse("unknown"), None);
+    }
+
+    #[test]
+    fn unit_lengths_match_envoy_ratelimit() {
+        let seconds: Vec<u64> = Unit::ALL.iter().map(|u| u.seconds()).collect();
+        assert_eq!(seconds, [1, 60, 3600, 86400, 604800, 2592000, 31536000]);
+    }
+}

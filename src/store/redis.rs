@@ -1,0 +1,256 @@
+//! The shared store: counters in Redis, one Lua script call per request.
+//!
+//! Every hit of a request goes into one `EVALSHA` of the batch script
+//! (`redis/prelude.lua`, the algorithm files and `redis/batch.lua`,
+//! concatenated), which reads, decides, writes and sets the expiry of every
+//! key in one atomic step with Redis's own clock, so any number of ratekeeper
+//! instances share one exact limit. Connections come from a deadpool pool,
+//! taken per request and returned right after the call. The whole call —
+//! waiting for a connection, connecting, the script — runs under one deadline,
+//! so a dead or frozen Redis costs a request at most that long.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+
+use super::{CounterStore, StoreError};
+use crate::algorithm::{BatchHit, Mode, Outcome};
+use crate::clock::Clock;
+
+/// The batch script: shared prelude, every algorithm, then the driver.
+const BATCH_SCRIPT: &str = concat!(
+    include_str!("redis/prelude.lua"),
+    include_str!("redis/fixed_window.lua"),
+    include_str!("redis/batch.lua"),
+);
+
+/// Number of script arguments per hit (see `redis/batch.lua`).
+const ARGS_PER_HIT: usize = 5;
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    pub url: String,
+    /// Most connections held at once.
+    pub pool_size: usize,
+    /// Deadline of one store call, including waiting for a connection.
+    pub timeout: Duration,
+    /// Deadline for opening one new connection.
+    pub connect_timeout: Duration,
+}
+
+/// The Redis counter store.
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: Pool,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+    /// `None` in production: the script reads Redis `TIME`. Tests inject a
+    /// clock to drive the script exactly like the Rust twin.
+    clock: Option<Arc<dyn Clock>>,
+}
+
+// === impl RedisStore ===
+
+impl RedisStore {
+    /// A store for `settings`. Does not connect: the first call (or
+    /// [`CounterStore::ping`]) does, so the service can start before Redis.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Connection`] when the URL cannot be parsed or the pool
+    /// cannot be built.
+    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        validate_url(&settings.url)?;
+        let mut config = Config::from_url(settings.url.clone());
+        let mut pool = PoolConfig::new(settings.pool_size.max(1));
+        pool.timeouts = Timeouts {
+            wait: Some(settings.timeout),
+            create: Some(settings.connect_timeout),
+            recycle: Some(settings.timeout),
+        };
+        config.pool = Some(pool);
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| StoreError::Connection(e.to_string()))?;
+        Ok(Self {
+            pool,
+            script: Arc::new(redis::Script::new(BATCH_SCRIPT)),
+            timeout: settings.timeout,
+            clock: None,
+        })
+    }
+
+    /// Makes the script use `clock` instead of Redis `TIME` (tests only:
+    /// instances with different clocks would disagree on windows).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Closes the pool: idle connections are dropped and new calls fail.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    async fn run<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+    }
+
+    async fn connection(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Connection(e.to_string()))
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("pool", &self.pool.status())
+            .field("timeout", &self.timeout)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CounterStore for RedisStore {
+    async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.script.prepare_invoke();
+        for hit in hits {
+            invocation.key(hit.key);
+        }
+        invocation.arg(mode_id(mode));
+        match &self.clock {
+            Some(clock) => invocation.arg(clock.now_ms()),
+            None => invocation.arg(""),
+        };
+        for hit in hits {
+            invocation
+                .arg(hit.algorithm.script_id())
+                .arg(hit.quota.limit)
+                .arg(hit.quota.window_ms)
+                .arg(hit.hits)
+                .arg(u8::from(hit.enforced));
+        }
+        let reply: Vec<i64> = self
+            .run(async {
+                let mut conn = self.connection().await?;
+                invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| StoreError::Backend(e.to_string()))
+            })
+            .await?;
+        parse_reply(&reply, hits.len())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(|e| StoreError::Backend(e.to_string()))
+        })
+        .await
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}
+
+fn mode_id(mode: Mode) -> u8 {
+    match mode {
+        Mode::Independent => 0,
+        Mode::AllOrNothing => 1,
+        Mode::DryRun => 2,
+    }
+}
+
+fn parse_reply(reply: &[i64], hits: usize) -> Result<Vec<Outcome>, StoreError> {
+    const FIELDS: usize = ARGS_PER_HIT - 1;
+    if reply.len() != hits * FIELDS {
+        return Err(StoreError::Protocol(format!(
+            "expected {} integers, got {}",
+            hits * FIELDS,
+            reply.len()
+        )));
+    }
+    let non_negative =
+        |v: i64| u64::try_from(v).map_err(|_| StoreError::Protocol(format!("negative value {v}")));
+    reply
+        .chunks_exact(FIELDS)
+        .map(|f| {
+            Ok(Outcome {
+                allowed: f[0] == 1,
+                remaining: non_negative(f[1])?,
+                reset_after_ms: non_negative(f[2])?,
+                retry_after_ms: if f[3] < 0 {
+                    None
+                } else {
+                    Some(non_negative(f[3])?)
+                },
+            })
+        })
+        .collect()
+}
+
+/// Checks that `url` is a Redis URL this build can use.
+///
+/// # Errors
+///
+/// [`StoreError::Connection`] naming what is wrong.
+pub fn validate_url(url: &str) -> Result<(), StoreError> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| StoreError::Connection(format!("invalid redis url: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_with_credentials_and_tls_are_accepted() {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis://:secret@127.0.0.1:6379/2",
+            "redis://alice:secret@localhost:6380",
+            "rediss://alice:secret@redis.example:6380",
+        ] {
+            validate_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        for url in ["", "http://127.0.0.1", "redis://"] {
+            assert!(validate_url(url).is_err(), "{url}");
+        }
+    }
+
+    #[test]
+    fn replies_are_checked() {
+        assert!(parse_reply(&[1, 2, 3], 1).is_err());
+        assert!(parse_reply(&[1, -2, 3, -1], 1).is_err());
+        let outcomes = parse_reply(&[1, 2, 3, -1, 0, 0, 5, 5], 2).unwrap();
+        assert_eq!(outcomes[1].retry_after_ms, Some(5));
+        assert!(outcomes[0].allowed && !outcomes[1].allowed);
+    }
+}
