@@ -1,0 +1,333 @@
+//! Shared test fixtures: a throwaway `redis-server` per test, an in-process
+//! ratekeeper on a loopback port, and gRPC clients generated from our protos.
+#![allow(dead_code, missing_docs)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ratekeeper::clock::{Clock, ManualClock};
+use ratekeeper::config::parse_rules_file;
+use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as EnvoyEntry;
+use ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
+use ratekeeper::proto::ratekeeper::v1::{Descriptor, Entry, ShouldAllowRequest};
+use ratekeeper::rules::Rules;
+use ratekeeper::store::redis::RedisSettings;
+use ratekeeper::store::{CounterStore, MemoryStore, RedisStore};
+use ratekeeper::{Listeners, Server};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// 40 s into a minute (1_700_000_000_000 ms is 20 s into one).
+pub const T0: u64 = 1_700_000_020_000;
+
+// ---------------------------------------------------------------- redis ---
+
+/// A `redis-server` owned by one test, on a free loopback port, killed on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    extra_args: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a fresh server on a free port.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a fresh server with extra `redis-server` arguments.
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart();
+        server
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}); install it (Debian: apt-get install redis-server) \
+                     — the Redis tests need a real server and never skip"
+                )
+            });
+        self.child = Some(child);
+        wait_for_redis(self.port);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls until a PING on `port` is answered with PONG (at most 10 s).
+fn wait_for_redis(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut reply = [0u8; 64];
+            if stream.write_all(b"PING\r\n").is_ok() {
+                if let Ok(n) = stream.read(&mut reply) {
+                    if reply[..n].starts_with(b"+PONG") {
+                        return;
+                    }
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on port {port} did not answer within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// --------------------------------------------------------------- stores ---
+
+/// Which store a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+/// A store for a test, with its Redis server (if any) kept alive alongside.
+pub struct TestStore {
+    pub store: Arc<dyn CounterStore>,
+    pub redis: Option<RedisServer>,
+}
+
+impl TestStore {
+    /// A store of `backend` whose time is `clock` (Redis: injected into the script).
+    pub fn new(backend: Backend, clock: Arc<ManualClock>) -> Self {
+        match backend {
+            Backend::Memory => TestStore {
+                store: Arc::new(MemoryStore::new(100_000, clock)),
+                redis: None,
+            },
+            Backend::Redis => {
+                let redis = RedisServer::start();
+                let store = redis_store(&redis.url(), Duration::from_secs(2))
+                    .with_clock(clock as Arc<dyn Clock>);
+                TestStore {
+                    store: Arc::new(store),
+                    redis: Some(redis),
+                }
+            }
+        }
+    }
+}
+
+/// A Redis store using Redis's own clock.
+pub fn redis_store(url: &str, timeout: Duration) -> RedisStore {
+    RedisStore::new(&RedisSettings {
+        url: url.to_owned(),
+        pool_size: 16,
+        timeout,
+        connect_timeout: Duration::from_millis(500),
+    })
+    .unwrap()
+}
+
+/// Runs an async scenario once per backend, as two tests.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::Backend::Memory).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::Backend::Redis).await;
+                }
+            )*
+        }
+    };
+}
+
+// --------------------------------------------------------------- server ---
+
+/// Rules from YAML documents, one per file.
+pub fn rules(files: &[&str]) -> Rules {
+    let mut domains = HashMap::new();
+    for (i, text) in files.iter().enumerate() {
+        let (domain, tree) = parse_rules_file(&format!("test{i}.yaml"), text).unwrap();
+        domains.insert(domain, tree);
+    }
+    Rules::new(domains)
+}
+
+/// A ratekeeper serving on a loopback port, stopped on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ratekeeper::Error>>>,
+}
+
+impl TestServer {
+    /// Starts `server`, with the listeners bound before it is spawned.
+    pub async fn start(server: Server) -> Self {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.serve(
+            Listeners {
+                grpc,
+                admin: Some(admin),
+            },
+            async {
+                let _ = rx.await;
+            },
+        ));
+        TestServer {
+            addr,
+            admin_addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Starts a server over `rules` and `store`.
+    pub async fn with(rules: Rules, store: Arc<dyn CounterStore>) -> Self {
+        Self::start(Server::new(rules, store)).await
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn client(&self) -> RateLimiterClient<Channel> {
+        RateLimiterClient::new(self.channel().await)
+    }
+
+    pub async fn envoy(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::new(self.channel().await)
+    }
+
+    /// Signals shutdown and waits for the server to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+// ------------------------------------------------------------- requests ---
+
+/// A `ShouldAllow` request for one-or-more descriptors given as entry lists.
+pub fn allow_request(
+    domain: &str,
+    descriptors: &[&[(&str, &str)]],
+    cost: u64,
+) -> ShouldAllowRequest {
+    ShouldAllowRequest {
+        domain: domain.to_owned(),
+        descriptors: descriptors
+            .iter()
+            .map(|entries| Descriptor {
+                entries: entries
+                    .iter()
+                    .map(|(k, v)| Entry {
+                        key: k.to_string(),
+                        value: v.to_string(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        cost,
+        dry_run: false,
+    }
+}
+
+/// An Envoy descriptor from entries.
+pub fn envoy_descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| EnvoyEntry {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        limit: None,
+        hits_addend: None,
+    }
+}
+
+/// An Envoy request for descriptors given as entry lists.
+pub fn envoy_request(domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_owned(),
+        descriptors: descriptors.iter().map(|d| envoy_descriptor(d)).collect(),
+        hits_addend: 0,
+    }
+}
