@@ -45,9 +45,14 @@ impl RedisServer {
 
     /// Starts a fresh server with extra `redis-server` arguments.
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_on(free_port(), extra_args)
+    }
+
+    /// Starts a fresh server on `port`.
+    pub fn start_on(port: u16, extra_args: &[&str]) -> Self {
         let mut server = RedisServer {
             child: None,
-            port: free_port(),
+            port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         server.restart();
@@ -65,6 +70,33 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// A synchronous connection for inspecting what the store wrote.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 
     /// Starts the server again on the same port and waits until it answers.
@@ -94,7 +126,7 @@ impl Drop for RedisServer {
     }
 }
 
-/// Polls until a PING on `port` is answered with PONG (at most 10 s).
+/// Polls until a PING on `port` is answered (at most 10 s).
 fn wait_for_redis(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -103,7 +135,8 @@ fn wait_for_redis(port: u16) {
             let mut reply = [0u8; 64];
             if stream.write_all(b"PING\r\n").is_ok() {
                 if let Ok(n) = stream.read(&mut reply) {
-                    if reply[..n].starts_with(b"+PONG") {
+                    // PONG, or an auth error from a server that requires a user: up either way.
+                    if reply[..n].starts_with(b"+PONG") || reply[..n].starts_with(b"-NOAUTH") {
                         return;
                     }
                 }

@@ -1,0 +1,120 @@
+//! Exactness under concurrency: N callers racing on one key must see exactly
+//! the limit admitted — on each store, and across two ratekeeper instances
+//! sharing one Redis. Time is injected and held still, so the window cannot
+//! roll over during a test however slow the machine is.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{
+    Backend, RedisServer, T0, TestServer, TestStore, allow_request, envoy_request, redis_store,
+    rules,
+};
+use ratekeeper::clock::{Clock, ManualClock};
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+
+const RULES: &str = r#"
+domain: race
+descriptors:
+  - key: tenant
+    rate_limit: {unit: minute, requests_per_unit: 500}
+"#;
+
+const CALLERS: usize = 64;
+const CALLS: usize = 2_000;
+const LIMIT: usize = 500;
+
+/// Runs `CALLS` ShouldAllow calls from `CALLERS` tasks spread over `servers`
+/// and returns how many were allowed.
+async fn race_should_allow(servers: &[&TestServer]) -> usize {
+    let mut clients = Vec::new();
+    for server in servers {
+        // Several connections per server so calls really run in parallel.
+        for _ in 0..4 {
+            clients.push(server.client().await);
+        }
+    }
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let mut client = clients[caller % clients.len()].clone();
+            tokio::spawn(async move {
+                let mut allowed = 0;
+                for _ in 0..CALLS / CALLERS + usize::from(caller < CALLS % CALLERS) {
+                    let request = allow_request("race", &[&[("tenant", "t1")]], 1);
+                    if client
+                        .should_allow(request)
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .allowed
+                    {
+                        allowed += 1;
+                    }
+                }
+                allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.unwrap();
+    }
+    allowed
+}
+
+async fn exactly_the_limit_is_admitted(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = TestStore::new(backend, clock);
+    let server = TestServer::with(rules(&[RULES]), store.store.clone()).await;
+    assert_eq!(race_should_allow(&[&server]).await, LIMIT);
+}
+
+async fn exactly_the_limit_is_ok_on_the_envoy_surface(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = TestStore::new(backend, clock);
+    let server = TestServer::with(rules(&[RULES]), store.store.clone()).await;
+    let client = server.envoy().await;
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..CALLS / CALLERS + usize::from(caller < CALLS % CALLERS) {
+                    let request = envoy_request("race", &[&[("tenant", "t1")]]);
+                    let response = client
+                        .should_rate_limit(request)
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    ok += usize::from(response.overall_code() == Code::Ok);
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        ok += task.await.unwrap();
+    }
+    assert_eq!(ok, LIMIT);
+}
+
+both_stores!(
+    exactly_the_limit_is_admitted,
+    exactly_the_limit_is_ok_on_the_envoy_surface
+);
+
+/// Two instances, each with its own pool, share one Redis: the limit holds
+/// across them, and is reached exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_exact_limit() {
+    let redis = RedisServer::start();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0));
+    let store = |clock: Arc<dyn Clock>| {
+        Arc::new(redis_store(&redis.url(), std::time::Duration::from_secs(2)).with_clock(clock))
+    };
+    let a = TestServer::with(rules(&[RULES]), store(clock.clone())).await;
+    let b = TestServer::with(rules(&[RULES]), store(clock.clone())).await;
+    assert_eq!(race_should_allow(&[&a, &b]).await, LIMIT);
+}

@@ -1,0 +1,140 @@
+//! The Redis store when Redis goes away: calls fail fast with UNAVAILABLE
+//! (never hang), descriptors without a limit still pass, and service resumes
+//! by itself when Redis is back — no restart.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{RedisServer, TestServer, allow_request, envoy_request, redis_store, rules};
+use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const RULES: &str = r#"
+domain: app
+descriptors:
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 1000}
+"#;
+
+/// The store deadline used here; answers must come well within a second.
+const TIMEOUT: Duration = Duration::from_millis(100);
+
+async fn ask(client: &mut RateLimiterClient<Channel>) -> (Result<bool, Code>, Duration) {
+    let started = Instant::now();
+    let result = client
+        .should_allow(allow_request("app", &[&[("user", "u")]], 1))
+        .await
+        .map(|r| r.into_inner().allowed)
+        .map_err(|s| s.code());
+    (result, started.elapsed())
+}
+
+/// Calls until one is allowed; returns how long that took. Bounded.
+async fn until_allowed(client: &mut RateLimiterClient<Channel>, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if ask(client).await.0 == Ok(true) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "not recovered within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_then_restarted() {
+    let mut redis = RedisServer::start();
+    let server = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&redis.url(), TIMEOUT)),
+    )
+    .await;
+    let mut client = server.client().await;
+    assert_eq!(ask(&mut client).await.0, Ok(true));
+
+    redis.kill();
+    for _ in 0..20 {
+        let (result, took) = ask(&mut client).await;
+        assert_eq!(result, Err(Code::Unavailable));
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+    }
+    let status = client
+        .should_allow(allow_request("app", &[&[("user", "u")]], 1))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().starts_with("rate limit store unavailable"),
+        "{}",
+        status.message()
+    );
+    // Descriptors without a limit never touch the store.
+    let mut envoy = server.envoy().await;
+    let unmatched = envoy
+        .should_rate_limit(envoy_request("app", &[&[("nothing", "x")]]))
+        .await;
+    assert!(unmatched.is_ok(), "{unmatched:?}");
+
+    redis.restart();
+    let took = until_allowed(&mut client, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(1), "recovery took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_costs_at_most_the_deadline() {
+    let redis = RedisServer::start();
+    let server = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&redis.url(), TIMEOUT)),
+    )
+    .await;
+    let mut client = server.client().await;
+    assert_eq!(ask(&mut client).await.0, Ok(true));
+
+    redis.pause();
+    for _ in 0..5 {
+        let (result, took) = ask(&mut client).await;
+        assert_eq!(result, Err(Code::Unavailable));
+        assert!(
+            took >= TIMEOUT && took < Duration::from_secs(1),
+            "took {took:?}"
+        );
+    }
+    redis.resume();
+    until_allowed(&mut client, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_starts_before_redis_and_serves_once_it_is_up() {
+    let port = common::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = TestServer::with(rules(&[RULES]), Arc::new(redis_store(&url, TIMEOUT))).await;
+    let mut client = server.client().await;
+    let (result, took) = ask(&mut client).await;
+    assert_eq!(result, Err(Code::Unavailable));
+    assert!(took < Duration::from_secs(1));
+    let ready = http_get(server.admin_addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("not ready: redis store"), "{ready}");
+
+    let _redis = RedisServer::start_on(port, &[]);
+    until_allowed(&mut client, Duration::from_secs(5)).await;
+    let ready = http_get(server.admin_addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+}
+
+/// A minimal HTTP/1.1 GET; returns the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}

@@ -1,0 +1,145 @@
+//! What ends up in the store: counters of different descriptors never
+//! collide (on both stores), and every Redis key is versioned, hash-tagged
+//! and always carries an expiry no longer than its window. Also ACL
+//! credentials in the Redis URL.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::Commands;
+use common::{Backend, RedisServer, T0, TestServer, TestStore, allow_request, redis_store, rules};
+use ratekeeper::clock::ManualClock;
+use tonic::Code;
+
+const RULES: &str = r#"
+domain: keys
+descriptors:
+  - key: a_b
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: a
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: x
+    descriptors:
+      - key: y
+        rate_limit: {unit: hour, requests_per_unit: 1}
+"#;
+
+/// envoyproxy/ratelimit would key both of these `keys_a_b_c_<window>`, so
+/// spending one would spend the other. Here each has its own counter.
+async fn underscore_joined_descriptors_do_not_share_a_counter(backend: Backend) {
+    let store = TestStore::new(backend, Arc::new(ManualClock::new(T0)));
+    let server = TestServer::with(rules(&[RULES]), store.store.clone()).await;
+    let mut client = server.client().await;
+    let allowed = |entries: &'static [(&'static str, &'static str)]| {
+        let mut client = client.clone();
+        async move {
+            let request = allow_request("keys", &[entries], 1);
+            client
+                .should_allow(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .allowed
+        }
+    };
+    assert!(allowed(&[("a_b", "c")]).await);
+    assert!(allowed(&[("a", "b_c")]).await);
+    assert!(!allowed(&[("a_b", "c")]).await);
+    assert!(!allowed(&[("a", "b_c")]).await);
+    // Two levels vs one level with the joined value.
+    assert!(allowed(&[("x", "1"), ("y", "2")]).await);
+    assert!(allowed(&[("x", "1_y_2"), ("y", "")]).await);
+    let response = client
+        .should_allow(allow_request("keys", &[&[("x", "1"), ("y", "2")]], 1))
+        .await
+        .unwrap();
+    assert!(!response.into_inner().allowed);
+}
+
+both_stores!(underscore_joined_descriptors_do_not_share_a_counter);
+
+#[tokio::test]
+async fn redis_keys_are_versioned_tagged_and_always_expire() {
+    let redis = RedisServer::start();
+    let server = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&redis.url(), Duration::from_secs(2))),
+    )
+    .await;
+    let mut client = server.client().await;
+    for entries in [
+        &[("a", "1")][..],
+        &[("a_b", "2")],
+        &[("x", "1"), ("y", "2")],
+    ] {
+        client
+            .should_allow(allow_request("keys", &[entries], 1))
+            .await
+            .unwrap();
+    }
+    // A denied all-or-nothing request writes nothing.
+    let denied = client
+        .should_allow(allow_request("keys", &[&[("a", "1")], &[("a", "new")]], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!denied.allowed);
+
+    let mut conn = redis.connection();
+    let mut keys: Vec<String> = conn.keys("*").unwrap();
+    keys.sort();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for key in &keys {
+        assert!(
+            key.starts_with("rk1:{") && key.as_bytes()[21] == b'}',
+            "{key}"
+        );
+        let ttl: i64 = ::redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
+        let window: i64 = if key.ends_with("|3600000") {
+            3_600_000
+        } else {
+            60_000
+        };
+        assert!(ttl > 0 && ttl <= window, "{key}: pttl {ttl}");
+    }
+    assert!(
+        keys.iter()
+            .any(|k| k.contains("d4:keysn2k1:xv1:1k1:yv1:2|fw|3600000")),
+        "{keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_acl_credentials_in_the_url() {
+    let redis = RedisServer::start_with(&[
+        "--user", "default", "off", "--user", "limiter", "on", ">s3cret", "~*", "+@all",
+    ]);
+    let url = |password: &str| format!("redis://limiter:{password}@127.0.0.1:{}", redis.port);
+
+    let good = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&url("s3cret"), Duration::from_secs(2))),
+    )
+    .await;
+    let response = good
+        .client()
+        .await
+        .should_allow(allow_request("keys", &[&[("a", "1")]], 1))
+        .await;
+    assert!(response.unwrap().into_inner().allowed);
+
+    let bad = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&url("wrong"), Duration::from_secs(2))),
+    )
+    .await;
+    let status = bad
+        .client()
+        .await
+        .should_allow(allow_request("keys", &[&[("a", "1")]], 1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
