@@ -133,13 +133,12 @@ fn wait_for_redis(port: u16) {
         if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
             let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
             let mut reply = [0u8; 64];
-            if stream.write_all(b"PING\r\n").is_ok() {
-                if let Ok(n) = stream.read(&mut reply) {
-                    // PONG, or an auth error from a server that requires a user: up either way.
-                    if reply[..n].starts_with(b"+PONG") || reply[..n].starts_with(b"-NOAUTH") {
-                        return;
-                    }
-                }
+            // PONG, or an auth error from a server that requires a user: up either way.
+            if stream.write_all(b"PING\r\n").is_ok()
+                && let Ok(n) = stream.read(&mut reply)
+                && (reply[..n].starts_with(b"+PONG") || reply[..n].starts_with(b"-NOAUTH"))
+            {
+                return;
             }
         }
         assert!(
