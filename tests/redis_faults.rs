@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, TestServer, allow_request, envoy_request, redis_store, rules};
+use common::{RedisServer, TestServer, allow_request, envoy_request, http_get, redis_store, rules};
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -126,15 +126,4 @@ async fn service_starts_before_redis_and_serves_once_it_is_up() {
     until_allowed(&mut client, Duration::from_secs(5)).await;
     let ready = http_get(server.admin_addr, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-}
-
-/// A minimal HTTP/1.1 GET; returns the whole response.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }

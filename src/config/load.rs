@@ -90,12 +90,9 @@ pub fn parse_rules_file(name: &str, text: &str) -> Result<(String, DescriptorTre
             descriptors: None,
         }
     } else {
-        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            ConfigError::invalid(name, &path, e.into_inner().to_string())
-        })?
+        // The YAML error text already carries the path inside the file and
+        // the line and column.
+        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::invalid(name, "", e.to_string()))?
     };
     let domain = doc
         .domain
@@ -289,4 +286,345 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::matcher::EntryRef;
+
+    fn error(text: &str) -> String {
+        match parse_rules_file("rules.yaml", text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_upstream_file_loads_unchanged() {
+        let text = r#"
+domain: upstream
+descriptors:
+  - key: remote_address
+    value: 443
+    detailed_metric: true
+    value_to_metric: true
+    metadata: {team: edge, tags: [a, b]}
+    rate_limit:
+      unit: Minute
+      requests_per_unit: 20
+      name: by-ip
+  - key: path
+    value: "/files/*"
+    share_threshold: true
+    rate_limit: {unit: week, requests_per_unit: 1}
+  - key: free
+    rate_limit: {unlimited: true, replaces: [{name: by-ip}]}
+  - key: nothing
+"#;
+        let (domain, tree) = parse_rules_file("up.yaml", text).unwrap();
+        assert_eq!(domain, "upstream");
+        let rule = tree
+            .find(&[EntryRef {
+                key: "remote_address",
+                value: "443",
+            }])
+            .unwrap();
+        assert_eq!(rule.name.as_deref(), Some("by-ip"));
+        assert_eq!(rule.limited().unwrap().requests_per_unit, 20);
+        assert_eq!(rule.limited().unwrap().unit, Unit::Minute);
+        assert_eq!(rule.path, "upstream.remote_address_443");
+        assert!(rule.detailed_metric);
+        let shared = tree
+            .find(&[EntryRef {
+                key: "path",
+                value: "/files/a",
+            }])
+            .unwrap();
+        assert_eq!(shared.shared_values, vec![Some("/files/*".to_owned())]);
+        let free = tree
+            .find(&[EntryRef {
+                key: "free",
+                value: "x",
+            }])
+            .unwrap();
+        assert_eq!(free.limit, RuleLimit::Unlimited);
+        assert_eq!(free.replaces, vec!["by-ip".to_owned()]);
+        assert!(
+            tree.find(&[EntryRef {
+                key: "nothing",
+                value: "x"
+            }])
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn missing_requests_per_unit_means_zero_like_upstream() {
+        let (_, tree) = parse_rules_file(
+            "z.yaml",
+            "domain: d\ndescriptors: [{key: k, rate_limit: {unit: second}}]",
+        )
+        .unwrap();
+        let rule = tree
+            .find(&[EntryRef {
+                key: "k",
+                value: "v",
+            }])
+            .unwrap();
+        assert_eq!(rule.limited().unwrap().requests_per_unit, 0);
+    }
+
+    #[test]
+    fn domain_only_and_empty_descriptor_lists_are_valid() {
+        for text in [
+            "domain: d",
+            "domain: d\ndescriptors: []",
+            "domain: d\ndescriptors:",
+        ] {
+            parse_rules_file("d.yaml", text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    #[test]
+    fn invalid_files_name_the_file_the_path_and_the_reason() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "",
+                "rules.yaml: domain: config file cannot have empty domain",
+            ),
+            (
+                "descriptors: []",
+                "rules.yaml: domain: config file cannot have empty domain",
+            ),
+            (
+                "domain: ''",
+                "rules.yaml: domain: config file cannot have empty domain",
+            ),
+            (
+                "domain: [a]",
+                "rules.yaml: domain: invalid type: sequence, expected a string",
+            ),
+            (
+                "domain: d\nunknown: 1",
+                "rules.yaml: unknown field `unknown`",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: k\n    ratelimit: {unit: second}",
+                "rules.yaml: descriptors[0]: unknown field `ratelimit`",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requestsperunit: 1}",
+                "rules.yaml: descriptors[0].rate_limit: unknown field `requestsperunit`",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: -1}",
+                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: invalid type: integer `-1`, expected u32",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 4294967296}",
+                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: invalid value: integer `4294967296`, expected u32",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: abc}",
+                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: invalid type: string \"abc\", expected u32",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: k\n    value: 1.5",
+                "rules.yaml: descriptors[0].value: invalid type: floating point `1.5`, expected a string",
+            ),
+            (
+                "domain: d\ndescriptors: [1]",
+                "rules.yaml: descriptors[0]: invalid type: integer `1`, expected struct DescriptorDoc",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - value: v",
+                "rules.yaml: descriptors[0].key: descriptor has empty key",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: ''",
+                "rules.yaml: descriptors[0].key: descriptor has empty key",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, value: v}\n  - {key: k, value: v}",
+                "rules.yaml: descriptors[1]: duplicate descriptor composite key 'd.k_v'",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k}\n  - {key: k, value: ''}",
+                "rules.yaml: descriptors[1]: duplicate descriptor composite key 'd.k'",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: minutes, requests_per_unit: 1}}",
+                "rules.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit 'minutes'",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {requests_per_unit: 1}}",
+                "rules.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit ''",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: unknown, requests_per_unit: 1}}",
+                "rules.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit 'unknown'",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unlimited: true, unit: second}}",
+                "rules.yaml: descriptors[0].rate_limit.unit: should not specify rate limit unit when unlimited",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, replaces: [{name: ''}]}}",
+                "rules.yaml: descriptors[0].rate_limit.replaces[0].name: should not have an empty replaces entry",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, name: me, replaces: [{name: me}]}}",
+                "rules.yaml: descriptors[0].rate_limit.replaces[0].name: replaces should not contain name of same descriptor",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, value: v, share_threshold: true}",
+                "rules.yaml: descriptors[0].share_threshold: share_threshold can only be used with wildcard values (containing '*'), but found key 'k_v'",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, quota_mode: true}",
+                "rules.yaml: descriptors[0].quota_mode: quota_mode is not supported",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n  - key: b\n    descriptors:\n      - {key: c, rate_limit: {unit: fortnight}}",
+                "rules.yaml: descriptors[1].descriptors[0].rate_limit.unit: invalid rate limit unit 'fortnight'",
+            ),
+            (
+                "domain: d\n  bad: indentation",
+                "rules.yaml: mapping values are not allowed in this context at line 2 column 6",
+            ),
+            (
+                "domain: d\n---\ndomain: e",
+                "rules.yaml: deserializing from YAML containing more than one document is not supported",
+            ),
+        ];
+        for (text, expected) in cases {
+            let got = error(text);
+            assert!(
+                got.starts_with(expected),
+                "for:\n{text}\nwant: {expected}\ngot:  {got}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_yaml_is_refused_not_expanded() {
+        // A "billion laughs" of aliases must be refused quickly.
+        let mut bomb = String::from(
+            "domain: d\ndescriptors:\n  - key: k\n    metadata:\n      a: &a [x, x, x, x, x, x, x, x, x, x]\n",
+        );
+        for level in 1..10u8 {
+            let prev = (b'a' + level - 1) as char;
+            let this = (b'a' + level) as char;
+            let refs = vec![format!("*{prev}"); 10].join(", ");
+            bomb.push_str(&format!("      {this}: &{this} [{refs}]\n"));
+        }
+        let refused = error(&bomb);
+        assert!(refused.contains("repetition limit exceeded"), "{refused}");
+        // Deep nesting hits the parser's recursion limit.
+        let deep = format!(
+            "domain: d\ndescriptors:\n  - key: k\n    metadata: {}{}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert!(
+            error(&deep).contains("recursion limit exceeded"),
+            "{}",
+            error(&deep)
+        );
+    }
+
+    mod directories {
+        use std::fs;
+
+        use super::*;
+
+        fn write(dir: &Path, name: &str, text: &str) {
+            let path = dir.join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        }
+
+        #[test]
+        fn loads_every_visible_file_recursively() {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "a.yaml", "domain: a");
+            write(dir.path(), "nested/b.yml", "domain: b");
+            write(dir.path(), "c.conf", "domain: c");
+            write(dir.path(), ".hidden.yaml", "not: [valid");
+            write(dir.path(), ".git/config", "nonsense: [");
+            let rules = load_rules(dir.path()).unwrap();
+            let domains: Vec<&str> = rules.domains().map(|(d, _)| d).collect();
+            assert_eq!(domains, ["a", "b", "c"]);
+        }
+
+        #[test]
+        fn kubernetes_configmap_layout_reads_each_domain_once() {
+            let dir = tempfile::tempdir().unwrap();
+            write(
+                dir.path(),
+                "..2026_11_29_06_00_00.123/rules.yaml",
+                "domain: cm",
+            );
+            std::os::unix::fs::symlink("..2026_11_29_06_00_00.123", dir.path().join("..data"))
+                .unwrap();
+            std::os::unix::fs::symlink("..data/rules.yaml", dir.path().join("rules.yaml")).unwrap();
+            let rules = load_rules(dir.path()).unwrap();
+            assert_eq!(rules.domains().count(), 1);
+            assert!(rules.domain("cm").is_some());
+        }
+
+        #[test]
+        fn a_domain_in_two_files_is_refused_naming_both() {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "one.yaml", "domain: same");
+            write(dir.path(), "two.yaml", "domain: same");
+            let error = load_rules(dir.path()).unwrap_err().to_string();
+            assert!(
+                error.contains("two.yaml: domain: duplicate domain 'same'"),
+                "{error}"
+            );
+            assert!(error.contains("one.yaml"), "{error}");
+        }
+
+        #[test]
+        fn one_bad_file_refuses_the_whole_set() {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "good.yaml", "domain: good");
+            write(
+                dir.path(),
+                "bad.yaml",
+                "domain: bad\ndescriptors: [{key: k, rate_limit: {unit: parsec}}]",
+            );
+            let error = load_rules(dir.path()).unwrap_err().to_string();
+            assert!(
+                error.contains(
+                    "bad.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit 'parsec'"
+                ),
+                "{error}"
+            );
+        }
+
+        #[test]
+        fn missing_paths_and_huge_files_are_refused() {
+            let dir = tempfile::tempdir().unwrap();
+            let error = load_rules(&dir.path().join("absent.yaml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("absent.yaml: No such file or directory"),
+                "{error}"
+            );
+            let huge = format!("domain: big\n# {}\n", "x".repeat(MAX_FILE_BYTES as usize));
+            write(dir.path(), "big.yaml", &huge);
+            let error = load_rules(dir.path()).unwrap_err().to_string();
+            assert!(error.contains("big.yaml: file is"), "{error}");
+        }
+
+        #[test]
+        fn an_empty_directory_is_a_valid_config_with_no_domains() {
+            let dir = tempfile::tempdir().unwrap();
+            assert_eq!(load_rules(dir.path()).unwrap().domains().count(), 0);
+        }
+    }
 }

@@ -363,3 +363,14 @@ pub fn envoy_request(domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimit
         hits_addend: 0,
     }
 }
+
+/// A minimal HTTP/1.1 GET; returns the whole response.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}

@@ -1,0 +1,264 @@
+//! The real binary: `check-config`, `serve` with the shipped example config
+//! and no Redis, environment variables, exit codes, and SIGTERM.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{allow_request, free_port};
+use ratekeeper::proto::ratekeeper::v1::Decision;
+use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ratekeeper");
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/config.yaml");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A `ratekeeper serve` child process, killed on drop if still running.
+struct Serve {
+    child: Child,
+    grpc_port: u16,
+}
+
+impl Serve {
+    fn start(extra: &[&str]) -> Self {
+        let grpc_port = free_port();
+        let admin_port = free_port();
+        // Addresses through the environment, to cover RATEKEEPER_* variables.
+        let child = Command::new(BIN)
+            .args(["serve", "--config", EXAMPLE])
+            .args(extra)
+            .env("RATEKEEPER_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+            .env("RATEKEEPER_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Serve { child, grpc_port }
+    }
+
+    /// Connects, retrying while the process starts up (bounded).
+    async fn client(&mut self) -> RateLimiterClient<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let endpoint =
+                Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port)).unwrap();
+            if let Ok(channel) = endpoint.connect().await {
+                return RateLimiterClient::new(channel);
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("ratekeeper exited early with {status}: {}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ratekeeper did not listen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit, keeping this runtime free so open
+    /// client connections can answer the server's GOAWAY.
+    async fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = started + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), started.elapsed());
+            }
+            assert!(Instant::now() < deadline, "no exit within 15 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut out = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            let _ = stderr.read_to_string(&mut out);
+        }
+        out
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn check_config_accepts_the_example_and_summarises_it() {
+    let out = run(&["check-config", EXAMPLE]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("domain example"), "{stdout}");
+    assert!(
+        stdout.contains("example.api_key: 100 per minute"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("example.tenant: 1000 per hour (shadow)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok: 1 domains, 6 rules"), "{stdout}");
+}
+
+#[test]
+fn check_config_refuses_a_bad_file_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: lightyear}\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(
+            "bad.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit 'lightyear'"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_refuses_bad_config_and_flags_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "domain: ''\n").unwrap();
+    let out = run(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("config file cannot have empty domain"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&[
+        "serve",
+        "--config",
+        EXAMPLE,
+        "--store",
+        "redis",
+        "--redis-url",
+        "http://nope",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("--redis-url"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&["serve", "--config", EXAMPLE, "--store-timeout", "fast"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("--store-timeout"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&["serve"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("--config"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn serve_exits_1_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let out = run(&[
+        "serve",
+        "--config",
+        EXAMPLE,
+        "--grpc-addr",
+        &addr,
+        "--admin-addr",
+        &admin,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--grpc-addr"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The README's run command: the example config on the memory store, no
+/// Redis anywhere. It answers, and exits 0 on SIGTERM.
+#[tokio::test]
+async fn serve_answers_with_the_example_config_and_stops_on_sigterm() {
+    let mut serve = Serve::start(&[]);
+    let mut client = serve.client().await;
+    let response = client
+        .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.allowed);
+    assert_eq!(response.results[0].decision(), Decision::Allowed);
+    assert_eq!(response.results[0].remaining, 99);
+    assert_eq!(response.results[0].rule_name, "per-api-key");
+
+    let (code, took) = serve.terminate().await;
+    assert_eq!(code, Some(0), "{}", serve.stderr());
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+/// With the Redis store pointed at nothing the service still starts and
+/// answers UNAVAILABLE instead of hanging or crashing.
+#[tokio::test]
+async fn serve_starts_without_redis_and_answers_unavailable() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let mut serve = Serve::start(&[
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--log-format",
+        "json",
+    ]);
+    let mut client = serve.client().await;
+    let status = client
+        .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let (code, _) = serve.terminate().await;
+    assert_eq!(code, Some(0));
+    let logs = serve.stderr();
+    assert!(
+        logs.lines()
+            .any(|l| l.starts_with('{') && l.contains("ratekeeper serving")),
+        "{logs}"
+    );
+}
