@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Backend, T0, TestServer, TestStore, envoy_descriptor, envoy_request, rules};
+use common::{Backend, Harness, T0, TestServer, envoy_descriptor, envoy_request, rules};
 use ratekeeper::clock::ManualClock;
 use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
@@ -98,19 +98,15 @@ fn reset(seconds: u64) -> i64 {
 struct Fixture {
     client: RateLimitServiceClient<Channel>,
     clock: Arc<ManualClock>,
-    _server: TestServer,
-    _store: TestStore,
+    _harness: Harness,
 }
 
 async fn fixture(backend: Backend) -> Fixture {
-    let clock = Arc::new(ManualClock::new(T0));
-    let store = TestStore::new(backend, clock.clone());
-    let server = TestServer::with(rules(&[RULES]), store.store.clone()).await;
+    let harness = Harness::start(backend, RULES).await;
     Fixture {
-        client: server.envoy().await,
-        clock,
-        _server: server,
-        _store: store,
+        client: harness.server.envoy().await,
+        clock: harness.clock.clone(),
+        _harness: harness,
     }
 }
 

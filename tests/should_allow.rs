@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Backend, T0, TestServer, TestStore, allow_request, rules};
+use common::{Backend, Harness, allow_request};
 use ratekeeper::clock::ManualClock;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use ratekeeper::proto::ratekeeper::v1::{
@@ -32,19 +32,15 @@ descriptors:
 struct Fixture {
     client: RateLimiterClient<Channel>,
     clock: Arc<ManualClock>,
-    _server: TestServer,
-    _store: TestStore,
+    _harness: Harness,
 }
 
 async fn fixture(backend: Backend) -> Fixture {
-    let clock = Arc::new(ManualClock::new(T0));
-    let store = TestStore::new(backend, clock.clone());
-    let server = TestServer::with(rules(&[RULES]), store.store.clone()).await;
+    let harness = Harness::start(backend, RULES).await;
     Fixture {
-        client: server.client().await,
-        clock,
-        _server: server,
-        _store: store,
+        client: harness.server.client().await,
+        clock: harness.clock.clone(),
+        _harness: harness,
     }
 }
 

@@ -22,7 +22,6 @@ use crate::proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse, rate_limit_service_server,
 };
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
-use crate::rules::matcher::EntryRef;
 use crate::rules::{Limit, MAX_REQUESTS_PER_UNIT, Unit};
 
 /// `limit_remaining` of an unlimited descriptor, as upstream reports it.
@@ -55,20 +54,14 @@ impl EnvoyService {
             .map(|(d, descriptor)| {
                 // Upstream accepts a descriptor without entries (it matches
                 // nothing unless it carries a limit override).
-                self.limits
-                    .check_entry_count(d, descriptor.entries.len(), 0)?;
-                let entries = descriptor
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .map(|(e, entry)| {
-                        self.limits.check_entry(d, e, &entry.key, &entry.value)?;
-                        Ok(EntryRef {
-                            key: &entry.key,
-                            value: &entry.value,
-                        })
-                    })
-                    .collect::<Result<_, Error>>()?;
+                let entries = self.limits.entries(
+                    d,
+                    descriptor
+                        .entries
+                        .iter()
+                        .map(|e| (e.key.as_str(), e.value.as_str())),
+                    0,
+                )?;
                 // A per-descriptor addend, when present, wins, including 0
                 // (check only); otherwise the request's, where 0 means 1.
                 let hits = match descriptor.hits_addend {

@@ -10,7 +10,6 @@ use crate::algorithm::Mode;
 use crate::error::Error;
 use crate::limiter::{CheckRequest, Decision, DescriptorDecision, DescriptorInput, Limiter};
 use crate::proto::ratekeeper::v1 as pb;
-use crate::rules::matcher::EntryRef;
 
 /// The `RateLimiter` gRPC service.
 #[derive(Debug, Clone)]
@@ -40,20 +39,14 @@ impl ShouldAllowService {
             .iter()
             .enumerate()
             .map(|(d, descriptor)| {
-                self.limits
-                    .check_entry_count(d, descriptor.entries.len(), 1)?;
-                let entries = descriptor
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .map(|(e, entry)| {
-                        self.limits.check_entry(d, e, &entry.key, &entry.value)?;
-                        Ok(EntryRef {
-                            key: &entry.key,
-                            value: &entry.value,
-                        })
-                    })
-                    .collect::<Result<_, Error>>()?;
+                let entries = self.limits.entries(
+                    d,
+                    descriptor
+                        .entries
+                        .iter()
+                        .map(|e| (e.key.as_str(), e.value.as_str())),
+                    1,
+                )?;
                 Ok(DescriptorInput {
                     entries,
                     limit_override: None,

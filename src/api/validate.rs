@@ -3,6 +3,7 @@
 
 use super::{MAX_COST, RequestLimits};
 use crate::error::Error;
+use crate::rules::matcher::EntryRef;
 
 // === impl RequestLimits ===
 
@@ -40,13 +41,22 @@ impl RequestLimits {
         Ok(())
     }
 
-    /// Descriptor `index` has an acceptable number of entries (`min` is 1 on
-    /// our API; Envoy allows none).
+    /// Checks the entries of descriptor `index` and borrows them for
+    /// matching: at least `min` (1 on our API; Envoy allows none) and at most
+    /// `max_entries`, each with a non-empty key, key and value within the
+    /// length cap.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidRequest`] for `descriptors[index].entries`.
-    pub fn check_entry_count(&self, index: usize, count: usize, min: usize) -> Result<(), Error> {
+    /// [`Error::InvalidRequest`] for `descriptors[index].entries`, or for one
+    /// entry's `.key` or `.value`.
+    pub fn entries<'a>(
+        &self,
+        index: usize,
+        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+        min: usize,
+    ) -> Result<Vec<EntryRef<'a>>, Error> {
+        let count = entries.len();
         let field = || format!("descriptors[{index}].entries");
         if count < min {
             return Err(Error::invalid(field(), "must not be empty"));
@@ -57,27 +67,18 @@ impl RequestLimits {
                 format!("{count} entries; at most {} are allowed", self.max_entries),
             ));
         }
-        Ok(())
-    }
-
-    /// An entry's key is non-empty and key and value are not too long.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidRequest`] for `descriptors[d].entries[e].key` or `.value`.
-    pub fn check_entry(
-        &self,
-        descriptor: usize,
-        entry: usize,
-        key: &str,
-        value: &str,
-    ) -> Result<(), Error> {
-        let field = |name: &str| format!("descriptors[{descriptor}].entries[{entry}].{name}");
-        if key.is_empty() {
-            return Err(Error::invalid(field("key"), "must not be empty"));
-        }
-        self.check_length(&field("key"), key)?;
-        self.check_length(&field("value"), value)
+        entries
+            .enumerate()
+            .map(|(e, (key, value))| {
+                let field = |name: &str| format!("descriptors[{index}].entries[{e}].{name}");
+                if key.is_empty() {
+                    return Err(Error::invalid(field("key"), "must not be empty"));
+                }
+                self.check_length(&field("key"), key)?;
+                self.check_length(&field("value"), value)?;
+                Ok(EntryRef { key, value })
+            })
+            .collect()
     }
 
     fn check_length(&self, field: &str, text: &str) -> Result<(), Error> {

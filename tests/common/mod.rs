@@ -230,6 +230,27 @@ macro_rules! both_stores {
 
 // --------------------------------------------------------------- server ---
 
+/// A server over one rules file and a fresh store of `backend`, at time T0
+/// on a clock the test moves by hand.
+pub struct Harness {
+    pub server: TestServer,
+    pub clock: Arc<ManualClock>,
+    pub store: TestStore,
+}
+
+impl Harness {
+    pub async fn start(backend: Backend, rules_yaml: &str) -> Self {
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = TestStore::new(backend, clock.clone());
+        let server = TestServer::with(rules(&[rules_yaml]), store.store.clone()).await;
+        Harness {
+            server,
+            clock,
+            store,
+        }
+    }
+}
+
 /// Rules from YAML documents, one per file.
 pub fn rules(files: &[&str]) -> Rules {
     let mut domains = HashMap::new();
