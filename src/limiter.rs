@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::algorithm::{AlgorithmKind, BatchHit, Mode, Outcome, Quota};
+use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::error::Error;
 use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
@@ -134,12 +134,11 @@ impl Limiter {
             .filter_map(|(i, rule)| {
                 let rule = rule.as_ref()?;
                 let limit = *rule.limited()?;
-                let kind = AlgorithmKind::FixedWindow;
                 let key = storage_key(
                     request.domain,
                     &request.descriptors[i].entries,
                     rule,
-                    kind.tag(),
+                    limit.algorithm.tag(),
                     limit.window_ms(),
                 );
                 Some((i, limit, key))
@@ -149,11 +148,8 @@ impl Limiter {
             .iter()
             .map(|(i, limit, key)| BatchHit {
                 key,
-                algorithm: AlgorithmKind::FixedWindow,
-                quota: Quota {
-                    limit: limit.requests_per_unit,
-                    window_ms: limit.window_ms(),
-                },
+                algorithm: limit.algorithm,
+                quota: limit.quota(),
                 hits: request.descriptors[*i].hits,
                 enforced: !matched[*i].as_ref().is_some_and(|r| r.shadow_mode),
             })

@@ -21,6 +21,11 @@ pub enum Mode {
     AllOrNothing,
     /// Judge as [`Mode::AllOrNothing`] but never write.
     DryRun,
+    /// Envoy with upstream's `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`: as
+    /// [`Mode::Independent`], except that when any hit is over its limit only
+    /// the over-limit hits are counted; the others are judged with 0 hits
+    /// and left as they were.
+    StopIncrementWhenOverLimit,
 }
 
 /// One hit of a batch: add `hits` to the counter at `key`.
@@ -59,18 +64,57 @@ pub fn apply_batch(
     mode: Mode,
     now_ms: u64,
 ) -> Vec<Outcome> {
-    let mut outcomes = Vec::with_capacity(hits.len());
-    let mut undo: Vec<(&[u8], Option<Stored>)> = Vec::with_capacity(hits.len());
-    let mut all_enforced_allowed = true;
+    let first = pass(view, hits, |_| true, now_ms);
+    match mode {
+        Mode::Independent => first.outcomes,
+        Mode::AllOrNothing if first.all_enforced_allowed => first.outcomes,
+        Mode::AllOrNothing | Mode::DryRun => {
+            let mut outcomes = first.outcomes;
+            rollback(view, first.undo);
+            for (hit, outcome) in hits.iter().zip(&mut outcomes) {
+                let current = evaluate(hit, view.load(hit.key), 0, now_ms).outcome;
+                outcome.remaining = current.remaining;
+                outcome.reset_after_ms = current.reset_after_ms;
+            }
+            outcomes
+        }
+        Mode::StopIncrementWhenOverLimit => {
+            let over: Vec<bool> = first.outcomes.iter().map(|o| !o.allowed).collect();
+            if !over.contains(&true) {
+                return first.outcomes;
+            }
+            rollback(view, first.undo);
+            pass(view, hits, |i| over[i], now_ms).outcomes
+        }
+    }
+}
 
-    for hit in hits {
+/// What one pass over the hits did.
+struct Pass<'k> {
+    outcomes: Vec<Outcome>,
+    /// State before each write, in write order.
+    undo: Vec<(&'k [u8], Option<Stored>)>,
+    all_enforced_allowed: bool,
+}
+
+/// Evaluates every hit in order, writing as it goes; hit `i` counts its hits
+/// when `counts(i)`, else it is judged with 0 hits.
+fn pass<'k>(
+    view: &mut impl StateView,
+    hits: &[BatchHit<'k>],
+    counts: impl Fn(usize) -> bool,
+    now_ms: u64,
+) -> Pass<'k> {
+    let mut done = Pass {
+        outcomes: Vec::with_capacity(hits.len()),
+        undo: Vec::with_capacity(hits.len()),
+        all_enforced_allowed: true,
+    };
+    for (i, hit) in hits.iter().enumerate() {
         let before = view.load(hit.key);
-        let eval =
-            hit.algorithm
-                .algorithm()
-                .evaluate(&hit.quota, state_of(before), hit.hits, now_ms);
+        let eval = evaluate(hit, before, if counts(i) { hit.hits } else { 0 }, now_ms);
         if !eval.outcome.allowed && hit.enforced {
-            all_enforced_allowed = false;
+            done.all_enforced_allowed = false;
         }
         let write = if eval.outcome.allowed {
             Some(eval.admitted)
@@ -78,32 +122,29 @@ pub fn apply_batch(
             eval.rejected
         };
         if let Some(write) = write {
-            undo.push((hit.key, before));
+            done.undo.push((hit.key, before));
             view.store(hit.key, Some(write));
         }
-        outcomes.push(eval.outcome);
+        done.outcomes.push(eval.outcome);
     }
+    done
+}
 
-    let commit = match mode {
-        Mode::Independent => true,
-        Mode::AllOrNothing => all_enforced_allowed,
-        Mode::DryRun => false,
-    };
-    if !commit {
-        for (key, before) in undo.into_iter().rev() {
-            view.store(key, before);
-        }
-        for (hit, outcome) in hits.iter().zip(&mut outcomes) {
-            let current = hit
-                .algorithm
-                .algorithm()
-                .evaluate(&hit.quota, state_of(view.load(hit.key)), 0, now_ms)
-                .outcome;
-            outcome.remaining = current.remaining;
-            outcome.reset_after_ms = current.reset_after_ms;
-        }
+fn rollback(view: &mut impl StateView, undo: Vec<(&[u8], Option<Stored>)>) {
+    for (key, before) in undo.into_iter().rev() {
+        view.store(key, before);
     }
-    outcomes
+}
+
+fn evaluate(
+    hit: &BatchHit<'_>,
+    stored: Option<Stored>,
+    hits: u64,
+    now_ms: u64,
+) -> super::Evaluation {
+    hit.algorithm
+        .algorithm()
+        .evaluate(&hit.quota, state_of(stored), hits, now_ms)
 }
 
 fn state_of(stored: Option<Stored>) -> State {
@@ -141,6 +182,7 @@ mod tests {
             quota: Quota {
                 limit,
                 window_ms: 60_000,
+                burst: limit,
             },
             hits,
             enforced,
@@ -201,6 +243,35 @@ mod tests {
         assert!(outcomes[0].allowed);
         assert_eq!(outcomes[0].remaining, 5);
         assert!(view.0.is_empty());
+    }
+
+    #[test]
+    fn stop_increment_counts_only_the_over_limit_hits() {
+        let mut view = MapView::default();
+        apply_batch(
+            &mut view,
+            &[hit(b"a", 1, 1, true), hit(b"b", 10, 1, true)],
+            Mode::Independent,
+            NOW,
+        );
+        // a is full: a counts (and is denied), b is judged but not counted.
+        let outcomes = apply_batch(
+            &mut view,
+            &[hit(b"a", 1, 1, true), hit(b"b", 10, 1, true)],
+            Mode::StopIncrementWhenOverLimit,
+            NOW,
+        );
+        assert!(!outcomes[0].allowed && outcomes[1].allowed);
+        assert_eq!(outcomes[1].remaining, 9);
+        assert_eq!((count(&view, b"a"), count(&view, b"b")), (2, 1));
+        // With nothing over the limit every hit counts.
+        apply_batch(
+            &mut view,
+            &[hit(b"b", 10, 2, true)],
+            Mode::StopIncrementWhenOverLimit,
+            NOW,
+        );
+        assert_eq!(count(&view, b"b"), 3);
     }
 
     #[test]

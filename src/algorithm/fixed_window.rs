@@ -56,6 +56,7 @@ mod tests {
     const MINUTE: Quota = Quota {
         limit: 3,
         window_ms: 60_000,
+        burst: 3,
     };
 
     fn run(quota: &Quota, steps: &[(u64, u64)]) -> Vec<(bool, u64, u64, Option<u64>)> {
@@ -118,6 +119,7 @@ mod tests {
         let zero = Quota {
             limit: 0,
             window_ms: 1_000,
+            burst: 0,
         };
         let got = run(&zero, &[(5_500, 0), (5_500, 1)]);
         assert_eq!(got, vec![(true, 0, 500, None), (false, 0, 500, None)]);
@@ -128,6 +130,7 @@ mod tests {
         let hour = Quota {
             limit: 10,
             window_ms: 3_600_000,
+            burst: 10,
         };
         // t = 1,000,000 s: the hour window started at 997,200 s (the
         // reference's own example), so 3,600 - 2,800 = 800 s remain.
@@ -146,7 +149,7 @@ mod tests {
             window_s in 1u64..120,
             steps in proptest::collection::vec((0u64..200_000, 0u64..10), 1..200),
         ) {
-            let quota = Quota { limit, window_ms: window_s * 1000 };
+            let quota = Quota { limit, window_ms: window_s * 1000, burst: limit };
             let mut steps = steps;
             steps.sort_by_key(|s| s.0);
             let mut state = [0; 3];

@@ -10,15 +10,25 @@
 
 pub mod batch;
 pub mod fixed_window;
+pub mod sliding_window;
+pub mod token_bucket;
 
 use std::fmt;
 
 pub use batch::{BatchHit, Mode, StateView, apply_batch};
 pub use fixed_window::FixedWindow;
+pub use sliding_window::SlidingWindow;
+pub use token_bucket::TokenBucket;
 
 /// Counts stay below this so that Lua (doubles) and Rust agree exactly, even
 /// when rejected hits keep counting.
 pub const COUNT_CAP: u64 = 1 << 50;
+
+/// Largest value of the scaled products the sliding window and the token
+/// bucket compute (`limit × window_ms`, `burst × window_ms`): 2^53, the last
+/// integer a double (Lua's number) holds exactly. The config loader refuses
+/// limits beyond it.
+pub const MAX_SCALED: u64 = 1 << 53;
 
 /// The stored state of one counter. Each algorithm documents the meaning of
 /// the three numbers; an absent key is all zeros.
@@ -30,15 +40,21 @@ pub type State = [u64; 3];
 pub enum AlgorithmKind {
     /// Fixed windows aligned to the Unix epoch (envoyproxy/ratelimit's).
     FixedWindow,
+    /// Weighted two-window counter.
+    SlidingWindow,
+    /// Token bucket with a burst capacity (GCRA, in its bucket-level form).
+    TokenBucket,
 }
 
 /// The parameters an algorithm needs from a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
-    /// Hits admitted per window.
+    /// Hits admitted per window (token bucket: tokens refilled per window).
     pub limit: u64,
     /// Window length in milliseconds (never 0).
     pub window_ms: u64,
+    /// Token bucket capacity (equal to `limit` unless configured).
+    pub burst: u64,
 }
 
 /// What a decision tells the caller.
@@ -93,6 +109,8 @@ impl AlgorithmKind {
     pub fn tag(self) -> &'static str {
         match self {
             AlgorithmKind::FixedWindow => "fw",
+            AlgorithmKind::SlidingWindow => "sw",
+            AlgorithmKind::TokenBucket => "tb",
         }
     }
 
@@ -100,13 +118,37 @@ impl AlgorithmKind {
     pub fn script_id(self) -> u8 {
         match self {
             AlgorithmKind::FixedWindow => 1,
+            AlgorithmKind::SlidingWindow => 2,
+            AlgorithmKind::TokenBucket => 3,
         }
+    }
+
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlgorithmKind::FixedWindow => "fixed_window",
+            AlgorithmKind::SlidingWindow => "sliding_window",
+            AlgorithmKind::TokenBucket => "token_bucket",
+        }
+    }
+
+    /// Parses a config name (`fixed_window`, `sliding_window`, `token_bucket`).
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            AlgorithmKind::FixedWindow,
+            AlgorithmKind::SlidingWindow,
+            AlgorithmKind::TokenBucket,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == name)
     }
 
     /// The implementation.
     pub fn algorithm(self) -> &'static dyn Algorithm {
         match self {
             AlgorithmKind::FixedWindow => &FixedWindow,
+            AlgorithmKind::SlidingWindow => &SlidingWindow,
+            AlgorithmKind::TokenBucket => &TokenBucket,
         }
     }
 }

@@ -119,10 +119,10 @@ fn override_limit(index: usize, limit: &RateLimitOverride) -> Result<Limit, Erro
             ));
         }
     };
-    Ok(Limit {
-        requests_per_unit: u64::from(limit.requests_per_unit).min(MAX_REQUESTS_PER_UNIT),
+    Ok(Limit::fixed(
+        u64::from(limit.requests_per_unit).min(MAX_REQUESTS_PER_UNIT),
         unit,
-    })
+    ))
 }
 
 fn to_response(decision: &Decision) -> RateLimitResponse {

@@ -61,6 +61,13 @@ pub struct RateLimitDoc {
     pub name: Option<Text>,
     /// Rules this one replaces when both match one request.
     pub replaces: Option<Vec<ReplacesDoc>>,
+    /// ratekeeper extension: `fixed_window` (default), `sliding_window` or
+    /// `token_bucket`.
+    pub algorithm: Option<Text>,
+    /// ratekeeper extension: the window spans this many units (default 1).
+    pub unit_multiplier: Option<u32>,
+    /// ratekeeper extension: token bucket capacity (default `requests_per_unit`).
+    pub burst: Option<u32>,
 }
 
 /// One entry of `replaces`.

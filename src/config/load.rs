@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use super::ConfigError;
 use super::file::{DescriptorDoc, FileDoc, RateLimitDoc};
-use crate::rules::{DescriptorTree, Limit, Node, Rule, RuleLimit, Rules, Unit, matcher::Level};
+use crate::algorithm::{AlgorithmKind, MAX_SCALED};
+use crate::rules::{
+    DescriptorTree, Limit, MAX_WINDOW_SECONDS, Node, Rule, RuleLimit, Rules, Unit, matcher::Level,
+};
 
 /// Largest rules file accepted; a bigger one is refused before parsing.
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
@@ -200,10 +203,16 @@ impl Compiler<'_> {
         let unit_text = doc.unit.as_ref().map(|u| u.as_str()).unwrap_or_default();
         let unit = Unit::parse(unit_text);
         let limit = if doc.unlimited.unwrap_or(false) {
-            if unit.is_some() {
+            let extras = [
+                ("unit", unit.is_some()),
+                ("algorithm", doc.algorithm.is_some()),
+                ("unit_multiplier", doc.unit_multiplier.is_some()),
+                ("burst", doc.burst.is_some()),
+            ];
+            if let Some((field, _)) = extras.into_iter().find(|(_, given)| *given) {
                 return Err(self.error(
-                    &format!("{at}.unit"),
-                    "should not specify rate limit unit when unlimited",
+                    &format!("{at}.{field}"),
+                    format!("should not specify rate limit {field} when unlimited"),
                 ));
             }
             RuleLimit::Unlimited
@@ -214,10 +223,7 @@ impl Compiler<'_> {
                     format!("invalid rate limit unit '{unit_text}'"),
                 )
             })?;
-            RuleLimit::Limited(Limit {
-                requests_per_unit: u64::from(doc.requests_per_unit.unwrap_or(0)),
-                unit,
-            })
+            RuleLimit::Limited(self.limit(doc, &at, unit)?)
         };
         let name = doc
             .name
@@ -249,6 +255,90 @@ impl Compiler<'_> {
             source: self.source.clone(),
             shared_values: shared.to_vec(),
         })
+    }
+
+    /// Validates the algorithm, window and burst of a finite limit.
+    fn limit(&self, doc: &RateLimitDoc, at: &str, unit: Unit) -> Result<Limit, ConfigError> {
+        let algorithm = match &doc.algorithm {
+            None => AlgorithmKind::FixedWindow,
+            Some(name) => AlgorithmKind::parse(name.as_str()).ok_or_else(|| {
+                self.error(
+                    &format!("{at}.algorithm"),
+                    format!(
+                        "unknown algorithm '{}'; expected fixed_window, sliding_window or token_bucket",
+                        name.as_str()
+                    ),
+                )
+            })?,
+        };
+        let requests_per_unit = u64::from(doc.requests_per_unit.unwrap_or(0));
+        let unit_multiplier = u64::from(doc.unit_multiplier.unwrap_or(1));
+        if unit_multiplier == 0 {
+            return Err(self.error(&format!("{at}.unit_multiplier"), "must be at least 1"));
+        }
+        if unit.seconds() * unit_multiplier > MAX_WINDOW_SECONDS {
+            return Err(self.error(
+                &format!("{at}.unit_multiplier"),
+                format!(
+                    "a window of {unit_multiplier} × {unit} is longer than the maximum of 10 years"
+                ),
+            ));
+        }
+        let burst = doc.burst.map(u64::from);
+        match (algorithm, burst) {
+            (AlgorithmKind::TokenBucket, Some(0)) => {
+                return Err(self.error(&format!("{at}.burst"), "must be at least 1"));
+            }
+            (AlgorithmKind::TokenBucket, _) if requests_per_unit == 0 => {
+                return Err(self.error(
+                    &format!("{at}.requests_per_unit"),
+                    "a token bucket must refill at least 1 token per window",
+                ));
+            }
+            (AlgorithmKind::FixedWindow | AlgorithmKind::SlidingWindow, Some(_)) => {
+                return Err(self.error(
+                    &format!("{at}.burst"),
+                    format!(
+                        "burst is only valid with algorithm token_bucket, not {}",
+                        algorithm.as_str()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let limit = Limit {
+            requests_per_unit,
+            unit,
+            unit_multiplier,
+            algorithm,
+            burst,
+        };
+        // Sliding window and token bucket compute in hits × milliseconds;
+        // keep that exact in Redis's Lua (doubles).
+        let (field, scaled) = match algorithm {
+            AlgorithmKind::FixedWindow => ("", 0),
+            AlgorithmKind::SlidingWindow => {
+                ("requests_per_unit", requests_per_unit * limit.window_ms())
+            }
+            AlgorithmKind::TokenBucket => (
+                if burst.is_some() {
+                    "burst"
+                } else {
+                    "requests_per_unit"
+                },
+                limit.quota().burst * limit.window_ms(),
+            ),
+        };
+        if scaled > MAX_SCALED {
+            return Err(self.error(
+                &format!("{at}.{field}"),
+                format!(
+                    "{field} × window in milliseconds is {scaled}, over the {MAX_SCALED} that {} can count exactly; use a smaller {field} or a shorter window",
+                    algorithm.as_str()
+                ),
+            ));
+        }
+        Ok(limit)
     }
 
     fn error(&self, path: &str, reason: impl Into<String>) -> ConfigError {

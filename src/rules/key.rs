@@ -88,10 +88,7 @@ mod tests {
     fn rule(shared_values: Vec<Option<String>>) -> Rule {
         Rule {
             name: None,
-            limit: RuleLimit::Limited(Limit {
-                requests_per_unit: 1,
-                unit: Unit::Minute,
-            }),
+            limit: RuleLimit::Limited(Limit::fixed(1, Unit::Minute)),
             replaces: vec![],
             shadow_mode: false,
             detailed_metric: false,

@@ -213,10 +213,7 @@ mod tests {
     fn rule(name: &str) -> Option<Arc<Rule>> {
         Some(Arc::new(Rule {
             name: Some(name.to_owned()),
-            limit: RuleLimit::Limited(Limit {
-                requests_per_unit: 1,
-                unit: Unit::Second,
-            }),
+            limit: RuleLimit::Limited(Limit::fixed(1, Unit::Second)),
             replaces: vec![],
             shadow_mode: false,
             detailed_metric: false,

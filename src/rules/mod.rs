@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 pub use matcher::{DescriptorTree, Node};
 
+use crate::algorithm::{AlgorithmKind, Quota};
+
 /// Largest number of hits a limit may admit per window. Counts are kept far
 /// below 2^53 so the Redis scripts (Lua numbers are doubles) stay exact.
 pub const MAX_REQUESTS_PER_UNIT: u64 = u32::MAX as u64;
@@ -40,13 +42,24 @@ pub enum Unit {
     Year,
 }
 
-/// A finite limit: `requests_per_unit` hits per `unit`.
+/// Longest window a limit may have: ten 365-day years.
+pub const MAX_WINDOW_SECONDS: u64 = 10 * 31_536_000;
+
+/// A finite limit: `requests_per_unit` hits per `unit_multiplier` × `unit`,
+/// counted by `algorithm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
-    /// Hits admitted per window.
+    /// Hits admitted per window (for the token bucket: the refill per window).
     pub requests_per_unit: u64,
-    /// Length of the window.
+    /// The unit of the window.
     pub unit: Unit,
+    /// How many units one window spans (at least 1).
+    pub unit_multiplier: u64,
+    /// How hits are counted.
+    pub algorithm: AlgorithmKind,
+    /// Token bucket capacity; `None` means `requests_per_unit`. Only the
+    /// token bucket has one.
+    pub burst: Option<u64>,
 }
 
 /// What a rule does with the descriptors it matches.
@@ -144,9 +157,31 @@ impl fmt::Display for Unit {
 // === impl Limit ===
 
 impl Limit {
-    /// Length of the window in milliseconds.
+    /// A fixed window limit of `requests_per_unit` per one `unit`, as
+    /// envoyproxy/ratelimit has it.
+    pub fn fixed(requests_per_unit: u64, unit: Unit) -> Self {
+        Self {
+            requests_per_unit,
+            unit,
+            unit_multiplier: 1,
+            algorithm: AlgorithmKind::FixedWindow,
+            burst: None,
+        }
+    }
+
+    /// Length of the window in milliseconds. The loader keeps it at most
+    /// [`MAX_WINDOW_SECONDS`], so this cannot overflow.
     pub fn window_ms(&self) -> u64 {
-        self.unit.seconds() * 1_000
+        self.unit.seconds() * self.unit_multiplier * 1_000
+    }
+
+    /// The parameters the algorithm needs.
+    pub fn quota(&self) -> Quota {
+        Quota {
+            limit: self.requests_per_unit,
+            window_ms: self.window_ms(),
+            burst: self.burst.unwrap_or(self.requests_per_unit),
+        }
     }
 }
 

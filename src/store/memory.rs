@@ -215,6 +215,7 @@ mod tests {
             quota: Quota {
                 limit: 2,
                 window_ms: 1_000,
+                burst: 2,
             },
             hits,
             enforced: true,

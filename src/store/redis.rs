@@ -23,11 +23,13 @@ use crate::clock::Clock;
 const BATCH_SCRIPT: &str = concat!(
     include_str!("redis/prelude.lua"),
     include_str!("redis/fixed_window.lua"),
+    include_str!("redis/sliding_window.lua"),
+    include_str!("redis/token_bucket.lua"),
     include_str!("redis/batch.lua"),
 );
 
-/// Number of script arguments per hit (see `redis/batch.lua`).
-const ARGS_PER_HIT: usize = 5;
+/// Integers the script returns per hit (see `redis/batch.lua`).
+const REPLY_PER_HIT: usize = 4;
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]
@@ -143,6 +145,7 @@ impl CounterStore for RedisStore {
                 .arg(hit.algorithm.script_id())
                 .arg(hit.quota.limit)
                 .arg(hit.quota.window_ms)
+                .arg(hit.quota.burst)
                 .arg(hit.hits)
                 .arg(u8::from(hit.enforced));
         }
@@ -180,11 +183,12 @@ fn mode_id(mode: Mode) -> u8 {
         Mode::Independent => 0,
         Mode::AllOrNothing => 1,
         Mode::DryRun => 2,
+        Mode::StopIncrementWhenOverLimit => 3,
     }
 }
 
 fn parse_reply(reply: &[i64], hits: usize) -> Result<Vec<Outcome>, StoreError> {
-    const FIELDS: usize = ARGS_PER_HIT - 1;
+    const FIELDS: usize = REPLY_PER_HIT;
     if reply.len() != hits * FIELDS {
         return Err(StoreError::Protocol(format!(
             "expected {} integers, got {}",

@@ -4,7 +4,7 @@
 -- state:   {window_start_ms, count, 0}; an absent key is {0, 0, 0}
 -- returns: {allowed, remaining, reset_after, retry_after (-1: none),
 --           admitted = {state, expires_at}, rejected = {state, expires_at} or nil}
-local function fixed_window(limit, window, state, hits, now)
+local function fixed_window(limit, window, burst, state, hits, now)
   local window_start = now - (now % window)
   local window_end = window_start + window
   local count = 0
