@@ -46,7 +46,7 @@ use tonic_health::ServingStatus;
 
 pub use error::Error;
 
-use crate::api::{EnvoyService, RequestLimits, ShouldAllowService};
+use crate::api::{EnvoyCounting, EnvoyService, RequestLimits, ShouldAllowService};
 use crate::limiter::Limiter;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
@@ -76,6 +76,7 @@ pub struct Listeners {
 pub struct Server {
     limiter: Limiter,
     limits: RequestLimits,
+    envoy_counting: EnvoyCounting,
     shutdown_timeout: Duration,
 }
 
@@ -88,6 +89,7 @@ impl Server {
         Self {
             limiter: Limiter::new(rules, store),
             limits: RequestLimits::default(),
+            envoy_counting: EnvoyCounting::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -95,6 +97,12 @@ impl Server {
     /// Sets the request caps.
     pub fn with_request_limits(mut self, limits: RequestLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Sets which hits of an Envoy request are counted.
+    pub fn with_envoy_counting(mut self, counting: EnvoyCounting) -> Self {
+        self.envoy_counting = counting;
         self
     }
 
@@ -143,6 +151,7 @@ impl Server {
             .add_service(RateLimitServiceServer::new(EnvoyService::new(
                 self.limiter.clone(),
                 self.limits,
+                self.envoy_counting,
             )))
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 

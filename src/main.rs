@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use ratekeeper::api::RequestLimits;
+use ratekeeper::api::{EnvoyCounting, RequestLimits};
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
 use ratekeeper::rules::RuleLimit;
@@ -142,6 +142,11 @@ async fn run(
             max_descriptors: args.max_descriptors,
             max_entries: args.max_entries,
             max_value_bytes: args.max_value_bytes,
+        })
+        .with_envoy_counting(if args.stop_cache_key_increment_when_overlimit {
+            EnvoyCounting::StopWhenOverLimit
+        } else {
+            EnvoyCounting::EveryHit
         })
         .with_shutdown_timeout(args.shutdown_timeout);
     server

@@ -32,14 +32,33 @@ const UNLIMITED_REMAINING: u32 = u32::MAX;
 pub struct EnvoyService {
     limiter: Limiter,
     limits: RequestLimits,
+    counting: EnvoyCounting,
+}
+
+/// Which hits of an Envoy request are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EnvoyCounting {
+    /// Every matched descriptor counts, over limit or not (upstream's default).
+    #[default]
+    EveryHit,
+    /// When any descriptor is over its limit, only the over-limit ones count
+    /// (upstream's `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT=true`), so a
+    /// rejected request does not use up its other limits. Decided in the same
+    /// atomic step, unlike upstream's separate read.
+    StopWhenOverLimit,
 }
 
 // === impl EnvoyService ===
 
 impl EnvoyService {
-    /// A service deciding with `limiter`, refusing requests beyond `limits`.
-    pub fn new(limiter: Limiter, limits: RequestLimits) -> Self {
-        Self { limiter, limits }
+    /// A service deciding with `limiter`, refusing requests beyond `limits`,
+    /// counting as `counting` says.
+    pub fn new(limiter: Limiter, limits: RequestLimits, counting: EnvoyCounting) -> Self {
+        Self {
+            limiter,
+            limits,
+            counting,
+        }
     }
 
     fn translate<'a>(&self, request: &'a RateLimitRequest) -> Result<CheckRequest<'a>, Error> {
@@ -83,7 +102,10 @@ impl EnvoyService {
         Ok(CheckRequest {
             domain: &request.domain,
             descriptors,
-            mode: Mode::Independent,
+            mode: match self.counting {
+                EnvoyCounting::EveryHit => Mode::Independent,
+                EnvoyCounting::StopWhenOverLimit => Mode::StopIncrementWhenOverLimit,
+            },
         })
     }
 }

@@ -12,7 +12,7 @@ pub mod validate;
 
 use std::time::Duration;
 
-pub use envoy::EnvoyService;
+pub use envoy::{EnvoyCounting, EnvoyService};
 pub use should_allow::ShouldAllowService;
 
 /// Default cap on descriptors per request.

@@ -6,7 +6,7 @@ use tracing::field::Empty;
 
 use super::validate::check_cost;
 use super::{RequestLimits, duration_from_ms};
-use crate::algorithm::Mode;
+use crate::algorithm::{AlgorithmKind, Mode};
 use crate::error::Error;
 use crate::limiter::{CheckRequest, Decision, DescriptorDecision, DescriptorInput, Limiter};
 use crate::proto::ratekeeper::v1 as pb;
@@ -143,6 +143,13 @@ fn to_result(decision: &DescriptorDecision) -> pb::DescriptorResult {
             unlimited: false,
             shadow_mode: rule.shadow_mode,
             window: Some(duration_from_ms(limit.window_ms())),
+            algorithm: match limit.algorithm {
+                AlgorithmKind::FixedWindow => pb::Algorithm::FixedWindow,
+                AlgorithmKind::SlidingWindow => pb::Algorithm::SlidingWindow,
+                AlgorithmKind::TokenBucket => pb::Algorithm::TokenBucket,
+            }
+            .into(),
+            burst: limit.quota().burst,
         },
     }
 }

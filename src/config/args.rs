@@ -119,6 +119,12 @@ pub struct ServeArgs {
           value_parser = parse_positive)]
     pub max_value_bytes: usize,
 
+    /// Envoy API: when any descriptor of a request is over its limit, count
+    /// only the over-limit ones (envoyproxy/ratelimit's
+    /// STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT).
+    #[arg(long, env = "RATEKEEPER_STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT")]
+    pub stop_cache_key_increment_when_overlimit: bool,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

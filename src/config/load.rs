@@ -450,6 +450,42 @@ descriptors:
     }
 
     #[test]
+    fn algorithm_extensions_load() {
+        let text = r#"
+domain: ext
+descriptors:
+  - key: a
+    rate_limit: {unit: minute, requests_per_unit: 10, unit_multiplier: 5}
+  - key: b
+    rate_limit: {unit: second, requests_per_unit: 3, algorithm: sliding_window}
+  - key: c
+    rate_limit: {unit: hour, requests_per_unit: 100, algorithm: token_bucket, burst: 20}
+  - key: d
+    rate_limit: {unit: hour, requests_per_unit: 100, algorithm: token_bucket}
+"#;
+        let (_, tree) = parse_rules_file("ext.yaml", text).unwrap();
+        let limit = |key| {
+            *tree
+                .find(&[EntryRef { key, value: "x" }])
+                .unwrap()
+                .limited()
+                .unwrap()
+        };
+        let a = limit("a");
+        assert_eq!(
+            (a.algorithm, a.window_ms(), a.quota().burst),
+            (AlgorithmKind::FixedWindow, 300_000, 10)
+        );
+        assert_eq!(limit("b").algorithm, AlgorithmKind::SlidingWindow);
+        let c = limit("c");
+        assert_eq!(
+            (c.algorithm, c.quota().limit, c.quota().burst),
+            (AlgorithmKind::TokenBucket, 100, 20)
+        );
+        assert_eq!(limit("d").quota().burst, 100);
+    }
+
+    #[test]
     fn missing_requests_per_unit_means_zero_like_upstream() {
         let (_, tree) = parse_rules_file(
             "z.yaml",
@@ -578,6 +614,54 @@ descriptors:
             (
                 "domain: d\ndescriptors:\n  - key: a\n  - key: b\n    descriptors:\n      - {key: c, rate_limit: {unit: fortnight}}",
                 "rules.yaml: descriptors[1].descriptors[0].rate_limit.unit: invalid rate limit unit 'fortnight'",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, algorithm: leaky}}",
+                "rules.yaml: descriptors[0].rate_limit.algorithm: unknown algorithm 'leaky'; expected fixed_window, sliding_window or token_bucket",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, unit_multiplier: 0}}",
+                "rules.yaml: descriptors[0].rate_limit.unit_multiplier: must be at least 1",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: year, unit_multiplier: 11}}",
+                "rules.yaml: descriptors[0].rate_limit.unit_multiplier: a window of 11 × year is longer than the maximum of 10 years",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, unit_multiplier: -5}}",
+                "rules.yaml: descriptors[0].rate_limit.unit_multiplier: invalid type: integer `-5`, expected u32",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, requests_per_unit: 5, burst: 10}}",
+                "rules.yaml: descriptors[0].rate_limit.burst: burst is only valid with algorithm token_bucket, not fixed_window",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, algorithm: sliding_window, burst: 10}}",
+                "rules.yaml: descriptors[0].rate_limit.burst: burst is only valid with algorithm token_bucket, not sliding_window",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, algorithm: token_bucket, requests_per_unit: 1, burst: 0}}",
+                "rules.yaml: descriptors[0].rate_limit.burst: must be at least 1",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, algorithm: token_bucket}}",
+                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: a token bucket must refill at least 1 token per window",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: hour, algorithm: sliding_window, requests_per_unit: 4000000000}}",
+                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: requests_per_unit × window in milliseconds is 14400000000000000, over the 9007199254740992 that sliding_window can count exactly",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: day, algorithm: token_bucket, requests_per_unit: 1, burst: 200000000}}",
+                "rules.yaml: descriptors[0].rate_limit.burst: burst × window in milliseconds is 17280000000000000, over the 9007199254740992 that token_bucket can count exactly",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unlimited: true, algorithm: token_bucket}}",
+                "rules.yaml: descriptors[0].rate_limit.algorithm: should not specify rate limit algorithm when unlimited",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unlimited: true, unit_multiplier: 2}}",
+                "rules.yaml: descriptors[0].rate_limit.unit_multiplier: should not specify rate limit unit_multiplier when unlimited",
             ),
             (
                 "domain: d\n  bad: indentation",
