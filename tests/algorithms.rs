@@ -181,7 +181,7 @@ async fn mixed_algorithms_are_all_or_nothing(backend: Backend) {
 async fn envoy_reports_each_algorithm(backend: Backend) {
     let h = Harness::start(backend, RULES).await;
     let mut envoy = h.server.envoy().await;
-    let mut call = |entries: &'static [(&'static str, &'static str)]| {
+    let call = |entries: &'static [(&'static str, &'static str)]| {
         let mut envoy = envoy.clone();
         async move {
             let response = envoy
