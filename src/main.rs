@@ -44,7 +44,19 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             for rule in rules.all_rules() {
                 let limit = match rule.limit {
                     RuleLimit::Limited(limit) => {
-                        format!("{} per {}", limit.requests_per_unit, limit.unit)
+                        let per = match limit.unit_multiplier {
+                            1 => limit.unit.to_string(),
+                            n => format!("{n} × {}", limit.unit),
+                        };
+                        let burst = limit
+                            .burst
+                            .map(|b| format!(", burst {b}"))
+                            .unwrap_or_default();
+                        format!(
+                            "{} per {per} ({}{burst})",
+                            limit.requests_per_unit,
+                            limit.algorithm.as_str()
+                        )
                     }
                     RuleLimit::Unlimited => "unlimited".to_owned(),
                 };

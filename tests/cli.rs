@@ -115,14 +115,22 @@ fn check_config_accepts_the_example_and_summarises_it() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("domain example"), "{stdout}");
     assert!(
-        stdout.contains("example.api_key: 100 per minute"),
+        stdout.contains("example.api_key: 100 per minute (fixed_window)"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("example.tenant: 1000 per hour (shadow)"),
+        stdout.contains("example.tenant: 1000 per hour (fixed_window) (shadow)"),
         "{stdout}"
     );
-    assert!(stdout.contains("ok: 1 domains, 6 rules"), "{stdout}");
+    assert!(
+        stdout.contains("example.path_/login.user: 5 per 15 × minute (sliding_window)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("example.upload: 60 per hour (token_bucket, burst 20)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok: 1 domains, 7 rules"), "{stdout}");
 }
 
 #[test]
