@@ -143,3 +143,58 @@ async fn redis_acl_credentials_in_the_url() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
+
+/// A decision is one request to Redis — one `EVALSHA`, whatever the number of
+/// descriptors — and no per-request connection checks, even under concurrency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_redis_request_per_decision() {
+    let redis = RedisServer::start();
+    let store = Arc::new(redis_store(&redis.url(), Duration::from_secs(2)));
+    let server = TestServer::with(rules(&[RULES]), store).await;
+    let client = server.client().await;
+    // Warm up (loads the script), then count from zero.
+    let mut warm = client.clone();
+    warm.should_allow(allow_request("keys", &[&[("a", "w")]], 1))
+        .await
+        .unwrap();
+    let mut conn = redis.connection();
+    ::redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut conn)
+        .unwrap();
+
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    let a = format!("{t}-{i}");
+                    let request = allow_request(
+                        "keys",
+                        &[&[("a", &a)], &[("a_b", &a)], &[("x", "1"), ("y", &a)]],
+                        1,
+                    );
+                    client.should_allow(request).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    let calls = |command: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!(calls("evalsha"), 400, "{info}");
+    assert_eq!(calls("eval"), 0, "{info}");
+    assert_eq!(calls("ping") + calls("unwatch"), 0, "{info}");
+    // Inside the script: three descriptors read and written each time.
+    assert_eq!(calls("hmget"), 1_200, "{info}");
+}

@@ -4,20 +4,24 @@
 //! (`redis/prelude.lua`, the algorithm files and `redis/batch.lua`,
 //! concatenated), which reads, decides, writes and sets the expiry of every
 //! key in one atomic step with Redis's own clock, so any number of ratekeeper
-//! instances share one exact limit. Connections come from a deadpool pool,
-//! taken per request and returned right after the call. The whole call —
-//! waiting for a connection, connecting, the script — runs under one deadline,
-//! so a dead or frozen Redis costs a request at most that long.
+//! instances share one exact limit. Concurrent requests share a few pipelined
+//! connections ([`connections`]), so a decision is one request to Redis and
+//! concurrent decisions share round trips. The whole call — connecting if
+//! needed, the script — runs under one deadline, so a dead or frozen Redis
+//! costs a request at most that long.
+
+mod connections;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
 
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
+use connections::Connections;
 
 /// The batch script: shared prelude, every algorithm, then the driver.
 const BATCH_SCRIPT: &str = concat!(
@@ -36,7 +40,7 @@ const REPLY_PER_HIT: usize = 4;
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     pub url: String,
-    /// Most connections held at once.
+    /// Number of shared, pipelined connections.
     pub pool_size: usize,
     /// Deadline of one store call, including waiting for a connection.
     pub timeout: Duration,
@@ -47,7 +51,7 @@ pub struct RedisSettings {
 /// The Redis counter store.
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool,
+    connections: Arc<Connections>,
     script: Arc<redis::Script>,
     timeout: Duration,
     /// `None` in production: the script reads Redis `TIME`. Tests inject a
@@ -68,7 +72,8 @@ impl RedisStore {
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         validate_url(&settings.url)?;
         let mut config = Config::from_url(settings.url.clone());
-        let mut pool = PoolConfig::new(settings.pool_size.max(1));
+        let slots = settings.pool_size.max(1);
+        let mut pool = PoolConfig::new(slots);
         pool.timeouts = Timeouts {
             wait: Some(settings.timeout),
             create: Some(settings.connect_timeout),
@@ -79,7 +84,7 @@ impl RedisStore {
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| StoreError::Connection(e.to_string()))?;
         Ok(Self {
-            pool,
+            connections: Arc::new(Connections::new(pool, slots)),
             script: Arc::new(redis::Script::new(BATCH_SCRIPT)),
             timeout: settings.timeout,
             clock: None,
@@ -93,9 +98,9 @@ impl RedisStore {
         self
     }
 
-    /// Closes the pool: idle connections are dropped and new calls fail.
+    /// Drops the connections; a later call would reconnect.
     pub fn close(&self) {
-        self.pool.close();
+        self.connections.close();
     }
 
     async fn run<T>(
@@ -107,18 +112,26 @@ impl RedisStore {
             .map_err(|_| StoreError::Timeout(self.timeout))?
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Connection(e.to_string()))
+    /// Runs `call` on a shared connection, marking it broken on I/O errors.
+    async fn with_connection<T, F>(
+        &self,
+        call: impl FnOnce(redis::aio::MultiplexedConnection) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let shared = self.connections.get().await?;
+        call(shared.connection()).await.map_err(|e| {
+            shared.observe(&e);
+            StoreError::Backend(e.to_string())
+        })
     }
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("pool", &self.pool.status())
+            .field("connections", &self.connections)
             .field("timeout", &self.timeout)
             .field("clock", &self.clock)
             .finish()
@@ -150,26 +163,20 @@ impl CounterStore for RedisStore {
                 .arg(u8::from(hit.enforced));
         }
         let reply: Vec<i64> = self
-            .run(async {
-                let mut conn = self.connection().await?;
-                invocation
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| StoreError::Backend(e.to_string()))
-            })
+            .run(self.with_connection(|mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            }))
             .await?;
         parse_reply(&reply, hits.len())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.run(async {
-            let mut conn = self.connection().await?;
+        self.run(self.with_connection(|mut conn| async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
                 .map(drop)
-                .map_err(|e| StoreError::Backend(e.to_string()))
-        })
+        }))
         .await
     }
 
