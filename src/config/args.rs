@@ -13,8 +13,9 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:8081";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:8080";
 /// Default Redis URL.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-/// Default Redis pool size.
-pub const DEFAULT_REDIS_POOL_SIZE: usize = 32;
+/// Default number of shared, pipelined Redis connections. Redis executes
+/// commands one at a time, so a few pipelined connections saturate it.
+pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
 /// Default store deadline: well under Envoy's 20 ms rate limit timeout.
 pub const DEFAULT_STORE_TIMEOUT: &str = "10ms";
 /// Default deadline for opening a Redis connection.
@@ -86,7 +87,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_REDIS_URL", default_value = DEFAULT_REDIS_URL)]
     pub redis_url: String,
 
-    /// Most Redis connections held at once.
+    /// Redis connections; concurrent requests share them, pipelined.
     #[arg(long, env = "RATEKEEPER_REDIS_POOL_SIZE", default_value_t = DEFAULT_REDIS_POOL_SIZE,
           value_parser = parse_positive)]
     pub redis_pool_size: usize,
