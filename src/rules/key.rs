@@ -14,8 +14,6 @@
 //! hex; inside braces it is the Redis Cluster hash tag, so all state of one
 //! descriptor lives on one slot, and it never contains a brace itself.
 
-use std::fmt::Write as _;
-
 use super::Rule;
 use super::matcher::EntryRef;
 
@@ -34,28 +32,63 @@ pub fn storage_key(
     algorithm: &str,
     window_ms: u64,
 ) -> Vec<u8> {
-    let mut body = String::with_capacity(32 + domain.len() + entries.len() * 24);
-    push_part(&mut body, 'd', domain);
-    let _ = write!(body, "n{}", entries.len());
+    // One allocation, sized up front: this runs for every counted descriptor.
+    let parts: usize = entries
+        .iter()
+        .map(|e| e.key.len() + e.value.len() + 12)
+        .sum();
+    let mut key = Vec::with_capacity(KEY_PREFIX.len() + TAG_LEN + 32 + domain.len() + parts);
+    key.extend_from_slice(KEY_PREFIX.as_bytes());
+    let tag_at = key.len();
+    key.extend_from_slice(b"{0000000000000000}:");
+    let body_at = key.len();
+
+    push_part(&mut key, b'd', domain);
+    key.push(b'n');
+    push_decimal(&mut key, entries.len() as u64);
     for (level, entry) in entries.iter().enumerate() {
-        push_part(&mut body, 'k', entry.key);
+        push_part(&mut key, b'k', entry.key);
         match rule.shared_values.get(level).and_then(Option::as_deref) {
-            Some(pattern) => push_part(&mut body, 'p', pattern),
-            None => push_part(&mut body, 'v', entry.value),
+            Some(pattern) => push_part(&mut key, b'p', pattern),
+            None => push_part(&mut key, b'v', entry.value),
         }
     }
-    let _ = write!(body, "|{algorithm}|{window_ms}");
+    key.push(b'|');
+    key.extend_from_slice(algorithm.as_bytes());
+    key.push(b'|');
+    push_decimal(&mut key, window_ms);
 
-    let mut key = Vec::with_capacity(KEY_PREFIX.len() + 20 + body.len());
-    key.extend_from_slice(KEY_PREFIX.as_bytes());
-    let _ = write!(ByteWriter(&mut key), "{{{:016x}}}:", fnv1a(body.as_bytes()));
-    key.extend_from_slice(body.as_bytes());
+    let tag = fnv1a(&key[body_at..]);
+    for (i, slot) in key[tag_at + 1..tag_at + 17].iter_mut().enumerate() {
+        *slot = HEX[((tag >> (60 - 4 * i)) & 0xf) as usize];
+    }
     key
 }
 
-fn push_part(out: &mut String, marker: char, part: &str) {
-    let _ = write!(out, "{marker}{}:", part.len());
-    out.push_str(part);
+/// Length of `{<16 hex digits>}:`.
+const TAG_LEN: usize = 19;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn push_part(out: &mut Vec<u8>, marker: u8, part: &str) {
+    out.push(marker);
+    push_decimal(out, part.len() as u64);
+    out.push(b':');
+    out.extend_from_slice(part.as_bytes());
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// 64-bit FNV-1a: tiny, stable across versions and platforms, good enough to
@@ -65,16 +98,6 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
-}
-
-/// Lets `write!` append formatted text to a byte buffer.
-struct ByteWriter<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for ByteWriter<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
-        Ok(())
-    }
 }
 
 #[cfg(test)]
