@@ -6,10 +6,11 @@
 //! Two modes:
 //! - closed loop (default): `--concurrency` tasks each send a request, await
 //!   it and send the next, so the load adapts to the server (max throughput).
-//! - open loop (`--rate R`): requests are issued every 1/R seconds whatever
-//!   the server does, and latency is measured from the instant each request
-//!   was *scheduled*, so a stalled server shows up in the percentiles instead
-//!   of silently slowing the generator down (coordinated omission).
+//! - open loop (`--rate R`): requests are scheduled every 1/R seconds whatever
+//!   the server does and handed to `--concurrency` senders; latency is
+//!   measured from the instant each request was *scheduled*, so a stalled
+//!   server (or a queue at the senders) shows up in the percentiles instead of
+//!   silently slowing the generator down (coordinated omission).
 //!
 //! ```sh
 //! cargo build --release --examples
@@ -38,17 +39,17 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code 
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use ratekeeper::proto::ratekeeper::v1 as pb;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tonic::transport::{Channel, Endpoint};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Most requests in flight at once in open-loop mode; beyond it a scheduled
-/// request is dropped (and counted) rather than letting memory grow without
-/// bound against a server that stopped answering.
-const MAX_IN_FLIGHT: usize = 10_000;
+/// Most scheduled requests waiting for a free sender in open-loop mode;
+/// beyond it a scheduled request is dropped (and counted) rather than letting
+/// memory grow without bound against a server that stopped answering.
+const MAX_QUEUED: usize = 100_000;
 
 /// How long after the end of the measurement outstanding requests may still
 /// finish before they are given up.
@@ -76,7 +77,9 @@ struct Args {
     /// Number of HTTP/2 connections (one channel each).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
     connections: u64,
-    /// Concurrent in-flight requests in closed-loop mode (ignored with --rate).
+    /// Concurrent in-flight requests: closed loop, the tasks sending back to
+    /// back; open loop (--rate), the senders taking scheduled requests (a
+    /// request waiting for a free sender is timed from its intended instant).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     concurrency: u64,
     /// How long to measure, after the warmup (e.g. 10s, 1m).
@@ -178,7 +181,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             None,
         ),
         Some(rate) => {
-            let (stats, schedule) = open_loop(&clients, &workload, rate, window).await?;
+            let (stats, schedule) =
+                open_loop(&clients, &workload, rate, args.concurrency, window).await?;
             (stats, Some(schedule))
         }
     };
@@ -569,22 +573,23 @@ async fn closed_loop_task(
 
 // === Open loop ===
 
-/// One measured request, from a request task to its connection's collector.
+/// A scheduled request: when it should have been sent, and with which value.
 #[derive(Debug)]
-struct Sample {
-    latency: Duration,
-    outcome: Outcome,
+struct Job {
+    intended: Instant,
+    value: u64,
+    measured: bool,
 }
 
 /// How well the scheduler kept to its schedule (measured requests only).
 #[derive(Debug, Default, Clone, Copy)]
 struct ScheduleStats {
-    /// Requests not sent because `MAX_IN_FLIGHT` were outstanding.
+    /// Requests not sent because their sender's queue was full.
     dropped: u64,
     /// Requests issued.
     issued: u64,
     /// Total and worst delay between a request's intended instant and its
-    /// issue: the generator's own share of the measured latency.
+    /// hand-off to the senders: the scheduler's own share of the latency.
     lag_total: Duration,
     lag_max: Duration,
 }
@@ -597,100 +602,109 @@ impl ScheduleStats {
     }
 }
 
-/// Issues requests at `rate` per second on a fixed schedule, each as its own
-/// task, and collects their samples in one task per connection.
+/// Issues requests at `rate` per second on a fixed schedule whatever the
+/// server does. Due requests are dealt round-robin to `senders` tasks (spread
+/// over the connections), each with its own queue — no lock shared by all of
+/// them on the hot path. A request that waits in a queue because its sender
+/// is busy is still timed from its intended instant, so the wait counts as
+/// latency (no coordinated omission).
 async fn open_loop(
     clients: &[Client],
     workload: &Arc<Workload>,
     rate: f64,
+    senders: u64,
     window: Window,
 ) -> Result<(Stats, ScheduleStats), BoxError> {
-    let (senders, collectors): (Vec<_>, Vec<_>) = clients
-        .iter()
-        .map(|_| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (tx, tokio::spawn(collect(rx)))
+    let per_sender = (MAX_QUEUED / senders as usize).max(1);
+    let (queues, tasks): (Vec<_>, Vec<_>) = (0..senders)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel::<Job>(per_sender);
+            let client = clients[i as usize % clients.len()].clone();
+            (
+                tx,
+                tokio::spawn(sender(client, Arc::clone(workload), rx, window)),
+            )
         })
         .unzip();
-    let clients = clients.to_vec();
-    let workload = Arc::clone(workload);
-    // On a thread of its own, sleeping with the OS timer: tokio's timer
-    // rounds wake-ups up to the next millisecond, a lag that would be charged
-    // to the server since latency is measured from the intended instant.
+    // Spawned, not awaited in place: `block_on` runs on a thread of its own,
+    // which would compete with the runtime's workers for the CPU.
+    let sampler = Arc::clone(workload);
     let schedule =
-        tokio::task::spawn_blocking(move || schedule(&clients, &workload, rate, window, senders))
-            .await?;
-    // The senders went with the scheduler; collectors end once every request
-    // task (holding a clone) is done.
-    let stats = join_until(collectors, window.hard_stop + GRACE).await?;
+        tokio::spawn(async move { schedule(&sampler, rate, window, queues).await }).await?;
+    let stats = join_until(tasks, window.hard_stop + GRACE).await?;
     Ok((stats, schedule))
 }
 
-/// The scheduler, blocking its thread: request k is due at
-/// `start + k / rate` and spawned on the runtime when due.
-fn schedule(
-    clients: &[Client],
-    workload: &Arc<Workload>,
+/// One sender: takes due requests off its queue until it closes.
+async fn sender(
+    mut client: Client,
+    workload: Arc<Workload>,
+    mut queue: mpsc::Receiver<Job>,
+    window: Window,
+) -> Stats {
+    let mut stats = Stats::new();
+    loop {
+        let Some(job) = queue.recv().await else {
+            return stats;
+        };
+        let outcome = client.call(&workload, job.value, window.hard_stop).await;
+        let unfinished = matches!(outcome, Outcome::Unfinished);
+        if job.measured {
+            stats.record(job.intended.elapsed(), outcome);
+        }
+        if unfinished {
+            return stats;
+        }
+    }
+}
+
+/// The scheduler: request k is due at `start + k / rate`. It runs on the
+/// runtime and polls the clock between the senders' work (`yield_now`)
+/// instead of sleeping: tokio's timer has millisecond resolution, which would
+/// add up to a millisecond to every measured latency, and waking the runtime
+/// from a thread of its own costs more CPU than the requests themselves at
+/// tens of thousands per second. The generator's core is busy either way.
+async fn schedule(
+    workload: &Workload,
     rate: f64,
     window: Window,
-    senders: Vec<mpsc::UnboundedSender<Sample>>,
+    queues: Vec<mpsc::Sender<Job>>,
 ) -> ScheduleStats {
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut rng = SplitMix64::for_stream(u64::MAX);
     let mut stats = ScheduleStats::default();
-    for k in 0u64.. {
-        // Computed from k, not by adding intervals, so rounding never drifts.
-        let intended = window.start + Duration::from_secs_f64(k as f64 / rate);
-        if intended >= window.end {
-            break;
-        }
-        // When the scheduler falls behind, overdue requests go out at once,
-        // each still timed from its own intended instant.
+    let mut k = 0u64;
+    loop {
         let now = Instant::now();
-        if intended > now {
-            std::thread::sleep(intended - now);
-        }
-        let measured = window.records(intended);
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            stats.dropped += u64::from(measured);
-            continue;
-        };
-        if measured {
-            let lag = Instant::now().saturating_duration_since(intended);
-            stats.issued += 1;
-            stats.lag_total += lag;
-            stats.lag_max = stats.lag_max.max(lag);
-        }
-        let connection = k as usize % clients.len();
-        let mut client = clients[connection].clone();
-        let workload = Arc::clone(workload);
-        let tx = senders[connection].clone();
-        let value = workload.sampler.sample(&mut rng);
-        tokio::spawn(async move {
-            let outcome = client.call(&workload, value, window.hard_stop).await;
-            if measured {
-                // Measured from the intended send time, not from when this
-                // task got to run: queueing in the generator is load too.
-                let _ = tx.send(Sample {
-                    latency: intended.elapsed(),
-                    outcome,
-                });
+        loop {
+            // Computed from k, not by adding intervals, so rounding never drifts.
+            let intended = window.start + Duration::from_secs_f64(k as f64 / rate);
+            if intended >= window.end {
+                return stats;
             }
-            drop(slot);
-        });
+            if intended > now {
+                break;
+            }
+            k += 1;
+            let measured = window.records(intended);
+            let job = Job {
+                intended,
+                value: workload.sampler.sample(&mut rng),
+                measured,
+            };
+            if queues[k as usize % queues.len()].try_send(job).is_err() {
+                stats.dropped += u64::from(measured);
+                continue;
+            }
+            if measured {
+                let lag = now.saturating_duration_since(intended);
+                stats.issued += 1;
+                stats.lag_total += lag;
+                stats.lag_max = stats.lag_max.max(lag);
+            }
+        }
+        tokio::task::yield_now().await;
     }
-    stats
 }
-
-async fn collect(mut samples: mpsc::UnboundedReceiver<Sample>) -> Stats {
-    let mut stats = Stats::new();
-    while let Some(sample) = samples.recv().await {
-        stats.record(sample.latency, sample.outcome);
-    }
-    stats
-}
-
-// === Report ===
 
 fn report(args: &Args, stats: &Stats, schedule: Option<&ScheduleStats>) {
     let dropped = schedule.map_or(0, |s| s.dropped);
@@ -710,7 +724,10 @@ fn report(args: &Args, stats: &Stats, schedule: Option<&ScheduleStats>) {
         args.addr,
         args.connections,
         match args.rate {
-            Some(rate) => format!("target {rate} req/s, in-flight cap {MAX_IN_FLIGHT}"),
+            Some(rate) => format!(
+                "target {rate} req/s, {} senders, queue cap {MAX_QUEUED}",
+                args.concurrency
+            ),
             None => format!("concurrency {}", args.concurrency),
         }
     );
@@ -752,12 +769,8 @@ fn report(args: &Args, stats: &Stats, schedule: Option<&ScheduleStats>) {
         args.api.name(),
         args.rate.unwrap_or(0.0),
         args.connections,
-        // Open loop has no fixed concurrency: the schedule decides it.
-        if args.rate.is_some() {
-            0
-        } else {
-            args.concurrency
-        },
+        // Open loop: the number of senders, an upper bound on in-flight requests.
+        args.concurrency,
         stats.requests(),
         pct(0.5),
         pct(0.9),
