@@ -7,7 +7,7 @@
 //! cargo run --release --example redis_cost -- redis://127.0.0.1:6390
 //! ```
 //!
-//! It resets the server's statistics and writes keys under the `rk1:`
+//! It resets the server's statistics and writes keys under the `rk2:`
 //! prefix: point it at a throwaway Redis.
 
 use std::collections::BTreeMap;
@@ -39,9 +39,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
 
     println!(
-        "| algorithm | descriptors per request | Redis commands per decision | of which | requests to Redis per decision |"
+        "| algorithm | descriptors per request | Redis commands per decision | of which | requests to Redis per decision | Redis time per decision (µs) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for algorithm in [
         AlgorithmKind::FixedWindow,
         AlgorithmKind::SlidingWindow,
@@ -100,53 +100,61 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..DECISIONS {
                 store.apply(&hits, Mode::AllOrNothing).await?;
             }
-            let stats = command_stats(&mut admin).await?;
+            let (stats, evalsha_usec) = command_stats(&mut admin).await?;
             let total: u64 = stats.values().sum();
-            // The admin connection's own INFO is not part of the cost.
             let per = |n: u64| n as f64 / DECISIONS as f64;
             let breakdown: Vec<String> = stats
                 .iter()
                 .map(|(name, calls)| format!("{name} {:.2}", per(*calls)))
                 .collect();
-            // Requests the client sent: one EVALSHA per decision plus the
-            // pool's recycle check (UNWATCH + PING, pipelined: one request).
+            // Requests the client sent: one EVALSHA per decision, plus one
+            // per connection check if a pool verified connections (PING).
             let requests = stats.get("evalsha").copied().unwrap_or(0)
                 + stats.get("ping").copied().unwrap_or(0);
             println!(
-                "| {} | {descriptors} | {:.2} | {} | {:.2} |",
+                "| {} | {descriptors} | {:.2} | {} | {:.2} | {:.1} |",
                 algorithm.as_str(),
                 per(total),
                 breakdown.join(", "),
-                per(requests)
+                per(requests),
+                per(evalsha_usec)
             );
         }
     }
     Ok(())
 }
 
-/// `INFO commandstats` as command → calls, without INFO and CONFIG.
+/// `INFO commandstats` as command → calls (without INFO and CONFIG), and the
+/// microseconds Redis spent in `EVALSHA` (the script and every command it ran).
 async fn command_stats(
     conn: &mut redis::aio::MultiplexedConnection,
-) -> Result<BTreeMap<String, u64>, redis::RedisError> {
+) -> Result<(BTreeMap<String, u64>, u64), redis::RedisError> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
         .await?;
     let mut stats = BTreeMap::new();
+    let mut evalsha_usec = 0;
     for line in info.lines() {
         let Some(rest) = line.strip_prefix("cmdstat_") else {
             continue;
         };
         let (name, fields) = rest.split_once(':').unwrap_or((rest, ""));
+        // The admin connection's own commands are not part of the cost.
         if name == "info" || name.starts_with("config") {
             continue;
         }
-        let calls = fields
-            .split(',')
-            .find_map(|f| f.strip_prefix("calls="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        stats.insert(name.to_owned(), calls);
+        let field = |key: &str| -> u64 {
+            fields
+                .split(',')
+                .find_map(|f| f.strip_prefix(key))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        if name == "evalsha" {
+            evalsha_usec = field("usec=");
+        }
+        stats.insert(name.to_owned(), field("calls="));
     }
-    Ok(stats)
+    Ok((stats, evalsha_usec))
 }

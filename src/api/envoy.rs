@@ -112,7 +112,7 @@ impl EnvoyService {
 
 #[tonic::async_trait]
 impl rate_limit_service_server::RateLimitService for EnvoyService {
-    #[tracing::instrument(name = "ShouldRateLimit", skip_all, fields(domain = %request.get_ref().domain, overall_code = Empty))]
+    #[tracing::instrument(name = "ShouldRateLimit", level = "debug", skip_all, fields(domain = %request.get_ref().domain, overall_code = Empty))]
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,

@@ -68,7 +68,7 @@ impl ShouldAllowService {
 
 #[tonic::async_trait]
 impl pb::rate_limiter_server::RateLimiter for ShouldAllowService {
-    #[tracing::instrument(name = "ShouldAllow", skip_all, fields(domain = %request.get_ref().domain, allowed = Empty))]
+    #[tracing::instrument(name = "ShouldAllow", level = "debug", skip_all, fields(domain = %request.get_ref().domain, allowed = Empty))]
     async fn should_allow(
         &self,
         request: Request<pb::ShouldAllowRequest>,

@@ -1,8 +1,9 @@
 -- One request's hits, applied atomically: the twin of
 -- src/algorithm/batch.rs (apply_batch).
 --
--- KEYS[i]   state key of hit i: a hash with fields a, b, c (the three state
---           numbers), expiring when its state becomes meaningless
+-- KEYS[i]   state key of hit i: a string of three packed doubles (the state
+--           numbers; exact, all stay below 2^53), expiring when its state
+--           becomes meaningless
 -- ARGV[1]   mode: 0 independent (Envoy), 1 all-or-nothing, 2 dry run,
 --           3 independent but count only over-limit hits when any is over
 -- ARGV[2]   now in Unix milliseconds, or "" to read Redis TIME (production;
@@ -12,9 +13,14 @@
 --
 -- Returns four integers per hit: allowed (1/0), remaining, reset_after_ms,
 -- retry_after_ms (-1: none).
+--
+-- Kept lean because it runs on every request inside Redis: flat arrays
+-- instead of a table per result, and GET/SET of a packed value (two calls per
+-- key) instead of a hash (three).
 
-local algorithms = { [1] = fixed_window, [2] = sliding_window, [3] = token_bucket }
+local algorithms = { fixed_window, sliding_window, token_bucket }
 local ARGS_PER_HIT = 6
+local n = #KEYS
 
 local mode = tonumber(ARGV[1])
 local now
@@ -25,98 +31,95 @@ else
   now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 
-local hits_args = {}
-for i = 1, #KEYS do
+local algorithm, limit, window, burst, hits, enforced = {}, {}, {}, {}, {}, {}
+for i = 1, n do
   local base = 3 + (i - 1) * ARGS_PER_HIT
-  hits_args[i] = {
-    algorithm = algorithms[tonumber(ARGV[base])],
-    limit = tonumber(ARGV[base + 1]),
-    window = tonumber(ARGV[base + 2]),
-    burst = tonumber(ARGV[base + 3]),
-    hits = tonumber(ARGV[base + 4]),
-    enforced = ARGV[base + 5] == '1',
-  }
+  algorithm[i] = algorithms[tonumber(ARGV[base])]
+  limit[i] = tonumber(ARGV[base + 1])
+  window[i] = tonumber(ARGV[base + 2])
+  burst[i] = tonumber(ARGV[base + 3])
+  hits[i] = tonumber(ARGV[base + 4])
+  enforced[i] = ARGV[base + 5] == '1'
 end
 
--- State as first read (for rollback) and as written so far.
-local original = {}
-local current = {}
+-- State per key, as first read (for rollback) and as written so far:
+-- {s1, s2, s3, expires_at} or false when absent.
+local original, current = {}, {}
 local function load(key)
-  if current[key] == nil then
-    local fields = redis.call('HMGET', key, 'a', 'b', 'c')
-    local stored = false
-    if fields[1] then
-      stored = { state = { tonumber(fields[1]), tonumber(fields[2]) or 0, tonumber(fields[3]) or 0 } }
+  local state = current[key]
+  if state == nil then
+    state = false
+    local packed = redis.call('GET', key)
+    if packed then
+      local s1, s2, s3 = struct.unpack('ddd', packed)
+      state = { s1, s2, s3, 0 }
     end
-    original[key] = stored
-    current[key] = stored
+    original[key] = state
+    current[key] = state
   end
-  return current[key]
+  return state
 end
 
-local function evaluate(i, stored, hits)
-  local h = hits_args[i]
-  local state = { 0, 0, 0 }
-  if stored then
-    state = stored.state
+local function evaluate(i, state, count)
+  if state then
+    return algorithm[i](limit[i], window[i], burst[i], state[1], state[2], state[3], count, now)
   end
-  return h.algorithm(h.limit, h.window, h.burst, state, hits, now)
+  return algorithm[i](limit[i], window[i], burst[i], 0, 0, 0, count, now)
 end
+
+local allowed, remaining, reset_after, retry_after = {}, {}, {}, {}
+local written = {}
 
 -- Evaluates every hit in order, writing to `current` as it goes; hit i
--- counts its hits when counts(i), else it is judged with 0 hits.
+-- counts its hits when counts[i] (all of them when counts is nil).
 local function pass(counts)
-  local results, written, all_enforced_allowed = {}, {}, true
-  for i = 1, #KEYS do
-    local hits = 0
-    if counts(i) then
-      hits = hits_args[i].hits
+  local all_enforced_allowed = true
+  written = {}
+  for i = 1, n do
+    local count = hits[i]
+    if counts and not counts[i] then
+      count = 0
     end
-    local eval = evaluate(i, load(KEYS[i]), hits)
-    if (not eval.allowed) and hits_args[i].enforced then
+    local key = KEYS[i]
+    local ok, left, reset, retry, s1, s2, s3, expires_at, rejection_counts = evaluate(i, load(key), count)
+    if (not ok) and enforced[i] then
       all_enforced_allowed = false
     end
-    local write = eval.rejected
-    if eval.allowed then
-      write = eval.admitted
+    if ok or rejection_counts then
+      current[key] = { s1, s2, s3, expires_at }
+      written[#written + 1] = key
     end
-    if write then
-      current[KEYS[i]] = write
-      written[#written + 1] = KEYS[i]
-    end
-    results[i] = eval
+    allowed[i], remaining[i], reset_after[i], retry_after[i] = ok, left, reset, retry
   end
-  return results, written, all_enforced_allowed
+  return all_enforced_allowed
 end
 
 local function rollback()
-  for key, stored in pairs(original) do
-    current[key] = stored
+  for key, state in pairs(original) do
+    current[key] = state
   end
 end
 
-local results, written, all_enforced_allowed = pass(function() return true end)
+local all_enforced_allowed = pass(nil)
 local commit = true
 if mode == 1 or mode == 2 then
   commit = mode == 1 and all_enforced_allowed
   if not commit then
     rollback()
-    for i = 1, #KEYS do
-      local now_eval = evaluate(i, current[KEYS[i]], 0)
-      results[i].remaining = now_eval.remaining
-      results[i].reset_after = now_eval.reset_after
+    for i = 1, n do
+      local _, left, reset = evaluate(i, current[KEYS[i]], 0)
+      remaining[i], reset_after[i] = left, reset
     end
   end
 elseif mode == 3 then
-  local over = {}
-  local any_over = false
-  for i = 1, #KEYS do
-    over[i] = not results[i].allowed
+  local over, any_over = {}, false
+  for i = 1, n do
+    over[i] = not allowed[i]
     any_over = any_over or over[i]
   end
   if any_over then
     rollback()
-    results, written = pass(function(i) return over[i] end)
+    pass(over)
   end
 end
 
@@ -125,27 +128,23 @@ if commit then
   for _, key in ipairs(written) do
     if not flushed[key] then
       flushed[key] = true
-      local stored = current[key]
-      redis.call('HSET', key,
-        'a', string.format('%.0f', stored.state[1]),
-        'b', string.format('%.0f', stored.state[2]),
-        'c', string.format('%.0f', stored.state[3]))
-      -- The key never outlives its state: expiry is set in the same atomic step.
-      redis.call('PEXPIRE', key, math.max(1, stored.expires_at - now))
+      local state = current[key]
+      -- The key never outlives its state: the expiry is set in the same command.
+      redis.call('SET', key, struct.pack('ddd', state[1], state[2], state[3]),
+        'PX', math.max(1, state[4] - now))
     end
   end
 end
 
 local reply = {}
-for i = 1, #KEYS do
-  local eval = results[i]
-  local allowed = 0
-  if eval.allowed then
-    allowed = 1
+for i = 1, n do
+  local flag = 0
+  if allowed[i] then
+    flag = 1
   end
-  reply[#reply + 1] = allowed
-  reply[#reply + 1] = eval.remaining
-  reply[#reply + 1] = eval.reset_after
-  reply[#reply + 1] = eval.retry_after
+  reply[4 * i - 3] = flag
+  reply[4 * i - 2] = remaining[i]
+  reply[4 * i - 1] = reset_after[i]
+  reply[4 * i] = retry_after[i]
 end
 return reply

@@ -1,16 +1,16 @@
 -- Sliding window (weighted two-window counter): the twin of
 -- src/algorithm/sliding_window.rs, line for line.
 --
--- state:   {window_start_ms, current, previous}; an absent key is {0, 0, 0}
--- returns: as fixed_window; rejected hits are not counted (rejected = nil)
-local function sliding_window(limit, window, burst, state, hits, now)
+-- state:   s1 = window_start_ms, s2 = current, s3 = previous; absent = 0, 0, 0
+-- returns: as fixed_window; a rejection writes nothing
+local function sliding_window(limit, window, burst, s1, s2, s3, hits, now)
   local start = now - (now % window)
   local elapsed = now - start
   local current, previous = 0, 0
-  if state[1] == start then
-    current, previous = state[2], state[3]
-  elseif state[1] + window == start then
-    current, previous = 0, state[2]
+  if s1 == start then
+    current, previous = s2, s3
+  elseif s1 + window == start then
+    current, previous = 0, s2
   end
 
   local capacity = limit * window
@@ -34,18 +34,13 @@ local function sliding_window(limit, window, burst, state, hits, now)
     retry_after = (window - elapsed) + into_next
   end
 
-  local function expires_at(count)
-    if count > 0 then
-      return start + 2 * window
-    end
-    return start + window
+  local reset_at, expires_at = start + window, start + window
+  if current_after > 0 then
+    reset_at = start + 2 * window
   end
-  return {
-    allowed = allowed,
-    remaining = floor_div(math.max(0, capacity - used_after), window),
-    reset_after = expires_at(current_after) - now,
-    retry_after = retry_after,
-    admitted = { state = { start, current + hits, previous }, expires_at = expires_at(current + hits) },
-    rejected = nil,
-  }
+  if current + hits > 0 then
+    expires_at = start + 2 * window
+  end
+  return allowed, floor_div(math.max(0, capacity - used_after), window), reset_at - now, retry_after,
+    start, current + hits, previous, expires_at, false
 end

@@ -2,14 +2,14 @@
 -- src/algorithm/token_bucket.rs, line for line. One token is `window` units;
 -- the level drains `limit` units per millisecond.
 --
--- state:   {level, measured_at_ms, 0}; an absent key is {0, 0, 0}
--- returns: as fixed_window; rejected hits take no tokens (rejected = nil)
-local function token_bucket(limit, window, burst, state, hits, now)
+-- state:   s1 = level, s2 = measured_at_ms (s3 unused); absent = 0, 0, 0
+-- returns: as fixed_window; a rejection writes nothing
+local function token_bucket(limit, window, burst, s1, s2, s3, hits, now)
   local drain_per_ms = math.max(limit, 1)
   local capacity = burst * window
 
-  local drained = math.max(0, now - state[2]) * drain_per_ms
-  local level = math.max(0, state[1] - drained)
+  local drained = math.max(0, now - s2) * drain_per_ms
+  local level = math.max(0, s1 - drained)
   local need = hits * window
   local allowed = level + need <= capacity
   local level_after = level
@@ -22,12 +22,6 @@ local function token_bucket(limit, window, burst, state, hits, now)
     retry_after = ceil_div(level + need - capacity, drain_per_ms)
   end
   local admitted = math.min(level + need, capacity)
-  return {
-    allowed = allowed,
-    remaining = floor_div(capacity - level_after, window),
-    reset_after = ceil_div(level_after, drain_per_ms),
-    retry_after = retry_after,
-    admitted = { state = { admitted, now, 0 }, expires_at = now + ceil_div(admitted, drain_per_ms) },
-    rejected = nil,
-  }
+  return allowed, floor_div(capacity - level_after, window), ceil_div(level_after, drain_per_ms), retry_after,
+    admitted, now, 0, now + ceil_div(admitted, drain_per_ms), false
 end
