@@ -8,9 +8,9 @@
 //! Bounded: entries carry the instant their window ends; each shard drops
 //! expired entries at most once per [`SWEEP_INTERVAL_MS`] when it is written,
 //! and a shard never holds more than its share of `max_keys`. When live keys
-//! exceed the cap, the oldest-expiring entry of the shard is dropped first
-//! (its counter restarts), which keeps memory bounded under a flood of
-//! distinct descriptor values at the price of exactness for the dropped keys.
+//! exceed the cap, the eighth of the shard closest to expiry is dropped (those
+//! counters restart), which keeps memory bounded under a flood of distinct
+//! descriptor values at the price of exactness for the dropped keys.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +27,9 @@ const SHARDS: usize = 64;
 
 /// How often (at most) a shard scans itself for expired entries.
 pub const SWEEP_INTERVAL_MS: u64 = 1_000;
+
+/// A full shard evicts this fraction of itself at once (1/8).
+const EVICT_FRACTION: usize = 8;
 
 /// Default cap on live keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -170,21 +173,31 @@ impl Shard {
             self.entries.retain(|_, s| s.expires_at_ms > now_ms);
             self.next_sweep_ms = now_ms + SWEEP_INTERVAL_MS;
         }
-        while self.entries.len() >= cap {
-            let Some(victim) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, s)| s.expires_at_ms)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            self.entries.remove(&victim);
+        if self.entries.len() >= cap {
+            self.evict_closest_to_expiry(self.entries.len() / EVICT_FRACTION + 1);
             tracing::debug!(
                 cap,
-                "memory store shard full; dropped the counter closest to expiry"
+                "memory store shard full; dropped the counters closest to expiry"
             );
         }
+    }
+
+    /// Drops `count` entries, those that expire first. One pass over the
+    /// shard frees many slots, so a shard kept full by a flood of new keys
+    /// pays the scan once per `cap / EVICT_FRACTION` inserts, not per insert.
+    fn evict_closest_to_expiry(&mut self, count: usize) {
+        let mut expiries: Vec<u64> = self.entries.values().map(|s| s.expires_at_ms).collect();
+        let count = count.min(expiries.len());
+        if count == 0 {
+            return;
+        }
+        let threshold = *expiries.select_nth_unstable(count - 1).1;
+        let mut evicted = 0;
+        self.entries.retain(|_, s| {
+            let evict = evicted < count && s.expires_at_ms <= threshold;
+            evicted += usize::from(evict);
+            !evict
+        });
     }
 }
 
