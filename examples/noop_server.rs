@@ -32,6 +32,11 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+/// The same allocator as the ratekeeper binary, so the baseline measures the
+/// same gRPC stack.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A gRPC server answering ratekeeper's two APIs without deciding anything.
 #[derive(Debug, Parser)]
 #[command(about)]

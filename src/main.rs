@@ -17,6 +17,12 @@ use ratekeeper::{Listeners, Server, telemetry};
 
 const EXIT_CONFIG: u8 = 64;
 
+/// mimalloc instead of the system allocator: each decision allocates a few
+/// small, short-lived buffers (protobuf messages, keys), and glibc's malloc
+/// was about a fifth of the server's CPU under load (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
