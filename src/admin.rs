@@ -4,21 +4,28 @@
 //! |---|---|
 //! | `/healthz` | `200 ok` while the process runs |
 //! | `/readyz` | `200 ready` when rules are loaded and the store answers a ping within its deadline; `503` with the reason otherwise |
+//! | `/metrics` | Prometheus text exposition of [`crate::metrics`] |
+//! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, source file |
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
+use serde::Serialize;
 
 use crate::limiter::Limiter;
+use crate::rules::{Rule, RuleLimit};
 
 /// The admin routes.
 pub fn router(limiter: Limiter) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/rules", get(rules))
         .with_state(Arc::new(limiter))
 }
 
@@ -29,5 +36,66 @@ async fn ready(State(limiter): State<Arc<Limiter>>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {} store: {error}\n", limiter.store().backend()),
         ),
+    }
+}
+
+async fn metrics(State(limiter): State<Arc<Limiter>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        limiter.metrics().render(),
+    )
+}
+
+/// One rule as `/rules` shows it.
+#[derive(Debug, Serialize)]
+struct RuleView {
+    domain: String,
+    path: String,
+    name: Option<String>,
+    algorithm: Option<&'static str>,
+    requests_per_unit: Option<u64>,
+    unit: Option<&'static str>,
+    unit_multiplier: Option<u64>,
+    burst: Option<u64>,
+    unlimited: bool,
+    shadow_mode: bool,
+    replaces: Vec<String>,
+    source: String,
+}
+
+async fn rules(State(limiter): State<Arc<Limiter>>) -> impl IntoResponse {
+    let rules = limiter.rules();
+    let views: Vec<RuleView> = rules
+        .domains()
+        .flat_map(|(domain, tree)| {
+            let mut found = Vec::new();
+            tree.collect_rules(&mut found);
+            found.into_iter().map(move |rule| view(domain, &rule))
+        })
+        .collect();
+    axum::Json(views)
+}
+
+fn view(domain: &str, rule: &Rule) -> RuleView {
+    let limit = match rule.limit {
+        RuleLimit::Limited(limit) => Some(limit),
+        RuleLimit::Unlimited => None,
+    };
+    RuleView {
+        domain: domain.to_owned(),
+        path: rule.path.clone(),
+        name: rule.name.clone(),
+        algorithm: limit.map(|l| l.algorithm.as_str()),
+        requests_per_unit: limit.map(|l| l.requests_per_unit),
+        unit: limit.map(|l| l.unit.as_str()),
+        unit_multiplier: limit.map(|l| l.unit_multiplier),
+        burst: limit.map(|l| l.quota().burst),
+        unlimited: limit.is_none(),
+        shadow_mode: rule.shadow_mode,
+        replaces: rule.replaces.clone(),
+        source: rule.source.to_string(),
     }
 }

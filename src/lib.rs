@@ -20,7 +20,8 @@
 //! - [`store`]: `CounterStore` with the memory and Redis backends.
 //! - [`limiter`]: match → hits → one store call → decision.
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services.
-//! - [`admin`]: `/healthz` and `/readyz`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod limiter;
+pub mod metrics;
 pub mod proto;
 pub mod rules;
 pub mod shutdown;
@@ -46,7 +48,7 @@ use tonic_health::ServingStatus;
 
 pub use error::Error;
 
-use crate::api::{EnvoyCounting, EnvoyService, RequestLimits, ShouldAllowService};
+use crate::api::{EnvoyCounting, EnvoyService, RequestLimits, ShadowMode, ShouldAllowService};
 use crate::limiter::Limiter;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
@@ -77,6 +79,7 @@ pub struct Server {
     limiter: Limiter,
     limits: RequestLimits,
     envoy_counting: EnvoyCounting,
+    shadow: ShadowMode,
     shutdown_timeout: Duration,
 }
 
@@ -90,6 +93,7 @@ impl Server {
             limiter: Limiter::new(rules, store),
             limits: RequestLimits::default(),
             envoy_counting: EnvoyCounting::default(),
+            shadow: ShadowMode::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -103,6 +107,12 @@ impl Server {
     /// Sets which hits of an Envoy request are counted.
     pub fn with_envoy_counting(mut self, counting: EnvoyCounting) -> Self {
         self.envoy_counting = counting;
+        self
+    }
+
+    /// Sets global shadow mode.
+    pub fn with_shadow_mode(mut self, shadow: ShadowMode) -> Self {
+        self.shadow = shadow;
         self
     }
 
@@ -141,17 +151,35 @@ impl Server {
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
+        // Reflection (both protocol versions in use by grpcurl and friends)
+        // lists our two APIs and health, so no proto files are needed.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
         let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let grpc = tonic::transport::Server::builder()
             .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(RateLimiterServer::new(ShouldAllowService::new(
                 self.limiter.clone(),
                 self.limits,
+                self.shadow,
             )))
             .add_service(RateLimitServiceServer::new(EnvoyService::new(
                 self.limiter.clone(),
                 self.limits,
                 self.envoy_counting,
+                self.shadow,
             )))
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 

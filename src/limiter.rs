@@ -9,11 +9,13 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{Limit, Rule, Rules};
@@ -25,6 +27,7 @@ pub struct Limiter {
     /// Swapped whole on reload; readers never lock.
     rules: Arc<ArcSwap<Rules>>,
     store: Arc<dyn CounterStore>,
+    metrics: Metrics,
 }
 
 /// A validated request, borrowing its strings from the wire message.
@@ -36,6 +39,19 @@ pub struct CheckRequest<'a> {
     pub descriptors: Vec<DescriptorInput<'a>>,
     /// How the hits are committed.
     pub mode: Mode,
+    /// Whether rules deny, or everything runs as if in shadow mode.
+    pub enforcement: Enforcement,
+}
+
+/// Whether over-limit rules deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Enforcement {
+    /// Each rule as configured (shadow-mode rules never deny).
+    #[default]
+    AsConfigured,
+    /// Every rule as if in shadow mode (`--shadow-mode`): counted and
+    /// reported, never denying.
+    ShadowAll,
 }
 
 /// One descriptor of a [`CheckRequest`].
@@ -76,6 +92,8 @@ pub enum DescriptorDecision {
 pub struct Decision {
     /// In request order.
     pub descriptors: Vec<DescriptorDecision>,
+    /// The domain is configured (for metric labels).
+    pub known_domain: bool,
 }
 
 // === impl Limiter ===
@@ -86,7 +104,13 @@ impl Limiter {
         Self {
             rules: Arc::new(ArcSwap::from_pointee(rules)),
             store,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// The metrics this engine records.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The current rules.
@@ -114,6 +138,7 @@ impl Limiter {
         let Some(tree) = rules.domain(request.domain) else {
             return Ok(Decision {
                 descriptors: vec![DescriptorDecision::NoRule; request.descriptors.len()],
+                known_domain: false,
             });
         };
 
@@ -151,13 +176,18 @@ impl Limiter {
                 algorithm: limit.algorithm,
                 quota: limit.quota(),
                 hits: request.descriptors[*i].hits,
-                enforced: !matched[*i].as_ref().is_some_and(|r| r.shadow_mode),
+                enforced: request.enforcement == Enforcement::AsConfigured
+                    && !matched[*i].as_ref().is_some_and(|r| r.shadow_mode),
             })
             .collect();
         let outcomes = if hits.is_empty() {
             Vec::new()
         } else {
-            self.store.apply(&hits, request.mode).await?
+            let started = Instant::now();
+            let result = self.store.apply(&hits, request.mode).await;
+            self.metrics
+                .store_call(self.store.backend(), started.elapsed(), result.is_ok());
+            result?
         };
         if outcomes.len() != hits.len() {
             return Err(Error::Internal(format!(
@@ -169,6 +199,18 @@ impl Limiter {
 
         let mut applied: Vec<Option<(Limit, Outcome)>> = vec![None; matched.len()];
         for ((i, limit, _), outcome) in counted.iter().zip(outcomes) {
+            if request.mode != Mode::DryRun
+                && let Some(rule) = &matched[*i]
+            {
+                self.metrics.rule(
+                    request.domain,
+                    rule,
+                    &request.descriptors[*i].entries,
+                    request.descriptors[*i].hits,
+                    limit.quota().burst,
+                    &outcome,
+                );
+            }
             applied[*i] = Some((*limit, outcome));
         }
         let descriptors = matched
@@ -184,7 +226,10 @@ impl Limiter {
                 (Some(rule), None) => DescriptorDecision::Unlimited { rule },
             })
             .collect();
-        Ok(Decision { descriptors })
+        Ok(Decision {
+            descriptors,
+            known_domain: true,
+        })
     }
 }
 

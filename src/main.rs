@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use ratekeeper::api::{EnvoyCounting, RequestLimits};
+use ratekeeper::api::{EnvoyCounting, RequestLimits, ShadowMode};
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
 use ratekeeper::rules::RuleLimit;
@@ -165,6 +165,11 @@ async fn run(
             EnvoyCounting::StopWhenOverLimit
         } else {
             EnvoyCounting::EveryHit
+        })
+        .with_shadow_mode(if args.shadow_mode {
+            ShadowMode::Global
+        } else {
+            ShadowMode::Off
         })
         .with_shutdown_timeout(args.shutdown_timeout);
     server

@@ -10,10 +10,11 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 
 use super::validate::check_cost;
-use super::{RequestLimits, ceil_seconds};
+use super::{Answered, RequestLimits, ShadowMode, ceil_seconds, finish};
 use crate::algorithm::Mode;
 use crate::error::Error;
-use crate::limiter::{CheckRequest, Decision, DescriptorDecision, DescriptorInput, Limiter};
+use crate::limiter::{CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter};
+use crate::metrics::Surface;
 use crate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit, rate_limit::Unit as ResponseUnit,
@@ -33,6 +34,7 @@ pub struct EnvoyService {
     limiter: Limiter,
     limits: RequestLimits,
     counting: EnvoyCounting,
+    shadow: ShadowMode,
 }
 
 /// Which hits of an Envoy request are counted.
@@ -53,11 +55,17 @@ pub enum EnvoyCounting {
 impl EnvoyService {
     /// A service deciding with `limiter`, refusing requests beyond `limits`,
     /// counting as `counting` says.
-    pub fn new(limiter: Limiter, limits: RequestLimits, counting: EnvoyCounting) -> Self {
+    pub fn new(
+        limiter: Limiter,
+        limits: RequestLimits,
+        counting: EnvoyCounting,
+        shadow: ShadowMode,
+    ) -> Self {
         Self {
             limiter,
             limits,
             counting,
+            shadow,
         }
     }
 
@@ -106,6 +114,8 @@ impl EnvoyService {
                 EnvoyCounting::EveryHit => Mode::Independent,
                 EnvoyCounting::StopWhenOverLimit => Mode::StopIncrementWhenOverLimit,
             },
+            // Every descriptor counts on this surface whatever enforces.
+            enforcement: Enforcement::AsConfigured,
         })
     }
 }
@@ -118,9 +128,18 @@ impl rate_limit_service_server::RateLimitService for EnvoyService {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let request = request.get_ref();
-        let check = self.translate(request)?;
-        let decision = self.limiter.check(&check).await?;
-        let response = to_response(&decision);
+        let result = match self.translate(request) {
+            Ok(check) => self.limiter.check(&check).await,
+            Err(error) => Err(error),
+        };
+        let answered = finish(
+            &self.limiter,
+            Surface::Envoy,
+            &request.domain,
+            self.shadow,
+            result,
+        )?;
+        let response = to_response(&answered);
         tracing::Span::current().record("overall_code", response.overall_code().as_str_name());
         Ok(Response::new(response))
     }
@@ -147,9 +166,16 @@ fn override_limit(index: usize, limit: &RateLimitOverride) -> Result<Limit, Erro
     ))
 }
 
-fn to_response(decision: &Decision) -> RateLimitResponse {
-    let statuses: Vec<DescriptorStatus> = decision.descriptors.iter().map(to_status).collect();
-    let over = statuses.iter().any(|s| s.code() == Code::OverLimit);
+fn to_response(answered: &Answered) -> RateLimitResponse {
+    let statuses: Vec<DescriptorStatus> = answered
+        .decision
+        .descriptors
+        .iter()
+        .map(to_status)
+        .collect();
+    // Global shadow mode leaves the statuses as they are and only lets the
+    // request through, as upstream does.
+    let over = !answered.shadowed && statuses.iter().any(|s| s.code() == Code::OverLimit);
     RateLimitResponse {
         overall_code: if over { Code::OverLimit } else { Code::Ok }.into(),
         statuses,

@@ -12,8 +12,14 @@ pub mod validate;
 
 use std::time::Duration;
 
+use tonic::Status;
+
 pub use envoy::{EnvoyCounting, EnvoyService};
 pub use should_allow::ShouldAllowService;
+
+use crate::error::Error;
+use crate::limiter::{Decision, Limiter};
+use crate::metrics::{DomainLabel, RequestDecision, Surface};
 
 /// Default cap on descriptors per request.
 pub const DEFAULT_MAX_DESCRIPTORS: usize = 64;
@@ -42,6 +48,79 @@ impl Default for RequestLimits {
             max_descriptors: DEFAULT_MAX_DESCRIPTORS,
             max_entries: DEFAULT_MAX_ENTRIES,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+/// Global shadow mode (`--shadow-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShadowMode {
+    /// Over-limit requests are denied.
+    #[default]
+    Off,
+    /// Every request is let through: counted and reported as usual (each
+    /// descriptor's status unchanged), but the overall answer is always OK,
+    /// as envoyproxy/ratelimit's `SHADOW_MODE`.
+    Global,
+}
+
+/// A decided request, as the surfaces answer it.
+#[derive(Debug)]
+pub(crate) struct Answered {
+    pub decision: Decision,
+    /// Over the limit, but let through by global shadow mode.
+    pub shadowed: bool,
+}
+
+impl Answered {
+    /// Whether the request as a whole is denied.
+    pub fn denied(&self) -> bool {
+        self.decision.over_limit() && !self.shadowed
+    }
+}
+
+/// Records how one RPC ended in the metrics and applies global shadow mode;
+/// errors become the `Status` to return.
+pub(crate) fn finish(
+    limiter: &Limiter,
+    surface: Surface,
+    domain: &str,
+    shadow: ShadowMode,
+    result: Result<Decision, Error>,
+) -> Result<Answered, Status> {
+    let metrics = limiter.metrics();
+    match result {
+        Ok(decision) => {
+            let label = if decision.known_domain {
+                DomainLabel::Known(domain)
+            } else {
+                DomainLabel::Unknown
+            };
+            let answered = Answered {
+                shadowed: shadow == ShadowMode::Global && decision.over_limit(),
+                decision,
+            };
+            if answered.shadowed {
+                metrics.global_shadow(surface, label);
+            }
+            let outcome = if answered.denied() {
+                RequestDecision::Denied
+            } else {
+                RequestDecision::Allowed
+            };
+            metrics.request(surface, label, outcome);
+            Ok(answered)
+        }
+        Err(error) => {
+            let (outcome, label) = match &error {
+                Error::InvalidRequest { .. } => (RequestDecision::Invalid, DomainLabel::Unknown),
+                _ if limiter.rules().domain(domain).is_some() => {
+                    (RequestDecision::Error, DomainLabel::Known(domain))
+                }
+                _ => (RequestDecision::Error, DomainLabel::Unknown),
+            };
+            metrics.request(surface, label, outcome);
+            Err(error.into())
         }
     }
 }

@@ -5,10 +5,11 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 
 use super::validate::check_cost;
-use super::{RequestLimits, duration_from_ms};
+use super::{Answered, RequestLimits, ShadowMode, duration_from_ms, finish};
 use crate::algorithm::{AlgorithmKind, Mode};
 use crate::error::Error;
-use crate::limiter::{CheckRequest, Decision, DescriptorDecision, DescriptorInput, Limiter};
+use crate::limiter::{CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter};
+use crate::metrics::Surface;
 use crate::proto::ratekeeper::v1 as pb;
 
 /// The `RateLimiter` gRPC service.
@@ -16,14 +17,19 @@ use crate::proto::ratekeeper::v1 as pb;
 pub struct ShouldAllowService {
     limiter: Limiter,
     limits: RequestLimits,
+    shadow: ShadowMode,
 }
 
 // === impl ShouldAllowService ===
 
 impl ShouldAllowService {
     /// A service deciding with `limiter`, refusing requests beyond `limits`.
-    pub fn new(limiter: Limiter, limits: RequestLimits) -> Self {
-        Self { limiter, limits }
+    pub fn new(limiter: Limiter, limits: RequestLimits, shadow: ShadowMode) -> Self {
+        Self {
+            limiter,
+            limits,
+            shadow,
+        }
     }
 
     fn translate<'a>(
@@ -62,6 +68,12 @@ impl ShouldAllowService {
             } else {
                 Mode::AllOrNothing
             },
+            // In global shadow mode nothing denies, so an over-limit request
+            // is counted like any other.
+            enforcement: match self.shadow {
+                ShadowMode::Off => Enforcement::AsConfigured,
+                ShadowMode::Global => Enforcement::ShadowAll,
+            },
         })
     }
 }
@@ -74,16 +86,26 @@ impl pb::rate_limiter_server::RateLimiter for ShouldAllowService {
         request: Request<pb::ShouldAllowRequest>,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
         let request = request.get_ref();
-        let check = self.translate(request)?;
-        let decision = self.limiter.check(&check).await?;
-        let response = to_response(&decision);
+        let result = match self.translate(request) {
+            Ok(check) => self.limiter.check(&check).await,
+            Err(error) => Err(error),
+        };
+        let answered = finish(
+            &self.limiter,
+            Surface::ShouldAllow,
+            &request.domain,
+            self.shadow,
+            result,
+        )?;
+        let response = to_response(&answered);
         tracing::Span::current().record("allowed", response.allowed);
         Ok(Response::new(response))
     }
 }
 
-fn to_response(decision: &Decision) -> pb::ShouldAllowResponse {
-    let allowed = !decision.over_limit();
+fn to_response(answered: &Answered) -> pb::ShouldAllowResponse {
+    let decision = &answered.decision;
+    let allowed = !answered.denied();
     let results: Vec<pb::DescriptorResult> = decision.descriptors.iter().map(to_result).collect();
     // A caller retries the whole request, so it must wait for the slowest
     // enforced denial; if any of those can never pass, no wait helps.

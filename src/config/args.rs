@@ -126,6 +126,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT")]
     pub stop_cache_key_increment_when_overlimit: bool,
 
+    /// Global shadow mode: every request is answered OK; descriptors are still
+    /// counted and their statuses reported (envoyproxy/ratelimit's SHADOW_MODE).
+    #[arg(long, env = "RATEKEEPER_SHADOW_MODE")]
+    pub shadow_mode: bool,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
