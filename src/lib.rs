@@ -48,7 +48,9 @@ use tonic_health::ServingStatus;
 
 pub use error::Error;
 
-use crate::api::{EnvoyCounting, EnvoyService, RequestLimits, ShadowMode, ShouldAllowService};
+use crate::api::{
+    EnvoyCounting, EnvoyService, RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
+};
 use crate::limiter::Limiter;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
@@ -80,6 +82,7 @@ pub struct Server {
     limits: RequestLimits,
     envoy_counting: EnvoyCounting,
     shadow: ShadowMode,
+    headers: Option<ResponseHeaders>,
     shutdown_timeout: Duration,
 }
 
@@ -94,6 +97,7 @@ impl Server {
             limits: RequestLimits::default(),
             envoy_counting: EnvoyCounting::default(),
             shadow: ShadowMode::default(),
+            headers: None,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -107,6 +111,12 @@ impl Server {
     /// Sets which hits of an Envoy request are counted.
     pub fn with_envoy_counting(mut self, counting: EnvoyCounting) -> Self {
         self.envoy_counting = counting;
+        self
+    }
+
+    /// Adds rate limit headers to Envoy answers (off by default, as upstream).
+    pub fn with_response_headers(mut self, headers: Option<ResponseHeaders>) -> Self {
+        self.headers = headers;
         self
     }
 
@@ -175,12 +185,15 @@ impl Server {
                 self.limits,
                 self.shadow,
             )))
-            .add_service(RateLimitServiceServer::new(EnvoyService::new(
-                self.limiter.clone(),
-                self.limits,
-                self.envoy_counting,
-                self.shadow,
-            )))
+            .add_service(RateLimitServiceServer::new(
+                EnvoyService::new(
+                    self.limiter.clone(),
+                    self.limits,
+                    self.envoy_counting,
+                    self.shadow,
+                )
+                .with_headers(self.headers.clone()),
+            ))
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
         let admin = async {

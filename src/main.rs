@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use ratekeeper::api::{EnvoyCounting, RequestLimits, ShadowMode};
+use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
 use ratekeeper::rules::RuleLimit;
@@ -171,6 +171,11 @@ async fn run(
         } else {
             ShadowMode::Off
         })
+        .with_response_headers(args.response_headers.then(|| ResponseHeaders {
+            limit: args.limit_header.clone(),
+            remaining: args.remaining_header.clone(),
+            reset: args.reset_header.clone(),
+        }))
         .with_shutdown_timeout(args.shutdown_timeout);
     server
         .serve(

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 
 use super::validate::check_cost;
-use super::{Answered, RequestLimits, ShadowMode, ceil_seconds, finish};
+use super::{Answered, RequestLimits, ResponseHeaders, ShadowMode, ceil_seconds, finish};
 use crate::algorithm::Mode;
 use crate::error::Error;
 use crate::limiter::{CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter};
@@ -35,6 +35,7 @@ pub struct EnvoyService {
     limits: RequestLimits,
     counting: EnvoyCounting,
     shadow: ShadowMode,
+    headers: Option<ResponseHeaders>,
 }
 
 /// Which hits of an Envoy request are counted.
@@ -66,7 +67,14 @@ impl EnvoyService {
             limits,
             counting,
             shadow,
+            headers: None,
         }
+    }
+
+    /// Adds rate limit headers to every answer (`--response-headers`).
+    pub fn with_headers(mut self, headers: Option<ResponseHeaders>) -> Self {
+        self.headers = headers;
+        self
     }
 
     fn translate<'a>(&self, request: &'a RateLimitRequest) -> Result<CheckRequest<'a>, Error> {
@@ -139,7 +147,13 @@ impl rate_limit_service_server::RateLimitService for EnvoyService {
             self.shadow,
             result,
         )?;
-        let response = to_response(&answered);
+        let mut response = to_response(&answered);
+        if let Some(headers) = &self.headers {
+            response.response_headers_to_add = headers.for_decision(
+                &answered.decision.descriptors,
+                response.overall_code() == Code::OverLimit,
+            );
+        }
         tracing::Span::current().record("overall_code", response.overall_code().as_str_name());
         Ok(Response::new(response))
     }

@@ -7,6 +7,7 @@
 //! `INVALID_ARGUMENT` naming the field before any matching or store work.
 
 pub mod envoy;
+pub mod headers;
 pub mod should_allow;
 pub mod validate;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use tonic::Status;
 
 pub use envoy::{EnvoyCounting, EnvoyService};
+pub use headers::ResponseHeaders;
 pub use should_allow::ShouldAllowService;
 
 use crate::error::Error;

@@ -131,6 +131,36 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_SHADOW_MODE")]
     pub shadow_mode: bool,
 
+    /// Envoy API: add rate limit headers to every answer (upstream's
+    /// RateLimit-Limit/-Remaining/-Reset, the IETF draft's RateLimit-Policy
+    /// and RateLimit, and Retry-After when over the limit).
+    #[arg(long, env = "RATEKEEPER_RESPONSE_HEADERS")]
+    pub response_headers: bool,
+
+    /// Name of the limit header (upstream's LIMIT_LIMIT_HEADER).
+    #[arg(
+        long,
+        env = "RATEKEEPER_LIMIT_HEADER",
+        default_value = "RateLimit-Limit"
+    )]
+    pub limit_header: String,
+
+    /// Name of the remaining header (upstream's LIMIT_REMAINING_HEADER).
+    #[arg(
+        long,
+        env = "RATEKEEPER_REMAINING_HEADER",
+        default_value = "RateLimit-Remaining"
+    )]
+    pub remaining_header: String,
+
+    /// Name of the reset header (upstream's LIMIT_RESET_HEADER).
+    #[arg(
+        long,
+        env = "RATEKEEPER_RESET_HEADER",
+        default_value = "RateLimit-Reset"
+    )]
+    pub reset_header: String,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
