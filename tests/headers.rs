@@ -117,8 +117,8 @@ async fn header_names_are_configurable_and_the_option_is_off_by_default() {
         remaining: "X-RateLimit-Remaining".into(),
         reset: "X-RateLimit-Reset".into(),
     };
-    let server = server(Some(custom)).await;
-    let response = server
+    let custom_server = server(Some(custom)).await;
+    let response = custom_server
         .envoy()
         .await
         .should_rate_limit(envoy_request("hdr", &[&[("user", "b")]]))
