@@ -8,6 +8,7 @@
 //! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, source file |
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -17,35 +18,60 @@ use axum::routing::get;
 use serde::Serialize;
 
 use crate::limiter::Limiter;
+use crate::reload::ReloadStatus;
 use crate::rules::{Rule, RuleLimit};
 
+/// What the admin endpoints look at.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The engine: rules, store, metrics.
+    pub limiter: Limiter,
+    /// The last reload's outcome.
+    pub reload: ReloadStatus,
+    /// Set when shutdown begins.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
 /// The admin routes.
-pub fn router(limiter: Limiter) -> Router {
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/rules", get(rules))
-        .with_state(Arc::new(limiter))
+        .with_state(Arc::new(state))
 }
 
-async fn ready(State(limiter): State<Arc<Limiter>>) -> (StatusCode, String) {
-    match limiter.store().ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(error) => (
+async fn ready(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {} store: {error}\n", limiter.store().backend()),
-        ),
+            "not ready: shutting down\n".to_owned(),
+        );
     }
+    let store = state.limiter.store();
+    if let Err(error) = store.ping().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {} store: {error}\n", store.backend()),
+        );
+    }
+    let mut body = "ready\n".to_owned();
+    if let Some(error) = state.reload.last_error() {
+        body.push_str(&format!(
+            "last config change refused (previous rules in force): {error}\n"
+        ));
+    }
+    (StatusCode::OK, body)
 }
 
-async fn metrics(State(limiter): State<Arc<Limiter>>) -> impl IntoResponse {
+async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        limiter.metrics().render(),
+        state.limiter.metrics().render(),
     )
 }
 
@@ -66,8 +92,8 @@ struct RuleView {
     source: String,
 }
 
-async fn rules(State(limiter): State<Arc<Limiter>>) -> impl IntoResponse {
-    let rules = limiter.rules();
+async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let rules = state.limiter.rules();
     let views: Vec<RuleView> = rules
         .domains()
         .flat_map(|(domain, tree)| {

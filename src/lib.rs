@@ -22,6 +22,7 @@
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`reload`]: hot reload of the rules.
 //! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
 
 pub mod admin;
@@ -33,6 +34,7 @@ pub mod error;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod rules;
 pub mod shutdown;
 pub mod store;
@@ -40,6 +42,7 @@ pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -54,6 +57,7 @@ use crate::api::{
 use crate::limiter::Limiter;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
+use crate::reload::{ReloadSettings, ReloadStatus};
 use crate::rules::Rules;
 use crate::store::CounterStore;
 
@@ -83,6 +87,8 @@ pub struct Server {
     envoy_counting: EnvoyCounting,
     shadow: ShadowMode,
     headers: Option<ResponseHeaders>,
+    reload: Option<ReloadSettings>,
+    drain_delay: Duration,
     shutdown_timeout: Duration,
 }
 
@@ -98,6 +104,8 @@ impl Server {
             envoy_counting: EnvoyCounting::default(),
             shadow: ShadowMode::default(),
             headers: None,
+            reload: None,
+            drain_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -117,6 +125,20 @@ impl Server {
     /// Adds rate limit headers to Envoy answers (off by default, as upstream).
     pub fn with_response_headers(mut self, headers: Option<ResponseHeaders>) -> Self {
         self.headers = headers;
+        self
+    }
+
+    /// Re-reads the rules from `settings.path` every `settings.interval` and
+    /// applies valid changes.
+    pub fn with_reload(mut self, settings: ReloadSettings) -> Self {
+        self.reload = Some(settings);
+        self
+    }
+
+    /// Sets how long the server keeps serving after shutdown begins, with
+    /// readiness already false, before it stops accepting.
+    pub fn with_drain_delay(mut self, delay: Duration) -> Self {
+        self.drain_delay = delay;
         self
     }
 
@@ -196,9 +218,26 @@ impl Server {
             ))
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
+        let reload_status = ReloadStatus::default();
+        let admin_state = admin::AdminState {
+            limiter: self.limiter.clone(),
+            reload: reload_status.clone(),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        };
+        let reloading = async {
+            if let Some(settings) = self.reload.clone() {
+                reload::watch(
+                    settings,
+                    self.limiter.clone(),
+                    reload_status,
+                    stopped(stop_rx.clone()),
+                )
+                .await;
+            }
+        };
         let admin = async {
             match listeners.admin {
-                Some(listener) => axum::serve(listener, admin::router(self.limiter.clone()))
+                Some(listener) => axum::serve(listener, admin::router(admin_state.clone()))
                     .with_graceful_shutdown(stopped(stop_rx.clone()))
                     .await
                     .map_err(|e| Error::Internal(format!("admin server: {e}"))),
@@ -206,7 +245,7 @@ impl Server {
             }
         };
         let servers = async {
-            let (grpc, admin) = tokio::join!(grpc, admin);
+            let (grpc, admin, ()) = tokio::join!(grpc, admin, reloading);
             grpc.map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
             admin
         };
@@ -216,10 +255,19 @@ impl Server {
             result = &mut servers => return result,
             () = shutdown => {}
         }
+        // Readiness goes false first, while everything still serves, so load
+        // balancers stop sending before the listeners close.
+        admin_state.shutting_down.store(true, Ordering::SeqCst);
         for name in HEALTH_NAMES {
             health
                 .set_service_status(name, ServingStatus::NotServing)
                 .await;
+        }
+        if !self.drain_delay.is_zero() {
+            tokio::select! {
+                result = &mut servers => return result,
+                () = tokio::time::sleep(self.drain_delay) => {}
+            }
         }
         let _ = stop_tx.send(true);
         match tokio::time::timeout(self.shutdown_timeout, servers).await {

@@ -10,6 +10,7 @@ use clap::Parser as _;
 use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
+use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
 use ratekeeper::store::redis::RedisSettings;
 use ratekeeper::store::{CounterStore, MemoryStore, RedisStore};
@@ -176,6 +177,11 @@ async fn run(
             remaining: args.remaining_header.clone(),
             reset: args.reset_header.clone(),
         }))
+        .with_reload(ReloadSettings {
+            path: args.config.clone(),
+            interval: args.config_reload_interval,
+        })
+        .with_drain_delay(args.drain_delay)
         .with_shutdown_timeout(args.shutdown_timeout);
     server
         .serve(

@@ -17,6 +17,7 @@
 //! | `ratelimit_global_shadow_total` | counter | surface, domain | requests over the limit let through by `--shadow-mode` |
 //! | `ratelimit_storage_duration_seconds` | histogram | backend | store call latency |
 //! | `ratelimit_storage_errors_total` | counter | backend | failed or timed-out store calls |
+//! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,8 @@ pub const GLOBAL_SHADOW_TOTAL: &str = "ratelimit_global_shadow_total";
 pub const STORAGE_DURATION_SECONDS: &str = "ratelimit_storage_duration_seconds";
 /// Failed store calls.
 pub const STORAGE_ERRORS_TOTAL: &str = "ratelimit_storage_errors_total";
+/// Config reloads.
+pub const CONFIG_RELOADS_TOTAL: &str = "ratelimit_config_reloads_total";
 
 /// Share of a limit above which allowed hits count as near the limit (as
 /// envoyproxy/ratelimit's default `NEAR_LIMIT_RATIO`).
@@ -82,6 +85,15 @@ pub enum RequestDecision {
     Invalid,
     /// The store failed.
     Error,
+}
+
+/// How a config reload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The new rules are in force.
+    Success,
+    /// The change was refused; the old rules stay.
+    Failure,
 }
 
 /// The metrics of one server: a cheap-to-clone handle.
@@ -142,6 +154,11 @@ impl Metrics {
             STORAGE_DURATION_SECONDS.into(),
             Some(Unit::Seconds),
             SharedString::const_str("Store call latency."),
+        );
+        describe(
+            CONFIG_RELOADS_TOTAL,
+            None,
+            "Config changes applied or refused.",
         );
         let handle = recorder.handle();
         Self {
@@ -226,6 +243,16 @@ impl Metrics {
         if !ok {
             self.counter(STORAGE_ERRORS_TOTAL, labels).increment(1);
         }
+    }
+
+    /// Counts one config reload.
+    pub fn config_reload(&self, result: ReloadResult) {
+        let result = match result {
+            ReloadResult::Success => "success",
+            ReloadResult::Failure => "failure",
+        };
+        self.counter(CONFIG_RELOADS_TOTAL, vec![Label::new("result", result)])
+            .increment(1);
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {

@@ -22,6 +22,10 @@ pub const DEFAULT_STORE_TIMEOUT: &str = "10ms";
 pub const DEFAULT_REDIS_CONNECT_TIMEOUT: &str = "1s";
 /// Default cap on live counters in the memory store.
 pub const DEFAULT_MEMORY_MAX_KEYS: usize = crate::store::memory::DEFAULT_MAX_KEYS;
+/// Default time between two looks at the rules files.
+pub const DEFAULT_CONFIG_RELOAD_INTERVAL: &str = "1s";
+/// Default time between readiness turning false and the listeners closing.
+pub const DEFAULT_DRAIN_DELAY: &str = "0s";
 /// Default time in-flight calls get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "10s";
 
@@ -164,6 +168,16 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// How often the rules files are re-read; a valid change applies at once,
+    /// an invalid one is refused and the last good rules stay.
+    #[arg(long, env = "RATEKEEPER_CONFIG_RELOAD_INTERVAL", default_value = DEFAULT_CONFIG_RELOAD_INTERVAL, value_parser = parse_duration)]
+    pub config_reload_interval: Duration,
+
+    /// After SIGTERM/SIGINT, keep serving this long with readiness already
+    /// false (so load balancers stop sending) before closing the listeners.
+    #[arg(long, env = "RATEKEEPER_DRAIN_DELAY", default_value = DEFAULT_DRAIN_DELAY, value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
 
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "RATEKEEPER_SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]

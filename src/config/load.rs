@@ -22,6 +22,14 @@ use crate::rules::{
 /// Largest rules file accepted; a bigger one is refused before parsing.
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The text of every rules file at a path, as read at one moment: what a
+/// reload compares to decide whether anything changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSnapshot {
+    /// (file name, content), in name order.
+    files: Vec<(String, String)>,
+}
+
 /// Loads every rules file at `path` (a file or a directory).
 ///
 /// # Errors
@@ -29,55 +37,72 @@ pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// [`ConfigError`] for the first unreadable or invalid file, naming the file,
 /// the path inside it and the reason; nothing is loaded then.
 pub fn load_rules(path: &Path) -> Result<Rules, ConfigError> {
+    read_snapshot(path)?.compile()
+}
+
+/// Reads every rules file at `path` without compiling them.
+///
+/// # Errors
+///
+/// [`ConfigError`] when a file cannot be read or is too large.
+pub fn read_snapshot(path: &Path) -> Result<ConfigSnapshot, ConfigError> {
     let io = |source| ConfigError::Io {
         path: path.to_owned(),
         source,
     };
-    let files = if fs::metadata(path).map_err(io)?.is_dir() {
-        let mut files = Vec::new();
-        collect_files(path, &mut files)?;
-        files
+    let paths = if fs::metadata(path).map_err(io)?.is_dir() {
+        let mut paths = Vec::new();
+        collect_files(path, &mut paths)?;
+        paths
     } else {
         vec![path.to_owned()]
     };
-
-    let mut domains: HashMap<String, (String, DescriptorTree)> = HashMap::new();
-    for file in files {
+    let mut files = Vec::with_capacity(paths.len());
+    for file in paths {
         let name = file.display().to_string();
-        let size = fs::metadata(&file).map_err(|source| ConfigError::Io {
+        let io = |source| ConfigError::Io {
             path: file.clone(),
             source,
-        })?;
-        if size.len() > MAX_FILE_BYTES {
+        };
+        let size = fs::metadata(&file).map_err(io)?.len();
+        if size > MAX_FILE_BYTES {
             return Err(ConfigError::invalid(
                 &name,
                 "",
-                format!(
-                    "file is {} bytes; the limit is {MAX_FILE_BYTES}",
-                    size.len()
-                ),
+                format!("file is {size} bytes; the limit is {MAX_FILE_BYTES}"),
             ));
         }
-        let text = fs::read_to_string(&file).map_err(|source| ConfigError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        let (domain, tree) = parse_rules_file(&name, &text)?;
-        if let Some((first, _)) = domains.get(&domain) {
-            return Err(ConfigError::invalid(
-                &name,
-                "domain",
-                format!("duplicate domain '{domain}' (already defined in {first})"),
-            ));
-        }
-        domains.insert(domain, (name, tree));
+        files.push((name, fs::read_to_string(&file).map_err(io)?));
     }
-    Ok(Rules::new(
-        domains
-            .into_iter()
-            .map(|(domain, (_, tree))| (domain, tree))
-            .collect(),
-    ))
+    Ok(ConfigSnapshot { files })
+}
+
+impl ConfigSnapshot {
+    /// Validates and compiles the files into rules.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for the first invalid file.
+    pub fn compile(&self) -> Result<Rules, ConfigError> {
+        let mut domains: HashMap<String, (&str, DescriptorTree)> = HashMap::new();
+        for (name, text) in &self.files {
+            let (domain, tree) = parse_rules_file(name, text)?;
+            if let Some((first, _)) = domains.get(&domain) {
+                return Err(ConfigError::invalid(
+                    name,
+                    "domain",
+                    format!("duplicate domain '{domain}' (already defined in {first})"),
+                ));
+            }
+            domains.insert(domain, (name, tree));
+        }
+        Ok(Rules::new(
+            domains
+                .into_iter()
+                .map(|(domain, (_, tree))| (domain, tree))
+                .collect(),
+        ))
+    }
 }
 
 /// Parses and compiles one rules file; `name` is used in errors and as the

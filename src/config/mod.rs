@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use args::{Cli, Command, LogFormat, ServeArgs, StoreKind};
-pub use load::{load_rules, parse_rules_file};
+pub use load::{ConfigSnapshot, load_rules, parse_rules_file, read_snapshot};
 
 /// Why a rules file or directory was refused.
 #[derive(Debug)]

@@ -1,0 +1,221 @@
+//! Hot reload while a client calls continuously: a valid change applies
+//! (and counters survive it), an invalid one is refused with the old rules
+//! still serving, and both a same-directory atomic rename and a Kubernetes
+//! ConfigMap `..data` symlink swap are picked up — with no failed call.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{T0, TestServer, allow_request, http_get};
+use ratekeeper::Server;
+use ratekeeper::clock::ManualClock;
+use ratekeeper::config::load_rules;
+use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
+use ratekeeper::reload::ReloadSettings;
+use ratekeeper::store::MemoryStore;
+use tonic::transport::Channel;
+
+fn rules_yaml(limit: u32) -> String {
+    format!(
+        "domain: rl\ndescriptors:\n  - key: user\n    rate_limit: {{unit: minute, requests_per_unit: {limit}}}\n"
+    )
+}
+
+/// Replaces `path` atomically: write a hidden temporary file, then rename it.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn start(config: &Path) -> TestServer {
+    let store = Arc::new(MemoryStore::new(1_000, Arc::new(ManualClock::new(T0))));
+    let server = Server::new(load_rules(config).unwrap(), store).with_reload(ReloadSettings {
+        path: config.to_owned(),
+        interval: Duration::from_millis(20),
+    });
+    TestServer::start(server).await
+}
+
+/// (limit, remaining) for `user=a`, without consuming anything.
+async fn peek(client: &mut RateLimiterClient<Channel>) -> (u64, u64) {
+    let mut request = allow_request("rl", &[&[("user", "a")]], 1);
+    request.dry_run = true;
+    let result = client
+        .should_allow(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0);
+    (result.limit, result.remaining)
+}
+
+/// Peeks until the limit is `limit` (at most 5 s); returns the remaining.
+async fn until_limit(client: &mut RateLimiterClient<Channel>, limit: u64) -> u64 {
+    let started = Instant::now();
+    loop {
+        let (now, remaining) = peek(client).await;
+        if now == limit {
+            return remaining;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "limit still {now}, want {limit}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client calling without pause until stopped; counts its failures.
+struct Caller {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Caller {
+    fn start(mut client: RateLimiterClient<Channel>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (s, c) = (stop.clone(), calls.clone());
+        let task = tokio::spawn(async move {
+            let mut failures = 0;
+            // Bounded: at most 100,000 calls even if never stopped.
+            for _ in 0..100_000 {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let request = allow_request("rl", &[&[("user", "steady")], &[("other", "x")]], 0);
+                if client.should_allow(request).await.is_err() {
+                    failures += 1;
+                }
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        });
+        Caller { stop, calls, task }
+    }
+
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self.task.await.unwrap();
+        (self.calls.load(Ordering::Relaxed), failures)
+    }
+}
+
+fn reloads(metrics: &str, result: &str) -> usize {
+    let prefix = format!("ratelimit_config_reloads_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_changes_apply_and_invalid_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, rules_yaml(2)).unwrap();
+    let server = start(dir.path()).await;
+    let mut client = server.client().await;
+    let caller = Caller::start(server.client().await);
+
+    assert!(
+        client
+            .should_allow(allow_request("rl", &[&[("user", "a")]], 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
+    assert_eq!(peek(&mut client).await, (2, 1));
+
+    // A valid change by atomic rename in the same directory: the new limit
+    // applies, and the hit already counted is still there.
+    replace(&file, &rules_yaml(5));
+    assert_eq!(until_limit(&mut client, 5).await, 4);
+
+    // An invalid change is refused; the last good rules keep serving.
+    replace(
+        &file,
+        "domain: rl\ndescriptors:\n  - key: user\n    rate_limit: {unit: fortnight}\n",
+    );
+    let started = Instant::now();
+    while reloads(&http_get(server.admin_addr, "/metrics").await, "failure") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "refusal not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(peek(&mut client).await, (5, 4));
+    let ready = http_get(server.admin_addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(ready.contains("last config change refused"), "{ready}");
+    assert!(
+        ready.contains("invalid rate limit unit 'fortnight'"),
+        "{ready}"
+    );
+
+    // Fixed again: applied, and the refusal is no longer reported.
+    replace(&file, &rules_yaml(7));
+    assert_eq!(until_limit(&mut client, 7).await, 6);
+    let metrics = http_get(server.admin_addr, "/metrics").await;
+    assert_eq!(
+        (reloads(&metrics, "success"), reloads(&metrics, "failure")),
+        (2, 1),
+        "{metrics}"
+    );
+    assert!(
+        !http_get(server.admin_addr, "/readyz")
+            .await
+            .contains("refused")
+    );
+
+    let (calls, failures) = caller.finish().await;
+    assert!(calls > 0);
+    assert_eq!(
+        failures, 0,
+        "{failures} of {calls} calls failed during reloads"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_symlink_swap_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let version = |name: &str, limit| {
+        std::fs::create_dir(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join("rules.yaml"), rules_yaml(limit)).unwrap();
+    };
+    version("..2026_11_29_08_00_00.1", 3);
+    std::os::unix::fs::symlink("..2026_11_29_08_00_00.1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/rules.yaml", root.join("rules.yaml")).unwrap();
+    let server = start(root).await;
+    let mut client = server.client().await;
+    let caller = Caller::start(server.client().await);
+    assert_eq!(peek(&mut client).await, (3, 3));
+
+    // What the kubelet does: a new timestamped directory, a new `..data`
+    // link renamed over the old one.
+    version("..2026_11_29_08_01_00.2", 9);
+    std::os::unix::fs::symlink("..2026_11_29_08_01_00.2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..2026_11_29_08_00_00.1")).unwrap();
+    assert_eq!(until_limit(&mut client, 9).await, 9);
+
+    let (calls, failures) = caller.finish().await;
+    assert!(calls > 0);
+    assert_eq!(
+        failures, 0,
+        "{failures} of {calls} calls failed during the swap"
+    );
+}
