@@ -333,3 +333,41 @@ async fn reflection_lists_both_apis_and_health() {
         );
     }
 }
+
+/// The shipped Grafana dashboard only queries metrics ratekeeper exports.
+#[test]
+fn dashboard_queries_only_exported_metrics() {
+    use ratekeeper::metrics as m;
+    let exported = [
+        m::REQUESTS_TOTAL,
+        m::RULE_HITS_TOTAL,
+        m::RULE_ALLOWED_TOTAL,
+        m::RULE_DENIED_TOTAL,
+        m::RULE_NEAR_LIMIT_TOTAL,
+        m::RULE_SHADOW_DENIED_TOTAL,
+        m::GLOBAL_SHADOW_TOTAL,
+        m::STORAGE_DURATION_SECONDS,
+        m::STORAGE_ERRORS_TOTAL,
+        m::CONFIG_RELOADS_TOTAL,
+    ];
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut queried = 0;
+    for panel in json["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("ratelimit_") {
+                    let name = format!("ratelimit_{}", name.trim_end_matches("_bucket"));
+                    assert!(exported.contains(&name.as_str()), "{name} in {expr}");
+                    queried += 1;
+                }
+            }
+        }
+    }
+    assert!(queried >= 10, "{queried}");
+}
