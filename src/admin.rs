@@ -8,7 +8,6 @@
 //! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, source file |
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -18,6 +17,7 @@ use axum::routing::get;
 use serde::Serialize;
 
 use crate::limiter::Limiter;
+use crate::readiness::{NotReady, Readiness};
 use crate::reload::ReloadStatus;
 use crate::rules::{Rule, RuleLimit};
 
@@ -28,8 +28,8 @@ pub struct AdminState {
     pub limiter: Limiter,
     /// The last reload's outcome.
     pub reload: ReloadStatus,
-    /// Set when shutdown begins.
-    pub shutting_down: Arc<AtomicBool>,
+    /// Whether to take traffic, from the readiness monitor.
+    pub readiness: Readiness,
 }
 
 /// The admin routes.
@@ -43,26 +43,30 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn ready(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
-    if state.shutting_down.load(Ordering::SeqCst) {
-        return (
+    let backend = state.limiter.store().backend();
+    match state.readiness.check() {
+        Err(NotReady::ShuttingDown) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n".to_owned(),
-        );
-    }
-    let store = state.limiter.store();
-    if let Err(error) = store.ping().await {
-        return (
+        ),
+        Err(NotReady::Unchecked) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {} store: {error}\n", store.backend()),
-        );
+            format!("not ready: {backend} store not checked yet\n"),
+        ),
+        Err(NotReady::Store(error)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {backend} store: {error}\n"),
+        ),
+        Ok(()) => {
+            let mut body = "ready\n".to_owned();
+            if let Some(error) = state.reload.last_error() {
+                body.push_str(&format!(
+                    "last config change refused (previous rules in force): {error}\n"
+                ));
+            }
+            (StatusCode::OK, body)
+        }
     }
-    let mut body = "ready\n".to_owned();
-    if let Some(error) = state.reload.last_error() {
-        body.push_str(&format!(
-            "last config change refused (previous rules in force): {error}\n"
-        ));
-    }
-    (StatusCode::OK, body)
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -23,6 +23,7 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.
+//! - [`readiness`]: readiness for `/readyz` and gRPC health.
 //! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod error;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;
+pub mod readiness;
 pub mod reload;
 pub mod rules;
 pub mod shutdown;
@@ -42,7 +44,6 @@ pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -57,18 +58,10 @@ use crate::api::{
 use crate::limiter::Limiter;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
+use crate::readiness::{HEALTH_NAMES, Readiness};
 use crate::reload::{ReloadSettings, ReloadStatus};
 use crate::rules::Rules;
 use crate::store::CounterStore;
-
-/// gRPC health service names reported as serving (besides `""`): our two
-/// services and `ratelimit`, the name envoyproxy/ratelimit reports.
-const HEALTH_NAMES: [&str; 4] = [
-    "",
-    "ratelimit",
-    "ratekeeper.v1.RateLimiter",
-    "envoy.service.ratelimit.v3.RateLimitService",
-];
 
 /// The listeners a server runs on, bound by the caller (tests bind port 0).
 #[derive(Debug)]
@@ -89,6 +82,7 @@ pub struct Server {
     headers: Option<ResponseHeaders>,
     reload: Option<ReloadSettings>,
     drain_delay: Duration,
+    readiness_interval: Duration,
     shutdown_timeout: Duration,
 }
 
@@ -106,6 +100,7 @@ impl Server {
             headers: None,
             reload: None,
             drain_delay: Duration::ZERO,
+            readiness_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -142,6 +137,12 @@ impl Server {
         self
     }
 
+    /// Sets how often the store is pinged for readiness (default 1 s).
+    pub fn with_readiness_interval(mut self, interval: Duration) -> Self {
+        self.readiness_interval = interval;
+        self
+    }
+
     /// Sets global shadow mode.
     pub fn with_shadow_mode(mut self, shadow: ShadowMode) -> Self {
         self.shadow = shadow;
@@ -172,11 +173,12 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        for name in HEALTH_NAMES {
-            health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
-        }
+        // One check before serving, so health and /readyz are right from
+        // the first request (a store that is down costs one store deadline).
+        let readiness = Readiness::default();
+        readiness
+            .probe(self.limiter.store().as_ref(), &health)
+            .await;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -222,8 +224,14 @@ impl Server {
         let admin_state = admin::AdminState {
             limiter: self.limiter.clone(),
             reload: reload_status.clone(),
-            shutting_down: Arc::new(AtomicBool::new(false)),
+            readiness: readiness.clone(),
         };
+        let monitoring = readiness.monitor(
+            self.limiter.store().clone(),
+            health.clone(),
+            self.readiness_interval,
+            stopped(stop_rx.clone()),
+        );
         let reloading = async {
             if let Some(settings) = self.reload.clone() {
                 reload::watch(
@@ -245,7 +253,7 @@ impl Server {
             }
         };
         let servers = async {
-            let (grpc, admin, ()) = tokio::join!(grpc, admin, reloading);
+            let (grpc, admin, (), ()) = tokio::join!(grpc, admin, reloading, monitoring);
             grpc.map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
             admin
         };
@@ -257,7 +265,7 @@ impl Server {
         }
         // Readiness goes false first, while everything still serves, so load
         // balancers stop sending before the listeners close.
-        admin_state.shutting_down.store(true, Ordering::SeqCst);
+        readiness.begin_shutdown();
         for name in HEALTH_NAMES {
             health
                 .set_service_status(name, ServingStatus::NotServing)

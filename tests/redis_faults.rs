@@ -8,9 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{RedisServer, TestServer, allow_request, envoy_request, http_get, redis_store, rules};
+use ratekeeper::Server;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const RULES: &str = r#"
 domain: app
@@ -124,6 +128,53 @@ async fn service_starts_before_redis_and_serves_once_it_is_up() {
 
     let _redis = RedisServer::start_on(port, &[]);
     until_allowed(&mut client, Duration::from_secs(5)).await;
-    let ready = http_get(server.admin_addr, "/readyz").await;
-    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    until_ready(server.admin_addr, true).await;
+}
+
+/// Polls `/readyz` until it says `ready` (or not), at most 5 s.
+async fn until_ready(admin: std::net::SocketAddr, ready: bool) {
+    let started = Instant::now();
+    loop {
+        let response = http_get(admin, "/readyz").await;
+        if response.starts_with("HTTP/1.1 200") == ready {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "readiness never became {ready}: {response}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn health_status(server: &TestServer) -> ServingStatus {
+    let mut health = HealthClient::new(server.channel().await);
+    let request = HealthCheckRequest {
+        service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+    };
+    health.check(request).await.unwrap().into_inner().status()
+}
+
+/// `/readyz` and gRPC health follow Redis: unready when it stops, ready
+/// again when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis() {
+    let mut redis = RedisServer::start();
+    let store = Arc::new(redis_store(&redis.url(), TIMEOUT));
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), store).with_readiness_interval(Duration::from_millis(50)),
+    )
+    .await;
+    until_ready(server.admin_addr, true).await;
+    assert_eq!(health_status(&server).await, ServingStatus::Serving);
+
+    redis.kill();
+    until_ready(server.admin_addr, false).await;
+    let body = http_get(server.admin_addr, "/readyz").await;
+    assert!(body.contains("not ready: redis store"), "{body}");
+    assert_eq!(health_status(&server).await, ServingStatus::NotServing);
+
+    redis.restart();
+    until_ready(server.admin_addr, true).await;
+    assert_eq!(health_status(&server).await, ServingStatus::Serving);
 }

@@ -194,7 +194,10 @@ async fn one_redis_request_per_decision() {
     };
     assert_eq!(calls("evalsha"), 400, "{info}");
     assert_eq!(calls("eval"), 0, "{info}");
-    assert_eq!(calls("ping") + calls("unwatch"), 0, "{info}");
+    // No per-request connection check; the only PINGs are the readiness
+    // monitor's, one a second whatever the traffic.
+    assert_eq!(calls("unwatch"), 0, "{info}");
+    assert!(calls("ping") <= 2, "{info}");
     // Inside the script: three descriptors read and written each time.
     assert_eq!(calls("get"), 1_200, "{info}");
     assert_eq!(calls("set"), 1_200, "{info}");
