@@ -35,6 +35,10 @@ struct Serve {
 
 impl Serve {
     fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let grpc_port = free_port();
         let admin_port = free_port();
         // Addresses through the environment, to cover RATEKEEPER_* variables.
@@ -43,6 +47,7 @@ impl Serve {
             .args(extra)
             .env("RATEKEEPER_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
             .env("RATEKEEPER_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -247,19 +252,27 @@ async fn serve_answers_with_the_example_config_and_stops_on_sigterm() {
 #[tokio::test]
 async fn serve_starts_without_redis_and_answers_unavailable() {
     let url = format!("redis://127.0.0.1:{}", free_port());
-    let mut serve = Serve::start(&[
-        "--store",
-        "redis",
-        "--redis-url",
-        &url,
-        "--log-format",
-        "json",
-    ]);
+    let mut serve = Serve::start_with_env(
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--log-format",
+            "json",
+        ],
+        &[("RUST_LOG", "ratekeeper=debug")],
+    );
     let mut client = serve.client().await;
-    let status = client
-        .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
-        .await
-        .unwrap_err();
+    // A gateway's W3C trace context: its trace id lands on the RPC's span.
+    let mut request = tonic::Request::new(allow_request("example", &[&[("api_key", "k1")]], 1));
+    request.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let status = client.should_allow(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     let (code, _) = serve.terminate().await;
     assert_eq!(code, Some(0));
@@ -267,6 +280,12 @@ async fn serve_starts_without_redis_and_answers_unavailable() {
     assert!(
         logs.lines()
             .any(|l| l.starts_with('{') && l.contains("ratekeeper serving")),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("store call failed")
+                && l.contains("4bf92f3577b34da6a3ce929d0e0e4736")),
         "{logs}"
     );
 }

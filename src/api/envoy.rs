@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 
 use super::validate::check_cost;
-use super::{Answered, RequestLimits, ResponseHeaders, ShadowMode, ceil_seconds, finish};
+use super::{
+    Answered, RequestLimits, ResponseHeaders, ShadowMode, ceil_seconds, finish, trace_context,
+};
 use crate::algorithm::Mode;
 use crate::error::Error;
 use crate::limiter::{CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter};
@@ -130,11 +132,14 @@ impl EnvoyService {
 
 #[tonic::async_trait]
 impl rate_limit_service_server::RateLimitService for EnvoyService {
-    #[tracing::instrument(name = "ShouldRateLimit", level = "debug", skip_all, fields(domain = %request.get_ref().domain, overall_code = Empty))]
+    #[tracing::instrument(name = "ShouldRateLimit", level = "debug", skip_all, fields(domain = %request.get_ref().domain, overall_code = Empty, trace_id = Empty))]
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        if let Some(trace_id) = trace_context::trace_id(request.metadata()) {
+            tracing::Span::current().record("trace_id", trace_id);
+        }
         let request = request.get_ref();
         let result = match self.translate(request) {
             Ok(check) => self.limiter.check(&check).await,

@@ -9,6 +9,7 @@
 pub mod envoy;
 pub mod headers;
 pub mod should_allow;
+pub mod trace_context;
 pub mod validate;
 
 use std::time::Duration;

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 
 use super::validate::check_cost;
-use super::{Answered, RequestLimits, ShadowMode, duration_from_ms, finish};
+use super::{Answered, RequestLimits, ShadowMode, duration_from_ms, finish, trace_context};
 use crate::algorithm::{AlgorithmKind, Mode};
 use crate::error::Error;
 use crate::limiter::{CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter};
@@ -80,11 +80,14 @@ impl ShouldAllowService {
 
 #[tonic::async_trait]
 impl pb::rate_limiter_server::RateLimiter for ShouldAllowService {
-    #[tracing::instrument(name = "ShouldAllow", level = "debug", skip_all, fields(domain = %request.get_ref().domain, allowed = Empty))]
+    #[tracing::instrument(name = "ShouldAllow", level = "debug", skip_all, fields(domain = %request.get_ref().domain, allowed = Empty, trace_id = Empty))]
     async fn should_allow(
         &self,
         request: Request<pb::ShouldAllowRequest>,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
+        if let Some(trace_id) = trace_context::trace_id(request.metadata()) {
+            tracing::Span::current().record("trace_id", trace_id);
+        }
         let request = request.get_ref();
         let result = match self.translate(request) {
             Ok(check) => self.limiter.check(&check).await,
