@@ -361,6 +361,33 @@ pub fn allow_request(
     }
 }
 
+/// Whether `ShouldAllow` allows `request`.
+pub async fn allowed(client: &mut RateLimiterClient<Channel>, request: ShouldAllowRequest) -> bool {
+    client
+        .should_allow(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .allowed
+}
+
+/// `retry_after` is exact: `wait_ms` − 1 later the request is still denied,
+/// `wait_ms` later it is allowed.
+pub async fn assert_retry_is_exact(
+    client: &mut RateLimiterClient<Channel>,
+    clock: &ManualClock,
+    request: ShouldAllowRequest,
+    wait_ms: u64,
+) {
+    clock.advance(wait_ms - 1);
+    assert!(
+        !allowed(client, request.clone()).await,
+        "allowed 1 ms before retry_after"
+    );
+    clock.advance(1);
+    assert!(allowed(client, request).await, "denied at retry_after");
+}
+
 /// An Envoy descriptor from entries.
 pub fn envoy_descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
