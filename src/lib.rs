@@ -55,7 +55,7 @@ pub use error::Error;
 use crate::api::{
     EnvoyCounting, EnvoyService, RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
 };
-use crate::limiter::Limiter;
+use crate::limiter::{FailurePolicy, Limiter};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
 use crate::readiness::{HEALTH_NAMES, Readiness};
@@ -140,6 +140,12 @@ impl Server {
     /// Sets how often the store is pinged for readiness (default 1 s).
     pub fn with_readiness_interval(mut self, interval: Duration) -> Self {
         self.readiness_interval = interval;
+        self
+    }
+
+    /// Sets what to answer when the store fails (default: `UNAVAILABLE`).
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.limiter = self.limiter.with_failure_policy(policy);
         self
     }
 

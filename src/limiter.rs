@@ -8,18 +8,41 @@
 //! request that matches nothing is answered even when the store is down.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use crate::algorithm::{BatchHit, Mode, Outcome};
+use crate::clock::SystemClock;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{Limit, Rule, Rules};
-use crate::store::CounterStore;
+use crate::store::{CounterStore, MemoryStore, StoreError};
+
+/// Live counters the `local` failure policy keeps in this process.
+const LOCAL_FALLBACK_MAX_KEYS: usize = 100_000;
+
+/// Degraded answers are logged at most this often.
+const DEGRADED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What to answer for counted descriptors when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Fail the request (`UNAVAILABLE`), so the gateway's own failure mode
+    /// decides (Envoy's `failure_mode_deny`).
+    #[default]
+    Error,
+    /// Fail open: allow.
+    Allow,
+    /// Fail closed: deny.
+    Deny,
+    /// Count in this process's memory instead, per instance, until the store
+    /// is back (the same rules and algorithms, limits no longer shared).
+    Local,
+}
 
 /// The decision engine: the current rules and the counter store.
 #[derive(Debug, Clone)]
@@ -28,6 +51,12 @@ pub struct Limiter {
     rules: Arc<ArcSwap<Rules>>,
     store: Arc<dyn CounterStore>,
     metrics: Metrics,
+    policy: FailurePolicy,
+    /// Counters for the `local` policy.
+    local: MemoryStore,
+    /// When a degraded answer was last logged; a std mutex, never held
+    /// across an await.
+    degraded_logged: Arc<Mutex<Option<Instant>>>,
 }
 
 /// A validated request, borrowing its strings from the wire message.
@@ -105,7 +134,16 @@ impl Limiter {
             rules: Arc::new(ArcSwap::from_pointee(rules)),
             store,
             metrics: Metrics::new(),
+            policy: FailurePolicy::default(),
+            local: MemoryStore::new(LOCAL_FALLBACK_MAX_KEYS, Arc::new(SystemClock)),
+            degraded_logged: Arc::default(),
         }
+    }
+
+    /// Sets what to answer when the store fails.
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// The metrics this engine records.
@@ -187,7 +225,10 @@ impl Limiter {
             let result = self.store.apply(&hits, request.mode).await;
             self.metrics
                 .store_call(self.store.backend(), started.elapsed(), result.is_ok());
-            result?
+            match result {
+                Ok(outcomes) => outcomes,
+                Err(error) => self.degrade(&hits, request.mode, error).await?,
+            }
         };
         if outcomes.len() != hits.len() {
             return Err(Error::Internal(format!(
@@ -230,6 +271,50 @@ impl Limiter {
             descriptors,
             known_domain: true,
         })
+    }
+}
+
+impl Limiter {
+    /// Answers by the failure policy after the store failed with `error`.
+    async fn degrade(
+        &self,
+        hits: &[BatchHit<'_>],
+        mode: Mode,
+        error: StoreError,
+    ) -> Result<Vec<Outcome>, Error> {
+        if self.policy == FailurePolicy::Error {
+            return Err(error.into());
+        }
+        self.metrics.degraded(self.policy);
+        self.log_degraded(&error);
+        // Nothing is known about the counters, so the answer says so: no
+        // remaining hits claimed, no retry time promised.
+        let unknown = |allowed: bool| {
+            hits.iter()
+                .map(|hit| Outcome {
+                    allowed,
+                    remaining: 0,
+                    reset_after_ms: hit.quota.window_ms,
+                    retry_after_ms: None,
+                })
+                .collect()
+        };
+        Ok(match self.policy {
+            FailurePolicy::Error | FailurePolicy::Allow => unknown(true),
+            FailurePolicy::Deny => unknown(false),
+            FailurePolicy::Local => self.local.apply(hits, mode).await?,
+        })
+    }
+
+    fn log_degraded(&self, error: &StoreError) {
+        let mut last = self
+            .degraded_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= DEGRADED_LOG_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(%error, policy = ?self.policy, "store failing; answering by failure policy");
+        }
     }
 }
 

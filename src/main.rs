@@ -13,7 +13,7 @@ use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
 use ratekeeper::store::redis::RedisSettings;
-use ratekeeper::store::{CounterStore, MemoryStore, RedisStore};
+use ratekeeper::store::{CircuitBreaker, CounterStore, MemoryStore, RedisStore};
 use ratekeeper::{Listeners, Server, telemetry};
 
 const EXIT_CONFIG: u8 = 64;
@@ -126,15 +126,20 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
             args.memory_max_keys,
             Arc::new(SystemClock),
         )),
-        StoreKind::Redis => Arc::new(
-            RedisStore::new(&RedisSettings {
+        StoreKind::Redis => {
+            let redis = RedisStore::new(&RedisSettings {
                 url: args.redis_url.clone(),
                 pool_size: args.redis_pool_size,
                 timeout: args.store_timeout,
                 connect_timeout: args.redis_connect_timeout,
             })
-            .context("--redis-url")?,
-        ),
+            .context("--redis-url")?;
+            Arc::new(CircuitBreaker::new(
+                Arc::new(redis),
+                args.breaker_failures,
+                args.breaker_cooldown,
+            ))
+        }
     })
 }
 
@@ -182,6 +187,7 @@ async fn run(
             interval: args.config_reload_interval,
         })
         .with_drain_delay(args.drain_delay)
+        .with_failure_policy(args.failure_policy.into())
         .with_shutdown_timeout(args.shutdown_timeout);
     server
         .serve(

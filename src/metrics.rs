@@ -18,6 +18,7 @@
 //! | `ratelimit_storage_duration_seconds` | histogram | backend | store call latency |
 //! | `ratelimit_storage_errors_total` | counter | backend | failed or timed-out store calls |
 //! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
+//! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::algorithm::Outcome;
+use crate::limiter::FailurePolicy;
 use crate::rules::Rule;
 use crate::rules::matcher::EntryRef;
 
@@ -51,6 +53,8 @@ pub const STORAGE_DURATION_SECONDS: &str = "ratelimit_storage_duration_seconds";
 pub const STORAGE_ERRORS_TOTAL: &str = "ratelimit_storage_errors_total";
 /// Config reloads.
 pub const CONFIG_RELOADS_TOTAL: &str = "ratelimit_config_reloads_total";
+/// Requests answered by the failure policy.
+pub const DEGRADED_TOTAL: &str = "ratelimit_degraded_total";
 
 /// Share of a limit above which allowed hits count as near the limit (as
 /// envoyproxy/ratelimit's default `NEAR_LIMIT_RATIO`).
@@ -160,6 +164,11 @@ impl Metrics {
             None,
             "Config changes applied or refused.",
         );
+        describe(
+            DEGRADED_TOTAL,
+            None,
+            "Requests answered by the failure policy because the store failed.",
+        );
         let handle = recorder.handle();
         Self {
             inner: Arc::new(Inner { recorder, handle }),
@@ -243,6 +252,18 @@ impl Metrics {
         if !ok {
             self.counter(STORAGE_ERRORS_TOTAL, labels).increment(1);
         }
+    }
+
+    /// Counts a request answered by the failure policy.
+    pub fn degraded(&self, policy: FailurePolicy) {
+        let policy = match policy {
+            FailurePolicy::Error => "error",
+            FailurePolicy::Allow => "allow",
+            FailurePolicy::Deny => "deny",
+            FailurePolicy::Local => "local",
+        };
+        self.counter(DEGRADED_TOTAL, vec![Label::new("policy", policy)])
+            .increment(1);
     }
 
     /// Counts one config reload.

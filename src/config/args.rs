@@ -59,6 +59,30 @@ pub enum StoreKind {
     Redis,
 }
 
+/// The `--failure-policy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailurePolicyArg {
+    /// UNAVAILABLE.
+    Error,
+    /// Fail open.
+    Allow,
+    /// Fail closed.
+    Deny,
+    /// Per-instance in-memory counting.
+    Local,
+}
+
+impl From<FailurePolicyArg> for crate::limiter::FailurePolicy {
+    fn from(arg: FailurePolicyArg) -> Self {
+        match arg {
+            FailurePolicyArg::Error => Self::Error,
+            FailurePolicyArg::Allow => Self::Allow,
+            FailurePolicyArg::Deny => Self::Deny,
+            FailurePolicyArg::Local => Self::Local,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -164,6 +188,22 @@ pub struct ServeArgs {
         default_value = "RateLimit-Reset"
     )]
     pub reset_header: String,
+
+    /// What to answer for limited descriptors when the store fails: `error`
+    /// (UNAVAILABLE, the gateway's failure mode decides), `allow`, `deny`, or
+    /// `local` (count in this instance's memory until the store is back).
+    #[arg(long, env = "RATEKEEPER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicyArg::Error)]
+    pub failure_policy: FailurePolicyArg,
+
+    /// Consecutive store failures after which the circuit breaker opens and
+    /// answers by the failure policy without calling the store.
+    #[arg(long, env = "RATEKEEPER_BREAKER_FAILURES", default_value_t = crate::store::breaker::DEFAULT_THRESHOLD,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+
+    /// How long the open breaker waits before letting one call probe the store.
+    #[arg(long, env = "RATEKEEPER_BREAKER_COOLDOWN", default_value = "200ms", value_parser = parse_duration)]
+    pub breaker_cooldown: Duration,
 
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -6,6 +6,7 @@
 //! Lua script call (one round trip). An over-limit answer is an ordinary
 //! [`Outcome`]; a [`StoreError`] means the store could not decide.
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
 
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 
 use crate::algorithm::{BatchHit, Mode, Outcome};
 
+pub use breaker::CircuitBreaker;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
@@ -56,4 +58,7 @@ pub enum StoreError {
     /// The backend answered something we did not expect.
     #[error("unexpected store reply: {0}")]
     Protocol(String),
+    /// The circuit breaker is open after repeated failures; the store was not called.
+    #[error("store circuit open after repeated failures")]
+    CircuitOpen,
 }

@@ -1,0 +1,168 @@
+//! When Redis fails mid-load, answers follow the configured failure policy
+//! — `error`, `allow`, `deny`, `local` — and no call waits longer than the
+//! store deadline; with the circuit breaker open, calls stop waiting at all,
+//! and service resumes by itself when Redis is back.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{RedisServer, TestServer, allow_request, http_get, redis_store, rules};
+use ratekeeper::Server;
+use ratekeeper::limiter::FailurePolicy;
+use ratekeeper::proto::ratekeeper::v1::ShouldAllowResponse;
+use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
+use ratekeeper::store::CircuitBreaker;
+use tonic::transport::Channel;
+
+const RULES: &str = r#"
+domain: fp
+descriptors:
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 3}
+"#;
+
+const DEADLINE: Duration = Duration::from_millis(100);
+/// Scheduling slack on a loaded machine; far below anything that "hangs".
+const MARGIN: Duration = Duration::from_millis(400);
+
+async fn call(
+    client: &mut RateLimiterClient<Channel>,
+    user: &str,
+) -> (Result<ShouldAllowResponse, tonic::Code>, Duration) {
+    let started = Instant::now();
+    let result = client
+        .should_allow(allow_request("fp", &[&[("user", user)]], 1))
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| s.code());
+    (result, started.elapsed())
+}
+
+async fn start(redis: &RedisServer, policy: FailurePolicy) -> TestServer {
+    let store = Arc::new(redis_store(&redis.url(), DEADLINE));
+    TestServer::start(Server::new(rules(&[RULES]), store).with_failure_policy(policy)).await
+}
+
+/// Kills Redis after one good call, then makes calls and returns their
+/// answers; asserts none took longer than the deadline plus margin.
+async fn answers_after_kill(
+    policy: FailurePolicy,
+    calls: usize,
+) -> Vec<Result<ShouldAllowResponse, tonic::Code>> {
+    let mut redis = RedisServer::start();
+    let server = start(&redis, policy).await;
+    let mut client = server.client().await;
+    assert!(call(&mut client, "warm").await.0.unwrap().allowed);
+    redis.kill();
+    let mut answers = Vec::new();
+    for _ in 0..calls {
+        let (answer, took) = call(&mut client, "u").await;
+        assert!(took < DEADLINE + MARGIN, "{policy:?}: a call took {took:?}");
+        answers.push(answer);
+    }
+    let metrics = http_get(server.admin_addr, "/metrics").await;
+    if policy != FailurePolicy::Error {
+        assert!(
+            metrics.contains("ratelimit_degraded_total{policy="),
+            "{metrics}"
+        );
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_error_answers_unavailable() {
+    for answer in answers_after_kill(FailurePolicy::Error, 5).await {
+        assert_eq!(answer.unwrap_err(), tonic::Code::Unavailable);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_allow_fails_open() {
+    for answer in answers_after_kill(FailurePolicy::Allow, 5).await {
+        assert!(answer.unwrap().allowed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_deny_fails_closed() {
+    for answer in answers_after_kill(FailurePolicy::Deny, 5).await {
+        let answer = answer.unwrap();
+        assert!(!answer.allowed);
+        assert_eq!(answer.retry_after, None);
+    }
+}
+
+/// `local` counts the same rules in memory: exactly the limit passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_local_counts_in_memory() {
+    let allowed: Vec<bool> = answers_after_kill(FailurePolicy::Local, 5)
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().allowed)
+        .collect();
+    assert_eq!(allowed, [true, true, true, false, false]);
+}
+
+/// Redis frozen: without a breaker every call would wait the full deadline;
+/// once the breaker opens, calls are answered by policy at once. When Redis
+/// resumes, counting in Redis resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_stops_paying_the_deadline_and_recovers() {
+    let redis = RedisServer::start();
+    let store = Arc::new(CircuitBreaker::new(
+        Arc::new(redis_store(&redis.url(), DEADLINE)),
+        3,
+        Duration::from_millis(200),
+    ));
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), store)
+            .with_failure_policy(FailurePolicy::Allow)
+            .with_readiness_interval(Duration::from_secs(3600)),
+    )
+    .await;
+    let mut client = server.client().await;
+    assert_eq!(
+        call(&mut client, "a").await.0.unwrap().results[0].remaining,
+        2
+    );
+
+    redis.pause();
+    let mut slow = 0;
+    let mut fast = 0;
+    for _ in 0..20 {
+        let (answer, took) = call(&mut client, "a").await;
+        assert!(answer.unwrap().allowed);
+        assert!(took < DEADLINE + MARGIN, "{took:?}");
+        if took >= DEADLINE {
+            slow += 1;
+        } else {
+            fast += 1;
+        }
+    }
+    // The first 3 pay the deadline and open the breaker; after that only the
+    // probes (one per 200 ms cooldown) wait.
+    assert!(slow >= 3, "slow {slow}");
+    assert!(fast >= 10, "fast {fast}, slow {slow}");
+
+    redis.resume();
+    let started = Instant::now();
+    loop {
+        // Degraded answers claim no remaining hits; a real answer does.
+        if call(&mut client, "b").await.0.unwrap().results[0].remaining > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "no recovery after Redis resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "recovery took {:?}",
+        started.elapsed()
+    );
+}
