@@ -72,6 +72,50 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
 }
 
+/// TLS for the gRPC listener, as PEM.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// The server's certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// The server's private key.
+    pub key_pem: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl TlsSettings {
+    /// The tonic server configuration.
+    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
+        let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+
+    /// Checks that the certificate, key and CA can be used.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`]-like text naming what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        tonic::transport::Server::builder()
+            .tls_config(self.server_config())
+            .map(drop)
+            .map_err(|e| format!("invalid TLS certificate, key or client CA: {e}"))
+    }
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("TlsSettings")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A configured ratekeeper server, ready to [`serve`](Server::serve).
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -83,6 +127,7 @@ pub struct Server {
     reload: Option<ReloadSettings>,
     drain_delay: Duration,
     readiness_interval: Duration,
+    tls: Option<TlsSettings>,
     shutdown_timeout: Duration,
 }
 
@@ -101,6 +146,7 @@ impl Server {
             reload: None,
             drain_delay: Duration::ZERO,
             readiness_interval: Duration::from_secs(1),
+            tls: None,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -140,6 +186,13 @@ impl Server {
     /// Sets how often the store is pinged for readiness (default 1 s).
     pub fn with_readiness_interval(mut self, interval: Duration) -> Self {
         self.readiness_interval = interval;
+        self
+    }
+
+    /// Serves gRPC over TLS (and requires client certificates when
+    /// `settings.client_ca_pem` is set).
+    pub fn with_tls(mut self, settings: TlsSettings) -> Self {
+        self.tls = Some(settings);
         self
     }
 
@@ -206,7 +259,13 @@ impl Server {
             .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
         let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-        let grpc = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_config(tls.server_config())
+                .map_err(|e| Error::Internal(format!("tls: {e}")))?;
+        }
+        let grpc = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

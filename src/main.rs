@@ -14,7 +14,7 @@ use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
 use ratekeeper::store::redis::RedisSettings;
 use ratekeeper::store::{CircuitBreaker, CounterStore, MemoryStore, RedisStore};
-use ratekeeper::{Listeners, Server, telemetry};
+use ratekeeper::{Listeners, Server, TlsSettings, telemetry};
 
 const EXIT_CONFIG: u8 = 64;
 
@@ -103,6 +103,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match tls_settings(&args) {
+        Ok(tls) => tls,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "invalid TLS settings");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // The Redis pool spawns nothing until used, but building it needs a runtime.
     let store = match runtime.block_on(async { build_store(&args) }) {
         Ok(store) => store,
@@ -111,13 +118,33 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match runtime.block_on(run(args, rules, store)) {
+    match runtime.block_on(run(args, rules, store, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "ratekeeper failed");
             ExitCode::FAILURE
         }
     }
+}
+
+fn tls_settings(args: &ServeArgs) -> anyhow::Result<Option<TlsSettings>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+    };
+    let settings = TlsSettings {
+        cert_pem: read(cert, "--tls-cert")?,
+        key_pem: read(key, "--tls-key")?,
+        client_ca_pem: args
+            .tls_client_ca
+            .as_deref()
+            .map(|ca| read(ca, "--tls-client-ca"))
+            .transpose()?,
+    };
+    settings.validate().map_err(anyhow::Error::msg)?;
+    Ok(Some(settings))
 }
 
 fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
@@ -147,6 +174,7 @@ async fn run(
     args: ServeArgs,
     rules: ratekeeper::rules::Rules,
     store: Arc<dyn CounterStore>,
+    tls: Option<TlsSettings>,
 ) -> anyhow::Result<()> {
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
@@ -161,7 +189,11 @@ async fn run(
         config = %args.config.display(),
         "ratekeeper serving"
     );
-    let server = Server::new(rules, store)
+    let mut server = Server::new(rules, store);
+    if let Some(tls) = tls {
+        server = server.with_tls(tls);
+    }
+    let server = server
         .with_request_limits(RequestLimits {
             max_descriptors: args.max_descriptors,
             max_entries: args.max_entries,

@@ -205,6 +205,18 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_BREAKER_COOLDOWN", default_value = "200ms", value_parser = parse_duration)]
     pub breaker_cooldown: Duration,
 
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "RATEKEEPER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "RATEKEEPER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate: require client certificates signed by it (mTLS).
+    #[arg(long, env = "RATEKEEPER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
