@@ -269,20 +269,26 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(RateLimiterServer::new(ShouldAllowService::new(
-                self.limiter.clone(),
-                self.limits,
-                self.shadow,
-            )))
-            .add_service(RateLimitServiceServer::new(
-                EnvoyService::new(
+            .add_service(
+                RateLimiterServer::new(ShouldAllowService::new(
                     self.limiter.clone(),
                     self.limits,
-                    self.envoy_counting,
                     self.shadow,
+                ))
+                .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .add_service(
+                RateLimitServiceServer::new(
+                    EnvoyService::new(
+                        self.limiter.clone(),
+                        self.limits,
+                        self.envoy_counting,
+                        self.shadow,
+                    )
+                    .with_headers(self.headers.clone()),
                 )
-                .with_headers(self.headers.clone()),
-            ))
+                .max_decoding_message_size(self.limits.max_request_bytes),
+            )
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
         let reload_status = ReloadStatus::default();

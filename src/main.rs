@@ -198,6 +198,7 @@ async fn run(
             max_descriptors: args.max_descriptors,
             max_entries: args.max_entries,
             max_value_bytes: args.max_value_bytes,
+            max_request_bytes: args.max_request_bytes,
         })
         .with_envoy_counting(if args.stop_cache_key_increment_when_overlimit {
             EnvoyCounting::StopWhenOverLimit

@@ -27,6 +27,7 @@ const LIMITS: RequestLimits = RequestLimits {
     max_descriptors: 4,
     max_entries: 3,
     max_value_bytes: 16,
+    max_request_bytes: 2048,
 };
 
 async fn server() -> TestServer {
@@ -201,6 +202,32 @@ async fn should_rate_limit_refuses_bad_input_naming_the_field() {
         .await
         .unwrap();
     assert_eq!(response.into_inner().statuses[0].limit_remaining, 0);
+}
+
+/// A request larger than the byte cap is refused before it is decoded, on
+/// both RPCs, and the server keeps serving.
+#[tokio::test]
+async fn oversized_requests_are_refused_before_decoding() {
+    let server = server().await;
+    let mut client = server.client().await;
+    let huge = "x".repeat(4096);
+    let status = client
+        .should_allow(allow_request("app", &[&[("user", &huge)]], 1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let mut envoy = server.envoy().await;
+    let status = envoy
+        .should_rate_limit(envoy_request("app", &[&[("user", &huge)]]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        client
+            .should_allow(allow_request("app", &[&[("user", "ok")]], 1))
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]

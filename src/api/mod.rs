@@ -30,6 +30,10 @@ pub const DEFAULT_MAX_DESCRIPTORS: usize = 64;
 pub const DEFAULT_MAX_ENTRIES: usize = 32;
 /// Default cap on the length of a domain, key or value, in bytes.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024;
+/// Default cap on the size of one encoded request, in bytes: far above any
+/// real rate limit request (64 descriptors of 32 entries of 1 KiB would not
+/// fit, but nothing legitimate comes close), far below tonic's 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// Largest cost (hits) one request may add to one counter. Keeps every count
 /// exact in Redis's Lua (doubles) and far from overflow.
 pub const MAX_COST: u64 = u32::MAX as u64;
@@ -43,6 +47,9 @@ pub struct RequestLimits {
     pub max_entries: usize,
     /// Longest domain, key or value, in bytes.
     pub max_value_bytes: usize,
+    /// Largest encoded request, in bytes; a larger one is refused before it
+    /// is decoded (`OUT_OF_RANGE`, as tonic reports it).
+    pub max_request_bytes: usize,
 }
 
 impl Default for RequestLimits {
@@ -51,6 +58,7 @@ impl Default for RequestLimits {
             max_descriptors: DEFAULT_MAX_DESCRIPTORS,
             max_entries: DEFAULT_MAX_ENTRIES,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }

@@ -217,6 +217,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Largest encoded request, in bytes; larger ones are refused before decoding.
+    #[arg(long, env = "RATEKEEPER_MAX_REQUEST_BYTES", default_value_t = crate::api::DEFAULT_MAX_REQUEST_BYTES,
+          value_parser = parse_positive)]
+    pub max_request_bytes: usize,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
