@@ -61,7 +61,7 @@ use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
 use crate::readiness::{HEALTH_NAMES, Readiness};
 use crate::reload::{ReloadSettings, ReloadStatus};
 use crate::rules::Rules;
-use crate::store::CounterStore;
+use crate::store::{CounterStore, OverLimitCache};
 
 /// The listeners a server runs on, bound by the caller (tests bind port 0).
 #[derive(Debug)]
@@ -193,6 +193,13 @@ impl Server {
     /// `settings.client_ca_pem` is set).
     pub fn with_tls(mut self, settings: TlsSettings) -> Self {
         self.tls = Some(settings);
+        self
+    }
+
+    /// Answers counters known to be over their limit from `cache`, without
+    /// a store call.
+    pub fn with_over_limit_cache(mut self, cache: OverLimitCache) -> Self {
+        self.limiter = self.limiter.with_over_limit_cache(cache);
         self
     }
 

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{Limit, Rule, Rules};
-use crate::store::{CounterStore, MemoryStore, StoreError};
+use crate::store::{CounterStore, MemoryStore, OverLimitCache, StoreError};
 
 /// Live counters the `local` failure policy keeps in this process.
 const LOCAL_FALLBACK_MAX_KEYS: usize = 100_000;
@@ -57,6 +57,8 @@ pub struct Limiter {
     /// When a degraded answer was last logged; a std mutex, never held
     /// across an await.
     degraded_logged: Arc<Mutex<Option<Instant>>>,
+    /// Known denials, answered without a store call (opt-in).
+    over_limit: Option<Arc<OverLimitCache>>,
 }
 
 /// A validated request, borrowing its strings from the wire message.
@@ -137,7 +139,14 @@ impl Limiter {
             policy: FailurePolicy::default(),
             local: MemoryStore::new(LOCAL_FALLBACK_MAX_KEYS, Arc::new(SystemClock)),
             degraded_logged: Arc::default(),
+            over_limit: None,
         }
+    }
+
+    /// Answers counters known to be over their limit from `cache`.
+    pub fn with_over_limit_cache(mut self, cache: OverLimitCache) -> Self {
+        self.over_limit = Some(Arc::new(cache));
+        self
     }
 
     /// Sets what to answer when the store fails.
@@ -159,6 +168,10 @@ impl Limiter {
     /// Replaces the rules atomically; calls in flight finish with the old ones.
     pub fn replace_rules(&self, rules: Rules) {
         self.rules.store(Arc::new(rules));
+        // A changed limit could admit sooner than a cached denial says.
+        if let Some(cache) = &self.over_limit {
+            cache.clear();
+        }
     }
 
     /// The counter store.
@@ -218,18 +231,7 @@ impl Limiter {
                     && !matched[*i].as_ref().is_some_and(|r| r.shadow_mode),
             })
             .collect();
-        let outcomes = if hits.is_empty() {
-            Vec::new()
-        } else {
-            let started = Instant::now();
-            let result = self.store.apply(&hits, request.mode).await;
-            self.metrics
-                .store_call(self.store.backend(), started.elapsed(), result.is_ok());
-            match result {
-                Ok(outcomes) => outcomes,
-                Err(error) => self.degrade(&hits, request.mode, error).await?,
-            }
-        };
+        let outcomes = self.apply(request.domain, &hits, request.mode).await?;
         if outcomes.len() != hits.len() {
             return Err(Error::Internal(format!(
                 "store returned {} outcomes for {} hits",
@@ -275,6 +277,96 @@ impl Limiter {
 }
 
 impl Limiter {
+    /// Applies `hits`, answering known denials from the over-limit cache and
+    /// the rest with one store call.
+    async fn apply(
+        &self,
+        domain: &str,
+        hits: &[BatchHit<'_>],
+        mode: Mode,
+    ) -> Result<Vec<Outcome>, Error> {
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Upstream's stop-increment semantics need every descriptor judged
+        // together, so that mode always asks the store.
+        let cache = self
+            .over_limit
+            .as_deref()
+            .filter(|_| mode != Mode::StopIncrementWhenOverLimit);
+        let cached: Vec<Option<Outcome>> = match cache {
+            Some(cache) => hits
+                .iter()
+                .map(|hit| cache.get(hit.key, hit.hits))
+                .collect(),
+            None => vec![None; hits.len()],
+        };
+        let from_cache = cached.iter().flatten().count();
+        if from_cache == 0 {
+            return self.call_store(hits, mode, cache).await;
+        }
+        self.metrics
+            .over_limit_cache_hits(domain, from_cache as u64);
+        let rest: Vec<BatchHit<'_>> = hits
+            .iter()
+            .zip(&cached)
+            .filter(|(_, cached)| cached.is_none())
+            .map(|(hit, _)| *hit)
+            .collect();
+        // A known enforced denial denies an all-or-nothing request: the other
+        // descriptors are only judged, not consumed.
+        let denied = hits
+            .iter()
+            .zip(&cached)
+            .any(|(hit, cached)| cached.is_some() && hit.enforced);
+        let rest_mode = if mode == Mode::AllOrNothing && denied {
+            Mode::DryRun
+        } else {
+            mode
+        };
+        let mut from_store = if rest.is_empty() {
+            Vec::new()
+        } else {
+            self.call_store(&rest, rest_mode, cache).await?
+        }
+        .into_iter();
+        cached
+            .into_iter()
+            .map(|cached| cached.or_else(|| from_store.next()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Internal("store returned too few outcomes".to_owned()))
+    }
+
+    /// One store call, with the failure policy applied to its failure and its
+    /// denials remembered in the over-limit cache.
+    async fn call_store(
+        &self,
+        hits: &[BatchHit<'_>],
+        mode: Mode,
+        cache: Option<&OverLimitCache>,
+    ) -> Result<Vec<Outcome>, Error> {
+        let started = Instant::now();
+        let result = self.store.apply(hits, mode).await;
+        self.metrics
+            .store_call(self.store.backend(), started.elapsed(), result.is_ok());
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
+            // Degraded answers are not the store's: never cached.
+            Err(error) => return self.degrade(hits, mode, error).await,
+        };
+        if let Some(cache) = cache {
+            for (hit, outcome) in hits.iter().zip(&outcomes) {
+                // A key named twice in one request was judged after its own
+                // earlier hits; its denial says nothing about it alone.
+                let once = hits.iter().filter(|other| other.key == hit.key).count() == 1;
+                if hit.enforced && once {
+                    cache.remember(hit.key, hit.hits, outcome);
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
     /// Answers by the failure policy after the store failed with `error`.
     async fn degrade(
         &self,

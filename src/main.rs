@@ -13,7 +13,7 @@ use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
 use ratekeeper::store::redis::RedisSettings;
-use ratekeeper::store::{CircuitBreaker, CounterStore, MemoryStore, RedisStore};
+use ratekeeper::store::{CircuitBreaker, CounterStore, MemoryStore, OverLimitCache, RedisStore};
 use ratekeeper::{Listeners, Server, TlsSettings, telemetry};
 
 const EXIT_CONFIG: u8 = 64;
@@ -190,6 +190,12 @@ async fn run(
         "ratekeeper serving"
     );
     let mut server = Server::new(rules, store);
+    if args.over_limit_cache_size > 0 {
+        server = server.with_over_limit_cache(OverLimitCache::new(
+            args.over_limit_cache_size,
+            Arc::new(SystemClock),
+        ));
+    }
     if let Some(tls) = tls {
         server = server.with_tls(tls);
     }

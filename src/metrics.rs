@@ -19,6 +19,7 @@
 //! | `ratelimit_storage_errors_total` | counter | backend | failed or timed-out store calls |
 //! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
 //! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
+//! | `ratelimit_over_limit_cache_hits_total` | counter | domain | descriptors denied from the over-limit cache, without a store call |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,8 @@ pub const STORAGE_ERRORS_TOTAL: &str = "ratelimit_storage_errors_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "ratelimit_config_reloads_total";
 /// Requests answered by the failure policy.
 pub const DEGRADED_TOTAL: &str = "ratelimit_degraded_total";
+/// Descriptors denied from the over-limit cache.
+pub const OVER_LIMIT_CACHE_HITS_TOTAL: &str = "ratelimit_over_limit_cache_hits_total";
 
 /// Share of a limit above which allowed hits count as near the limit (as
 /// envoyproxy/ratelimit's default `NEAR_LIMIT_RATIO`).
@@ -169,6 +172,11 @@ impl Metrics {
             None,
             "Requests answered by the failure policy because the store failed.",
         );
+        describe(
+            OVER_LIMIT_CACHE_HITS_TOTAL,
+            None,
+            "Descriptors denied from the over-limit cache without a store call.",
+        );
         let handle = recorder.handle();
         Self {
             inner: Arc::new(Inner { recorder, handle }),
@@ -252,6 +260,15 @@ impl Metrics {
         if !ok {
             self.counter(STORAGE_ERRORS_TOTAL, labels).increment(1);
         }
+    }
+
+    /// Counts descriptors denied from the over-limit cache.
+    pub fn over_limit_cache_hits(&self, domain: &str, count: u64) {
+        self.counter(
+            OVER_LIMIT_CACHE_HITS_TOTAL,
+            vec![Label::new("domain", domain.to_owned())],
+        )
+        .increment(count);
     }
 
     /// Counts a request answered by the failure policy.

@@ -350,6 +350,7 @@ fn dashboard_queries_only_exported_metrics() {
         m::STORAGE_ERRORS_TOTAL,
         m::CONFIG_RELOADS_TOTAL,
         m::DEGRADED_TOTAL,
+        m::OVER_LIMIT_CACHE_HITS_TOTAL,
     ];
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -222,6 +222,11 @@ pub struct ServeArgs {
           value_parser = parse_positive)]
     pub max_request_bytes: usize,
 
+    /// Counters known to be over their limit kept in this process, answered
+    /// without a store call until their retry time; 0 turns the cache off.
+    #[arg(long, env = "RATEKEEPER_OVER_LIMIT_CACHE_SIZE", default_value_t = 0)]
+    pub over_limit_cache_size: usize,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

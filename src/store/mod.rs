@@ -8,6 +8,7 @@
 
 pub mod breaker;
 pub mod memory;
+pub mod over_limit_cache;
 pub mod redis;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use crate::algorithm::{BatchHit, Mode, Outcome};
 
 pub use breaker::CircuitBreaker;
 pub use memory::MemoryStore;
+pub use over_limit_cache::OverLimitCache;
 pub use redis::RedisStore;
 
 /// A backend that applies a request's hits atomically.
