@@ -57,11 +57,15 @@ async fn answers_after_kill(
     assert!(call(&mut client, "warm").await.0.unwrap().allowed);
     redis.kill();
     let mut answers = Vec::new();
+    let mut slowest = Duration::ZERO;
     for _ in 0..calls {
         let (answer, took) = call(&mut client, "u").await;
         assert!(took < DEADLINE + MARGIN, "{policy:?}: a call took {took:?}");
+        slowest = slowest.max(took);
         answers.push(answer);
     }
+    // The figure the README's reliability section quotes (run with --nocapture).
+    println!("redis killed, policy {policy:?}: slowest call {slowest:?} (deadline {DEADLINE:?})");
     let metrics = http_get(server.admin_addr, "/metrics").await;
     if policy != FailurePolicy::Error {
         assert!(
@@ -144,6 +148,7 @@ async fn the_breaker_stops_paying_the_deadline_and_recovers() {
     }
     // The first 3 pay the deadline and open the breaker; after that only the
     // probes (one per 200 ms cooldown) wait.
+    println!("redis frozen, breaker: {slow} calls waited the deadline, {fast} answered at once");
     assert!(slow >= 3, "slow {slow}");
     assert!(fast >= 10, "fast {fast}, slow {slow}");
 
@@ -160,6 +165,10 @@ async fn the_breaker_stops_paying_the_deadline_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    println!(
+        "redis resumed: counting in redis again after {:?}",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "recovery took {:?}",
