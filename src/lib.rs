@@ -48,7 +48,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
 
 pub use error::Error;
 
@@ -58,7 +57,7 @@ use crate::api::{
 use crate::limiter::{FailurePolicy, Limiter};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
-use crate::readiness::{HEALTH_NAMES, Readiness};
+use crate::readiness::Readiness;
 use crate::reload::{ReloadSettings, ReloadStatus};
 use crate::rules::Rules;
 use crate::store::{CounterStore, OverLimitCache};
@@ -343,12 +342,7 @@ impl Server {
         }
         // Readiness goes false first, while everything still serves, so load
         // balancers stop sending before the listeners close.
-        readiness.begin_shutdown();
-        for name in HEALTH_NAMES {
-            health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
-        }
+        readiness.begin_shutdown(&health).await;
         if !self.drain_delay.is_zero() {
             tokio::select! {
                 result = &mut servers => return result,

@@ -66,9 +66,14 @@ impl Readiness {
         }
     }
 
-    /// Marks the instance unready for good.
-    pub fn begin_shutdown(&self) {
+    /// Marks the instance unready for good and reports NOT_SERVING.
+    pub async fn begin_shutdown(&self, health: &HealthReporter) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
     }
 
     /// Pings the store once, records the outcome and updates gRPC health.

@@ -11,7 +11,9 @@ use common::{
 use ratekeeper::Server;
 use ratekeeper::api::EnvoyCounting;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
-use ratekeeper::proto::ratekeeper::v1::{Algorithm, Decision, DescriptorResult};
+use ratekeeper::proto::ratekeeper::v1::{
+    Algorithm, Decision, DescriptorResult, ShouldAllowResponse,
+};
 
 const RULES: &str = r#"
 domain: algo
@@ -31,6 +33,11 @@ descriptors:
 fn ms(d: &Option<prost_types::Duration>) -> Option<u64> {
     d.as_ref()
         .map(|d| (d.seconds * 1000) as u64 + (d.nanos / 1_000_000) as u64)
+}
+
+/// Each result's `remaining`, in order.
+fn remaining(response: &ShouldAllowResponse) -> Vec<u64> {
+    response.results.iter().map(|r| r.remaining).collect()
 }
 
 fn brief(r: &DescriptorResult) -> (Decision, u64, u64, Option<u64>, Option<u64>) {
@@ -100,8 +107,7 @@ async fn mixed_algorithms_are_all_or_nothing(backend: Backend) {
     dry.dry_run = true;
     let response = client.should_allow(dry).await.unwrap().into_inner();
     assert!(response.allowed);
-    let remaining: Vec<u64> = response.results.iter().map(|r| r.remaining).collect();
-    assert_eq!(remaining, [5, 4, 10]);
+    assert_eq!(remaining(&response), [5, 4, 10]);
     // Cost 4 fits all three.
     let response = client
         .should_allow(allow_request("algo", all, 4))
@@ -109,14 +115,7 @@ async fn mixed_algorithms_are_all_or_nothing(backend: Backend) {
         .unwrap()
         .into_inner();
     assert!(response.allowed);
-    assert_eq!(
-        response
-            .results
-            .iter()
-            .map(|r| r.remaining)
-            .collect::<Vec<_>>(),
-        [1, 0, 6]
-    );
+    assert_eq!(remaining(&response), [1, 0, 6]);
     // Cost 1: the bucket has 1 left and the fixed window 6, but the sliding
     // window is full — nothing is taken from the others.
     let response = client
@@ -130,14 +129,7 @@ async fn mixed_algorithms_are_all_or_nothing(backend: Backend) {
         decisions,
         [Decision::Allowed, Decision::Denied, Decision::Allowed]
     );
-    assert_eq!(
-        response
-            .results
-            .iter()
-            .map(|r| r.remaining)
-            .collect::<Vec<_>>(),
-        [1, 0, 6]
-    );
+    assert_eq!(remaining(&response), [1, 0, 6]);
     let bucket_alone = client
         .should_allow(allow_request("algo", &[&[("bucket", "m")]], 1))
         .await

@@ -35,9 +35,8 @@ fn evalsha_calls(redis: &RedisServer) -> u64 {
         .map_or(0, |n| n.parse().unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeat_offenders_are_denied_without_a_round_trip() {
-    let redis = RedisServer::start();
+/// A server on `redis` with the over-limit cache, both on one injected clock.
+async fn start(redis: &RedisServer) -> (TestServer, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(T0));
     let store = Arc::new(
         redis_store(&redis.url(), Duration::from_secs(2))
@@ -46,9 +45,17 @@ async fn repeat_offenders_are_denied_without_a_round_trip() {
     let server = TestServer::start(
         Server::new(rules(&[RULES]), store)
             .with_over_limit_cache(OverLimitCache::new(1_000, clock.clone()))
+            // No readiness pings during the test: only decisions reach Redis.
             .with_readiness_interval(Duration::from_secs(3600)),
     )
     .await;
+    (server, clock)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeat_offenders_are_denied_without_a_round_trip() {
+    let redis = RedisServer::start();
+    let (server, clock) = start(&redis).await;
     let envoy = server.envoy().await;
     let call = |user: &'static str| {
         let mut envoy = envoy.clone();
@@ -92,16 +99,7 @@ async fn repeat_offenders_are_denied_without_a_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_denial_consumes_nothing_else() {
     let redis = RedisServer::start();
-    let clock = Arc::new(ManualClock::new(T0));
-    let store = Arc::new(
-        redis_store(&redis.url(), Duration::from_secs(2))
-            .with_clock(clock.clone() as Arc<dyn Clock>),
-    );
-    let server = TestServer::start(
-        Server::new(rules(&[RULES]), store)
-            .with_over_limit_cache(OverLimitCache::new(1_000, clock.clone())),
-    )
-    .await;
+    let (server, _clock) = start(&redis).await;
     let mut client = server.client().await;
     for _ in 0..3 {
         client

@@ -51,14 +51,15 @@ async fn until_allowed(client: &mut RateLimiterClient<Channel>, within: Duration
     }
 }
 
+/// A server on the Redis at `url`, with the store deadline `TIMEOUT`.
+async fn start(url: &str) -> TestServer {
+    TestServer::with(rules(&[RULES]), Arc::new(redis_store(url, TIMEOUT))).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_then_restarted() {
     let mut redis = RedisServer::start();
-    let server = TestServer::with(
-        rules(&[RULES]),
-        Arc::new(redis_store(&redis.url(), TIMEOUT)),
-    )
-    .await;
+    let server = start(&redis.url()).await;
     let mut client = server.client().await;
     assert_eq!(ask(&mut client).await.0, Ok(true));
 
@@ -93,11 +94,7 @@ async fn redis_killed_then_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_frozen_costs_at_most_the_deadline() {
     let redis = RedisServer::start();
-    let server = TestServer::with(
-        rules(&[RULES]),
-        Arc::new(redis_store(&redis.url(), TIMEOUT)),
-    )
-    .await;
+    let server = start(&redis.url()).await;
     let mut client = server.client().await;
     assert_eq!(ask(&mut client).await.0, Ok(true));
 

@@ -6,17 +6,13 @@
 //! count, as in the reference implementation, so a client hammering a denied
 //! key stays denied for the rest of the window.
 
-use super::{Algorithm, AlgorithmKind, COUNT_CAP, Evaluation, Outcome, Quota, State, Stored};
+use super::{Algorithm, COUNT_CAP, Evaluation, Outcome, Quota, State, Stored};
 
 /// The fixed window algorithm.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FixedWindow;
 
 impl Algorithm for FixedWindow {
-    fn kind(&self) -> AlgorithmKind {
-        AlgorithmKind::FixedWindow
-    }
-
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation {
         let window_start = now_ms - now_ms % quota.window_ms;
         let window_end = window_start + quota.window_ms;

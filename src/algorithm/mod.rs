@@ -95,9 +95,6 @@ pub struct Evaluation {
 
 /// A rate limit algorithm: a pure step over one counter's state.
 pub trait Algorithm: Send + Sync + fmt::Debug {
-    /// Which algorithm this is.
-    fn kind(&self) -> AlgorithmKind;
-
     /// Evaluates `hits` against `state` for `quota` at `now_ms`.
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation;
 }

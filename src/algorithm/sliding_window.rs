@@ -11,17 +11,13 @@
 //! the same numbers with doubles. State: `[window_start_ms, current, previous]`.
 //! Rejected hits do not count.
 
-use super::{Algorithm, AlgorithmKind, Evaluation, Outcome, Quota, State, Stored};
+use super::{Algorithm, Evaluation, Outcome, Quota, State, Stored};
 
 /// The sliding window algorithm.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SlidingWindow;
 
 impl Algorithm for SlidingWindow {
-    fn kind(&self) -> AlgorithmKind {
-        AlgorithmKind::SlidingWindow
-    }
-
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation {
         let window = quota.window_ms;
         let start = now_ms - now_ms % window;

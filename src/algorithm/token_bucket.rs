@@ -10,17 +10,13 @@
 //!
 //! State: `[level, measured_at_ms, 0]`. Rejected hits take no tokens.
 
-use super::{Algorithm, AlgorithmKind, Evaluation, Outcome, Quota, State, Stored};
+use super::{Algorithm, Evaluation, Outcome, Quota, State, Stored};
 
 /// The token bucket algorithm.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokenBucket;
 
 impl Algorithm for TokenBucket {
-    fn kind(&self) -> AlgorithmKind {
-        AlgorithmKind::TokenBucket
-    }
-
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation {
         let window = quota.window_ms;
         // The loader refuses a zero refill for token buckets; never divide by 0.

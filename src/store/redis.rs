@@ -98,11 +98,6 @@ impl RedisStore {
         self
     }
 
-    /// Drops the connections; a later call would reconnect.
-    pub fn close(&self) {
-        self.connections.close();
-    }
-
     async fn run<T>(
         &self,
         call: impl Future<Output = Result<T, StoreError>>,

@@ -79,13 +79,6 @@ impl Connections {
         slot.current.store(Some(shared.clone()));
         Ok(shared)
     }
-
-    /// Drops every connection; the next call reconnects.
-    pub(super) fn close(&self) {
-        for slot in self.slots.iter() {
-            slot.current.store(None);
-        }
-    }
 }
 
 impl Shared {
