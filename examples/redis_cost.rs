@@ -33,6 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pool_size: 4,
         timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(1),
+        tls: None,
     })?;
     let mut admin = redis::Client::open(url)?
         .get_multiplexed_async_connection()
@@ -64,6 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 path: "cost".into(),
                 source: Arc::from("redis_cost"),
                 shared_values: vec![],
+                failure_policy: None,
             });
             let values: Vec<String> = (0..descriptors).map(|i| format!("user{i}")).collect();
             let keys: Vec<Vec<u8>> = values
@@ -89,6 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     quota: limit.quota(),
                     hits: 1,
                     enforced: true,
+                    failure_policy: Default::default(),
                 })
                 .collect();
             // Warm up: load the script, open the pool's connections.

@@ -92,6 +92,8 @@ struct RuleView {
     burst: Option<u64>,
     unlimited: bool,
     shadow_mode: bool,
+    /// The rule's own failure policy; `null` follows `--failure-policy`.
+    failure_policy: Option<&'static str>,
     replaces: Vec<String>,
     source: String,
 }
@@ -125,6 +127,7 @@ fn view(domain: &str, rule: &Rule) -> RuleView {
         burst: limit.map(|l| l.quota().burst),
         unlimited: limit.is_none(),
         shadow_mode: rule.shadow_mode,
+        failure_policy: rule.failure_policy.map(|p| p.as_str()),
         replaces: rule.replaces.clone(),
         source: rule.source.to_string(),
     }

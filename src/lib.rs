@@ -19,6 +19,7 @@
 //! - [`algorithm`]: the limit math and batch semantics (pure).
 //! - [`store`]: `CounterStore` with the memory and Redis backends.
 //! - [`limiter`]: match → hits → one store call → decision.
+//! - [`failure_policy`]: what to answer when the store fails.
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
 //! - [`metrics`]: the Prometheus metrics.
@@ -32,6 +33,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod failure_policy;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;

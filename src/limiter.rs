@@ -12,10 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::SystemClock;
 use crate::error::Error;
+pub use crate::failure_policy::FailurePolicy;
 use crate::metrics::Metrics;
 use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
@@ -27,22 +30,6 @@ const LOCAL_FALLBACK_MAX_KEYS: usize = 100_000;
 
 /// Degraded answers are logged at most this often.
 const DEGRADED_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// What to answer for counted descriptors when the store fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FailurePolicy {
-    /// Fail the request (`UNAVAILABLE`), so the gateway's own failure mode
-    /// decides (Envoy's `failure_mode_deny`).
-    #[default]
-    Error,
-    /// Fail open: allow.
-    Allow,
-    /// Fail closed: deny.
-    Deny,
-    /// Count in this process's memory instead, per instance, until the store
-    /// is back (the same rules and algorithms, limits no longer shared).
-    Local,
-}
 
 /// The decision engine: the current rules and the counter store.
 #[derive(Debug, Clone)]
@@ -229,6 +216,10 @@ impl Limiter {
                 hits: request.descriptors[*i].hits,
                 enforced: request.enforcement == Enforcement::AsConfigured
                     && !matched[*i].as_ref().is_some_and(|r| r.shadow_mode),
+                failure_policy: matched[*i]
+                    .as_ref()
+                    .and_then(|r| r.failure_policy)
+                    .unwrap_or(self.policy),
             })
             .collect();
         let outcomes = self.apply(request.domain, &hits, request.mode).await?;
@@ -346,7 +337,16 @@ impl Limiter {
         cache: Option<&OverLimitCache>,
     ) -> Result<Vec<Outcome>, Error> {
         let started = Instant::now();
-        let result = self.store.apply(hits, mode).await;
+        let span = tracing::debug_span!(
+            "store",
+            backend = self.store.backend(),
+            keys = hits.len(),
+            error = Empty
+        );
+        let result = self.store.apply(hits, mode).instrument(span.clone()).await;
+        if let Err(error) = &result {
+            span.record("error", tracing::field::display(error));
+        }
         self.metrics
             .store_call(self.store.backend(), started.elapsed(), result.is_ok());
         let outcomes = match result {
@@ -367,45 +367,75 @@ impl Limiter {
         Ok(outcomes)
     }
 
-    /// Answers by the failure policy after the store failed with `error`.
+    /// Answers by each hit's failure policy after the store failed with
+    /// `error`. One `error` hit fails the whole request: a request has one
+    /// answer, and that policy asks for the gateway's.
     async fn degrade(
         &self,
         hits: &[BatchHit<'_>],
         mode: Mode,
         error: StoreError,
     ) -> Result<Vec<Outcome>, Error> {
-        if self.policy == FailurePolicy::Error {
+        if hits
+            .iter()
+            .any(|h| h.failure_policy == FailurePolicy::Error)
+        {
             return Err(error.into());
         }
-        self.metrics.degraded(self.policy);
-        self.log_degraded(&error);
+        let mut used: Vec<FailurePolicy> = hits.iter().map(|h| h.failure_policy).collect();
+        used.sort_by_key(|p| p.as_str());
+        used.dedup();
+        for policy in &used {
+            self.metrics.degraded(*policy);
+        }
+        self.log_degraded(&error, &used);
         // Nothing is known about the counters, so the answer says so: no
         // remaining hits claimed, no retry time promised.
-        let unknown = |allowed: bool| {
-            hits.iter()
-                .map(|hit| Outcome {
-                    allowed,
-                    remaining: 0,
-                    reset_after_ms: hit.quota.window_ms,
-                    retry_after_ms: None,
-                })
-                .collect()
-        };
-        Ok(match self.policy {
-            FailurePolicy::Error | FailurePolicy::Allow => unknown(true),
-            FailurePolicy::Deny => unknown(false),
-            FailurePolicy::Local => self.local.apply(hits, mode).await?,
-        })
+        let mut outcomes: Vec<Outcome> = hits
+            .iter()
+            .map(|hit| Outcome {
+                allowed: hit.failure_policy != FailurePolicy::Deny,
+                remaining: 0,
+                reset_after_ms: hit.quota.window_ms,
+                retry_after_ms: None,
+            })
+            .collect();
+        let local: Vec<BatchHit<'_>> = hits
+            .iter()
+            .filter(|h| h.failure_policy == FailurePolicy::Local)
+            .copied()
+            .collect();
+        if !local.is_empty() {
+            // A request already denied by a `deny` hit takes nothing from
+            // the local counters unless each descriptor counts on its own.
+            let denied = hits
+                .iter()
+                .any(|h| h.enforced && h.failure_policy == FailurePolicy::Deny);
+            let local_mode = if denied && mode != Mode::Independent {
+                Mode::DryRun
+            } else {
+                mode
+            };
+            let mut counted = self.local.apply(&local, local_mode).await?.into_iter();
+            for (hit, outcome) in hits.iter().zip(&mut outcomes) {
+                if hit.failure_policy == FailurePolicy::Local {
+                    *outcome = counted.next().ok_or_else(|| {
+                        Error::Internal("local store returned too few outcomes".to_owned())
+                    })?;
+                }
+            }
+        }
+        Ok(outcomes)
     }
 
-    fn log_degraded(&self, error: &StoreError) {
+    fn log_degraded(&self, error: &StoreError, policies: &[FailurePolicy]) {
         let mut last = self
             .degraded_logged
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|at| at.elapsed() >= DEGRADED_LOG_EVERY) {
             *last = Some(Instant::now());
-            tracing::warn!(%error, policy = ?self.policy, "store failing; answering by failure policy");
+            tracing::warn!(%error, ?policies, "store failing; answering by failure policy");
         }
     }
 }

@@ -12,7 +12,7 @@ use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
-use ratekeeper::store::redis::RedisSettings;
+use ratekeeper::store::redis::{RedisSettings, RedisTls};
 use ratekeeper::store::{CircuitBreaker, CounterStore, MemoryStore, OverLimitCache, RedisStore};
 use ratekeeper::{Listeners, Server, TlsSettings, telemetry};
 
@@ -68,7 +68,11 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     RuleLimit::Unlimited => "unlimited".to_owned(),
                 };
                 let shadow = if rule.shadow_mode { " (shadow)" } else { "" };
-                println!("  {}: {limit}{shadow}", rule.path);
+                let policy = rule
+                    .failure_policy
+                    .map(|p| format!(" (on store failure: {p})"))
+                    .unwrap_or_default();
+                println!("  {}: {limit}{shadow}{policy}", rule.path);
             }
             println!(
                 "ok: {} domains, {} rules",
@@ -85,22 +89,42 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    telemetry::init(args.log_format);
-    let rules = match load_rules(&args.config) {
-        Ok(rules) => rules,
-        Err(error) => {
-            tracing::error!(%error, "invalid config");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            tracing::error!(%error, "cannot start the async runtime");
+            eprintln!("cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
+        }
+    };
+    // The OTLP exporter's gRPC channel lives on this runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        telemetry::init(args.log_format, args.otlp_endpoint.as_deref())
+    };
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("invalid tracing settings: {error:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let code = serve_with(args, &runtime);
+    {
+        let _runtime = runtime.enter();
+        telemetry.shutdown();
+    }
+    code
+}
+
+fn serve_with(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let rules = match load_rules(&args.config) {
+        Ok(rules) => rules,
+        Err(error) => {
+            tracing::error!(%error, "invalid config");
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     let tls = match tls_settings(&args) {
@@ -127,12 +151,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
+/// Reads a file a flag names; errors say which flag.
+fn read(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
 fn tls_settings(args: &ServeArgs) -> anyhow::Result<Option<TlsSettings>> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
-    };
-    let read = |path: &std::path::Path, flag: &str| {
-        std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
     };
     let settings = TlsSettings {
         cert_pem: read(cert, "--tls-cert")?,
@@ -159,6 +185,7 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 pool_size: args.redis_pool_size,
                 timeout: args.store_timeout,
                 connect_timeout: args.redis_connect_timeout,
+                tls: redis_tls(args)?,
             })
             .context("--redis-url")?;
             Arc::new(CircuitBreaker::new(
@@ -168,6 +195,23 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
             ))
         }
     })
+}
+
+/// The certificates for `rediss://`, if any flag names one.
+fn redis_tls(args: &ServeArgs) -> anyhow::Result<Option<RedisTls>> {
+    let ca_pem = args
+        .redis_ca_cert
+        .as_deref()
+        .map(|path| read(path, "--redis-ca-cert"))
+        .transpose()?;
+    let client_pem = match (&args.redis_client_cert, &args.redis_client_key) {
+        (Some(cert), Some(key)) => Some((
+            read(cert, "--redis-client-cert")?,
+            read(key, "--redis-client-key")?,
+        )),
+        _ => None,
+    };
+    Ok((ca_pem.is_some() || client_pem.is_some()).then_some(RedisTls { ca_pem, client_pem }))
 }
 
 async fn run(

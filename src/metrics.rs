@@ -30,7 +30,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::algorithm::Outcome;
-use crate::limiter::FailurePolicy;
+use crate::failure_policy::FailurePolicy;
 use crate::rules::Rule;
 use crate::rules::matcher::EntryRef;
 
@@ -273,13 +273,7 @@ impl Metrics {
 
     /// Counts a request answered by the failure policy.
     pub fn degraded(&self, policy: FailurePolicy) {
-        let policy = match policy {
-            FailurePolicy::Error => "error",
-            FailurePolicy::Allow => "allow",
-            FailurePolicy::Deny => "deny",
-            FailurePolicy::Local => "local",
-        };
-        self.counter(DEGRADED_TOTAL, vec![Label::new("policy", policy)])
+        self.counter(DEGRADED_TOTAL, vec![Label::new("policy", policy.as_str())])
             .increment(1);
     }
 

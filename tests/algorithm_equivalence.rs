@@ -109,6 +109,7 @@ async fn run_sequence(kinds: &[AlgorithmKind]) {
                     quota: counter.quota,
                     hits: rng.below(counter.quota.burst.max(counter.quota.limit) + 3),
                     enforced: rng.below(8) != 0,
+                    failure_policy: Default::default(),
                 }
             })
             .collect();

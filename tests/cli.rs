@@ -158,50 +158,58 @@ fn check_config_refuses_a_bad_file_with_exit_1() {
     );
 }
 
+/// Runs `serve` with `args` and asserts exit 64 with `expected` on stderr.
+fn assert_refused(args: &[&str], expected: &str) {
+    let out = run(&[&["serve"], args].concat());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+}
+
 #[test]
 fn serve_refuses_bad_config_and_flags_with_exit_64() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, "domain: ''\n").unwrap();
-    let out = run(&["serve", "--config", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        text(&out.stderr).contains("config file cannot have empty domain"),
-        "{}",
-        text(&out.stderr)
-    );
-
-    let out = run(&[
-        "serve",
-        "--config",
-        EXAMPLE,
-        "--store",
-        "redis",
+    let bad = path.to_str().unwrap();
+    assert_refused(&["--config", bad], "config file cannot have empty domain");
+    let redis = ["--config", EXAMPLE, "--store", "redis"];
+    assert_refused(
+        &[&redis[..], &["--redis-url", "http://nope"]].concat(),
         "--redis-url",
-        "http://nope",
-    ]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        text(&out.stderr).contains("--redis-url"),
-        "{}",
-        text(&out.stderr)
     );
-
-    let out = run(&["serve", "--config", EXAMPLE, "--store-timeout", "fast"]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        text(&out.stderr).contains("--store-timeout"),
-        "{}",
-        text(&out.stderr)
+    // Redis TLS certificates need a rediss:// URL, a client key its
+    // certificate, and the files must be readable.
+    assert_refused(
+        &[&redis[..], &["--redis-ca-cert", EXAMPLE]].concat(),
+        "not rediss://",
     );
-
-    let out = run(&["serve"]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        text(&out.stderr).contains("--config"),
-        "{}",
-        text(&out.stderr)
+    assert_refused(
+        &["--config", EXAMPLE, "--redis-client-key", EXAMPLE],
+        "--redis-client-cert",
     );
+    assert_refused(
+        &[
+            &redis[..],
+            &[
+                "--redis-url",
+                "rediss://127.0.0.1:6380",
+                "--redis-ca-cert",
+                "/nonexistent/ca.pem",
+            ],
+        ]
+        .concat(),
+        "--redis-ca-cert /nonexistent/ca.pem",
+    );
+    assert_refused(
+        &["--config", EXAMPLE, "--store-timeout", "fast"],
+        "--store-timeout",
+    );
+    assert_refused(
+        &["--config", EXAMPLE, "--otlp-endpoint", "collector:4317"],
+        "--otlp-endpoint \"collector:4317\"",
+    );
+    assert_refused(&[], "--config");
 }
 
 #[test]
@@ -288,4 +296,148 @@ async fn serve_starts_without_redis_and_answers_unavailable() {
                 && l.contains("4bf92f3577b34da6a3ce929d0e0e4736")),
         "{logs}"
     );
+}
+
+/// An OTLP/gRPC collector on a loopback port that keeps every span it gets.
+#[cfg(feature = "otlp")]
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use tonic::{Request, Response, Status};
+
+    #[derive(Clone, Default)]
+    pub struct Collector {
+        pub spans: Arc<Mutex<Vec<Span>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            let spans = request
+                .into_inner()
+                .resource_spans
+                .into_iter()
+                .flat_map(|r| r.scope_spans)
+                .flat_map(|s| s.spans);
+            self.spans.lock().unwrap().extend(spans);
+            Ok(Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Starts the collector; returns its URL and what it received.
+    pub async fn start() -> (String, Arc<Mutex<Vec<Span>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let collector = Collector::default();
+        let spans = collector.spans.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (url, spans)
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn attribute(span: &Span, key: &str) -> Option<String> {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+            .map(|value| match value {
+                Value::StringValue(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+    }
+}
+
+/// With `--otlp-endpoint`, RPC spans and their store child spans reach the
+/// collector, joined to the caller's trace when it sent a `traceparent`, and
+/// an unsampled caller's trace is not exported. Logs stay at INFO: export
+/// does not depend on `RUST_LOG`.
+#[cfg(feature = "otlp")]
+#[tokio::test]
+async fn serve_exports_spans_over_otlp_with_the_callers_trace_as_parent() {
+    use collector::{attribute, hex};
+
+    const SAMPLED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const UNSAMPLED_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let (url, spans) = collector::start().await;
+    let mut serve = Serve::start(&["--otlp-endpoint", &url]);
+    let mut client = serve.client().await;
+    for traceparent in [
+        Some(format!("00-{SAMPLED_TRACE}-{CALLER_SPAN}-01")),
+        Some(format!("00-{UNSAMPLED_TRACE}-{CALLER_SPAN}-00")),
+        None,
+    ] {
+        let mut request =
+            tonic::Request::new(allow_request("example", &[&[("api_key", "otlp")]], 1));
+        if let Some(traceparent) = traceparent {
+            request
+                .metadata_mut()
+                .insert("traceparent", traceparent.parse().unwrap());
+        }
+        assert!(
+            client
+                .should_allow(request)
+                .await
+                .unwrap()
+                .get_ref()
+                .allowed
+        );
+    }
+    // Shutdown flushes the batch exporter.
+    let (code, _) = serve.terminate().await;
+    assert_eq!(code, Some(0), "{}", serve.stderr());
+    let spans = spans.lock().unwrap().clone();
+    let names: Vec<(String, String)> = spans
+        .iter()
+        .map(|s| (s.name.clone(), hex(&s.trace_id)))
+        .collect();
+
+    let rpcs: Vec<_> = spans.iter().filter(|s| s.name == "ShouldAllow").collect();
+    assert_eq!(rpcs.len(), 2, "one per sampled request: {names:?}");
+    let joined = rpcs
+        .iter()
+        .find(|s| hex(&s.trace_id) == SAMPLED_TRACE)
+        .unwrap_or_else(|| panic!("no span in the caller's trace: {names:?}"));
+    assert_eq!(hex(&joined.parent_span_id), CALLER_SPAN);
+    assert_eq!(attribute(joined, "domain").as_deref(), Some("example"));
+    assert_eq!(
+        attribute(joined, "allowed").as_deref(),
+        Some("BoolValue(true)")
+    );
+    let fresh = rpcs
+        .iter()
+        .find(|s| hex(&s.trace_id) != SAMPLED_TRACE)
+        .unwrap();
+    assert!(fresh.parent_span_id.is_empty(), "a new trace is a root");
+    assert!(
+        !names.iter().any(|(_, trace)| trace == UNSAMPLED_TRACE),
+        "the caller did not sample this trace: {names:?}"
+    );
+
+    for rpc in rpcs {
+        let store = spans
+            .iter()
+            .find(|s| s.name == "store" && s.parent_span_id == rpc.span_id)
+            .unwrap_or_else(|| panic!("no store span under {}: {names:?}", hex(&rpc.span_id)));
+        assert_eq!(store.trace_id, rpc.trace_id);
+        assert_eq!(attribute(store, "backend").as_deref(), Some("memory"));
+    }
 }

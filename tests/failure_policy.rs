@@ -175,3 +175,97 @@ async fn the_breaker_stops_paying_the_deadline_and_recovers() {
         started.elapsed()
     );
 }
+
+const PER_RULE: &str = r#"
+domain: per_rule
+descriptors:
+  - key: open
+    rate_limit: {unit: hour, requests_per_unit: 1, failure_policy: allow}
+  - key: closed
+    rate_limit: {unit: hour, requests_per_unit: 1, failure_policy: deny}
+  - key: counted
+    rate_limit: {unit: hour, requests_per_unit: 2, failure_policy: local}
+  - key: plain
+    rate_limit: {unit: hour, requests_per_unit: 1}
+"#;
+
+/// Per-rule policies override the service's (`error` here) for their own
+/// descriptors; a request holding one `error` descriptor still fails as a
+/// whole. Envoy's API reports each descriptor by its own policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_rule_policies_override_the_service_policy() {
+    use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+
+    let mut redis = RedisServer::start();
+    let store = Arc::new(redis_store(&redis.url(), DEADLINE));
+    let server = TestServer::start(
+        Server::new(rules(&[PER_RULE]), store).with_failure_policy(FailurePolicy::Error),
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut envoy = server.envoy().await;
+    redis.kill();
+
+    let mut ask = async |descriptors: &[&[(&str, &str)]]| {
+        let started = Instant::now();
+        let answer = client
+            .should_allow(allow_request("per_rule", descriptors, 1))
+            .await
+            .map(|r| r.into_inner().allowed)
+            .map_err(|s| s.code());
+        assert!(
+            started.elapsed() < DEADLINE + MARGIN,
+            "{:?}",
+            started.elapsed()
+        );
+        answer
+    };
+    // Twice each: the limits are 1, so a second `allow` shows nothing counts.
+    for _ in 0..2 {
+        assert_eq!(ask(&[&[("open", "x")]]).await, Ok(true));
+        assert_eq!(ask(&[&[("closed", "x")]]).await, Ok(false));
+    }
+    assert_eq!(ask(&[&[("counted", "x")]]).await, Ok(true));
+    assert_eq!(ask(&[&[("counted", "x")]]).await, Ok(true));
+    assert_eq!(ask(&[&[("counted", "x")]]).await, Ok(false));
+    assert_eq!(
+        ask(&[&[("plain", "x")]]).await,
+        Err(tonic::Code::Unavailable)
+    );
+    assert_eq!(
+        ask(&[&[("open", "y")], &[("plain", "y")]]).await,
+        Err(tonic::Code::Unavailable)
+    );
+    // All-or-nothing: denied by `closed`, so `counted` (value z) is only
+    // checked and still has both its hits afterwards.
+    assert_eq!(
+        ask(&[&[("counted", "z")], &[("closed", "z")]]).await,
+        Ok(false)
+    );
+    assert_eq!(ask(&[&[("counted", "z")]]).await, Ok(true));
+    assert_eq!(ask(&[&[("counted", "z")]]).await, Ok(true));
+
+    let response = envoy
+        .should_rate_limit(common::envoy_request(
+            "per_rule",
+            &[&[("open", "e")], &[("closed", "e")], &[("counted", "e")]],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<Code> = response.statuses.iter().map(|s| s.code()).collect();
+    assert_eq!(codes, [Code::Ok, Code::OverLimit, Code::Ok]);
+    assert_eq!(response.overall_code(), Code::OverLimit);
+
+    let metrics = http_get(server.admin_addr, "/metrics").await;
+    for policy in ["allow", "deny", "local"] {
+        assert!(
+            metrics.contains(&format!("ratelimit_degraded_total{{policy=\"{policy}\"}}")),
+            "{policy}: {metrics}"
+        );
+    }
+    assert!(
+        !metrics.contains("ratelimit_degraded_total{policy=\"error\"}"),
+        "{metrics}"
+    );
+}

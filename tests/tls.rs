@@ -8,63 +8,15 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
+use common::pki::{Pair, Pki, ca, pki};
 use common::{T0, TestServer, allow_request, rules};
 use ratekeeper::clock::ManualClock;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use ratekeeper::store::MemoryStore;
 use ratekeeper::{Server, TlsSettings};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const RULES: &str = "domain: tls\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 10}\n";
-
-/// A certificate and its key, as PEM.
-struct Pair {
-    cert: String,
-    key: String,
-}
-
-/// A CA, a server certificate for `localhost` and a client certificate it
-/// signed, plus a client certificate from an unrelated CA.
-struct Pki {
-    ca: String,
-    server: Pair,
-    client: Pair,
-    rogue_client: Pair,
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(issuer: &CertifiedIssuer<'static, KeyPair>, names: &[&str]) -> Pair {
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    Pair {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    }
-}
-
-fn pki() -> Pki {
-    let ca = ca("ratekeeper test ca");
-    let rogue = ca_rogue();
-    Pki {
-        ca: ca.pem(),
-        server: leaf(&ca, &["localhost"]),
-        client: leaf(&ca, &["gateway"]),
-        rogue_client: leaf(&rogue, &["intruder"]),
-    }
-}
-
-fn ca_rogue() -> CertifiedIssuer<'static, KeyPair> {
-    ca("some other ca")
-}
 
 async fn serve(pki: &Pki, mtls: bool) -> TestServer {
     let store = Arc::new(MemoryStore::new(100, Arc::new(ManualClock::new(T0))));
@@ -121,7 +73,7 @@ async fn tls_serves_trusting_clients_only() {
         "plaintext was served"
     );
     // A client that does not trust our CA refuses the server.
-    let other_ca = ca_rogue().pem();
+    let other_ca = ca("some other ca").pem();
     assert!(call_tls(&server, &other_ca, None).await.is_err());
 }
 

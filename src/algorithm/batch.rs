@@ -9,6 +9,7 @@
 //! says.
 
 use super::{AlgorithmKind, Outcome, Quota, State, Stored};
+use crate::failure_policy::FailurePolicy;
 
 /// How the hits of one request are committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,6 +43,9 @@ pub struct BatchHit<'a> {
     /// `false` for shadow-mode rules: judged and counted, but a denial does
     /// not deny the request.
     pub enforced: bool,
+    /// What to answer for this hit if the store fails (the rule's policy,
+    /// else the service's); the algorithms never look at it.
+    pub failure_policy: FailurePolicy,
 }
 
 /// Read and write access to counter states, for the duration of one batch.
@@ -186,6 +190,7 @@ mod tests {
             },
             hits,
             enforced,
+            failure_policy: FailurePolicy::Error,
         }
     }
 

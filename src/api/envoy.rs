@@ -7,6 +7,7 @@
 //! override with unit `UNKNOWN` is refused instead of crashing the process.
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use super::validate::check_cost;
@@ -132,15 +133,26 @@ impl EnvoyService {
 
 #[tonic::async_trait]
 impl rate_limit_service_server::RateLimitService for EnvoyService {
-    #[tracing::instrument(name = "ShouldRateLimit", level = "debug", skip_all, fields(domain = %request.get_ref().domain, overall_code = Empty, trace_id = Empty))]
     async fn should_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        if let Some(trace_id) = trace_context::trace_id(request.metadata()) {
-            tracing::Span::current().record("trace_id", trace_id);
-        }
-        let request = request.get_ref();
+        let span = tracing::debug_span!(
+            "ShouldRateLimit",
+            domain = %request.get_ref().domain,
+            overall_code = Empty,
+            trace_id = Empty,
+        );
+        trace_context::attach(&span, request.metadata());
+        self.decide(request.get_ref()).instrument(span).await
+    }
+}
+
+impl EnvoyService {
+    async fn decide(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<Response<RateLimitResponse>, Status> {
         let result = match self.translate(request) {
             Ok(check) => self.limiter.check(&check).await,
             Err(error) => Err(error),

@@ -2,6 +2,7 @@
 //! services calling with a client generated from our proto.
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use super::validate::check_cost;
@@ -80,15 +81,26 @@ impl ShouldAllowService {
 
 #[tonic::async_trait]
 impl pb::rate_limiter_server::RateLimiter for ShouldAllowService {
-    #[tracing::instrument(name = "ShouldAllow", level = "debug", skip_all, fields(domain = %request.get_ref().domain, allowed = Empty, trace_id = Empty))]
     async fn should_allow(
         &self,
         request: Request<pb::ShouldAllowRequest>,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
-        if let Some(trace_id) = trace_context::trace_id(request.metadata()) {
-            tracing::Span::current().record("trace_id", trace_id);
-        }
-        let request = request.get_ref();
+        let span = tracing::debug_span!(
+            "ShouldAllow",
+            domain = %request.get_ref().domain,
+            allowed = Empty,
+            trace_id = Empty,
+        );
+        trace_context::attach(&span, request.metadata());
+        self.decide(request.get_ref()).instrument(span).await
+    }
+}
+
+impl ShouldAllowService {
+    async fn decide(
+        &self,
+        request: &pb::ShouldAllowRequest,
+    ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
         let result = match self.translate(request) {
             Ok(check) => self.limiter.check(&check).await,
             Err(error) => Err(error),

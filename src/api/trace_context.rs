@@ -1,12 +1,25 @@
 //! W3C trace context: the `traceparent` a gateway sends with a request
 //! (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`), read from the
-//! gRPC metadata so the RPC's span carries the caller's trace id and its logs
-//! can be joined with the gateway's trace.
+//! gRPC metadata. The RPC's span records the caller's trace id, so its logs
+//! can be joined with the gateway's trace, and, when spans are exported over
+//! OTLP, the caller's span becomes its parent.
 
 use tonic::metadata::MetadataMap;
 
-/// The trace id of a valid `traceparent`, if the request carries one.
-pub fn trace_id(metadata: &MetadataMap) -> Option<&str> {
+/// The parts of a valid `traceparent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent<'a> {
+    /// 32 lowercase hex digits, not all zero.
+    pub trace_id: &'a str,
+    /// The caller's span id: 16 lowercase hex digits, not all zero.
+    pub parent_id: &'a str,
+    /// Whether the caller records this trace (flag bit 0).
+    pub sampled: bool,
+}
+
+/// The request's `traceparent`, if it carries a valid one; malformed ones
+/// are ignored, as the W3C spec asks.
+pub fn parse(metadata: &MetadataMap) -> Option<TraceParent<'_>> {
     let value = metadata.get("traceparent")?.to_str().ok()?;
     let mut parts = value.split('-');
     let (version, trace, parent, flags) =
@@ -25,7 +38,26 @@ pub fn trace_id(metadata: &MetadataMap) -> Option<&str> {
         && hex(flags, 2)
         // Version 00 has exactly four parts; later versions may add more.
         && (version != "00" || parts.next().is_none());
-    valid.then_some(trace)
+    let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+    valid.then_some(TraceParent {
+        trace_id: trace,
+        parent_id: parent,
+        sampled,
+    })
+}
+
+/// Joins `span` (an RPC span, not yet entered) to the caller's trace: records
+/// its `trace_id` field and makes the caller's span its parent.
+pub fn attach(span: &tracing::Span, metadata: &MetadataMap) {
+    if let Some(parent) = parse(metadata) {
+        span.record("trace_id", parent.trace_id);
+        crate::telemetry::set_remote_parent(
+            span,
+            parent.trace_id,
+            parent.parent_id,
+            parent.sampled,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -42,9 +74,15 @@ mod tests {
     fn valid_traceparents_give_their_trace_id() {
         let metadata = with("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         assert_eq!(
-            trace_id(&metadata),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+            parse(&metadata),
+            Some(TraceParent {
+                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+                parent_id: "00f067aa0ba902b7",
+                sampled: true,
+            })
         );
+        let unsampled = with("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
+        assert!(!parse(&unsampled).unwrap().sampled);
     }
 
     #[test]
@@ -58,8 +96,8 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "garbage",
         ] {
-            assert_eq!(trace_id(&with(bad)), None, "{bad}");
+            assert_eq!(parse(&with(bad)), None, "{bad}");
         }
-        assert_eq!(trace_id(&MetadataMap::new()), None);
+        assert_eq!(parse(&MetadataMap::new()), None);
     }
 }

@@ -115,6 +115,28 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_REDIS_URL", default_value = DEFAULT_REDIS_URL)]
     pub redis_url: String,
 
+    /// PEM CA certificate to trust for a rediss:// URL instead of the public
+    /// roots (a private CA).
+    #[arg(long, env = "RATEKEEPER_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate chain for a rediss:// Redis that requires
+    /// client certificates.
+    #[arg(
+        long,
+        env = "RATEKEEPER_REDIS_CLIENT_CERT",
+        requires = "redis_client_key"
+    )]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --redis-client-cert.
+    #[arg(
+        long,
+        env = "RATEKEEPER_REDIS_CLIENT_KEY",
+        requires = "redis_client_cert"
+    )]
+    pub redis_client_key: Option<PathBuf>,
+
     /// Redis connections; concurrent requests share them, pipelined.
     #[arg(long, env = "RATEKEEPER_REDIS_POOL_SIZE", default_value_t = DEFAULT_REDIS_POOL_SIZE,
           value_parser = parse_positive)]
@@ -226,6 +248,13 @@ pub struct ServeArgs {
     /// without a store call until their retry time; 0 turns the cache off.
     #[arg(long, env = "RATEKEEPER_OVER_LIMIT_CACHE_SIZE", default_value_t = 0)]
     pub over_limit_cache_size: usize,
+
+    /// OTLP/gRPC collector to export RPC and store spans to, e.g.
+    /// `http://otel-collector:4317` (needs a build with `--features otlp`).
+    /// Off when unset. `OTEL_SERVICE_NAME` names the service (default
+    /// `ratekeeper`).
+    #[arg(long, env = "RATEKEEPER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

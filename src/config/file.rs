@@ -68,6 +68,9 @@ pub struct RateLimitDoc {
     pub unit_multiplier: Option<u32>,
     /// ratekeeper extension: token bucket capacity (default `requests_per_unit`).
     pub burst: Option<u32>,
+    /// ratekeeper extension: `error`, `allow`, `deny` or `local` when the
+    /// store fails (default: the service's `--failure-policy`).
+    pub failure_policy: Option<Text>,
 }
 
 /// One entry of `replaces`.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use super::ConfigError;
 use super::file::{DescriptorDoc, FileDoc, RateLimitDoc};
 use crate::algorithm::{AlgorithmKind, MAX_SCALED};
+use crate::failure_policy::FailurePolicy;
 use crate::rules::{
     DescriptorTree, Limit, MAX_WINDOW_SECONDS, Node, Rule, RuleLimit, Rules, Unit, matcher::Level,
 };
@@ -233,6 +234,7 @@ impl Compiler<'_> {
                 ("algorithm", doc.algorithm.is_some()),
                 ("unit_multiplier", doc.unit_multiplier.is_some()),
                 ("burst", doc.burst.is_some()),
+                ("failure_policy", doc.failure_policy.is_some()),
             ];
             if let Some((field, _)) = extras.into_iter().find(|(_, given)| *given) {
                 return Err(self.error(
@@ -249,6 +251,18 @@ impl Compiler<'_> {
                 )
             })?;
             RuleLimit::Limited(self.limit(doc, &at, unit)?)
+        };
+        let failure_policy = match &doc.failure_policy {
+            None => None,
+            Some(name) => Some(FailurePolicy::parse(name.as_str()).ok_or_else(|| {
+                self.error(
+                    &format!("{at}.failure_policy"),
+                    format!(
+                        "unknown failure policy '{}'; expected error, allow, deny or local",
+                        name.as_str()
+                    ),
+                )
+            })?),
         };
         let name = doc
             .name
@@ -279,6 +293,7 @@ impl Compiler<'_> {
             path: path.to_owned(),
             source: self.source.clone(),
             shared_values: shared.to_vec(),
+            failure_policy,
         })
     }
 
@@ -511,6 +526,30 @@ descriptors:
     }
 
     #[test]
+    fn failure_policies_load_per_rule() {
+        let text = r#"
+domain: fp
+descriptors:
+  - {key: a, rate_limit: {unit: minute, requests_per_unit: 1, failure_policy: allow}}
+  - {key: b, rate_limit: {unit: minute, requests_per_unit: 1, failure_policy: deny}}
+  - {key: c, rate_limit: {unit: minute, requests_per_unit: 1, failure_policy: local}}
+  - {key: d, rate_limit: {unit: minute, requests_per_unit: 1, failure_policy: error}}
+  - {key: e, rate_limit: {unit: minute, requests_per_unit: 1}}
+"#;
+        let (_, tree) = parse_rules_file("fp.yaml", text).unwrap();
+        let policy = |key| {
+            tree.find(&[EntryRef { key, value: "x" }])
+                .unwrap()
+                .failure_policy
+        };
+        assert_eq!(policy("a"), Some(FailurePolicy::Allow));
+        assert_eq!(policy("b"), Some(FailurePolicy::Deny));
+        assert_eq!(policy("c"), Some(FailurePolicy::Local));
+        assert_eq!(policy("d"), Some(FailurePolicy::Error));
+        assert_eq!(policy("e"), None);
+    }
+
+    #[test]
     fn missing_requests_per_unit_means_zero_like_upstream() {
         let (_, tree) = parse_rules_file(
             "z.yaml",
@@ -679,6 +718,14 @@ descriptors:
             (
                 "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: day, algorithm: token_bucket, requests_per_unit: 1, burst: 200000000}}",
                 "rules.yaml: descriptors[0].rate_limit.burst: burst × window in milliseconds is 17280000000000000, over the 9007199254740992 that token_bucket can count exactly",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, failure_policy: open}}",
+                "rules.yaml: descriptors[0].rate_limit.failure_policy: unknown failure policy 'open'; expected error, allow, deny or local",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unlimited: true, failure_policy: allow}}",
+                "rules.yaml: descriptors[0].rate_limit.failure_policy: should not specify rate limit failure_policy when unlimited",
             ),
             (
                 "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unlimited: true, algorithm: token_bucket}}",

@@ -119,6 +119,7 @@ mod tests {
             path: String::new(),
             source: Arc::from(""),
             shared_values,
+            failure_policy: None,
         }
     }
 

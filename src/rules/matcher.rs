@@ -220,6 +220,7 @@ mod tests {
             path: name.to_owned(),
             source: Arc::from("test"),
             shared_values: vec![],
+            failure_policy: None,
         }))
     }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 pub use matcher::{DescriptorTree, Node};
 
 use crate::algorithm::{AlgorithmKind, Quota};
+use crate::failure_policy::FailurePolicy;
 
 /// Largest number of hits a limit may admit per window. Counts are kept far
 /// below 2^53 so the Redis scripts (Lua numbers are doubles) stay exact.
@@ -92,6 +93,9 @@ pub struct Rule {
     /// Per descriptor level, the wildcard pattern that replaces the runtime
     /// value in the counter key (`share_threshold: true`), else `None`.
     pub shared_values: Vec<Option<String>>,
+    /// What to answer for this rule when the store fails; `None` follows the
+    /// service's `--failure-policy`.
+    pub failure_policy: Option<FailurePolicy>,
 }
 
 /// All loaded rules: the domain trees, by domain name.
@@ -200,6 +204,7 @@ impl Rule {
             path: format!("{domain}.<override>"),
             source: Arc::from(""),
             shared_values: Vec::new(),
+            failure_policy: None,
         }
     }
 

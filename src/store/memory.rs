@@ -232,6 +232,7 @@ mod tests {
             },
             hits,
             enforced: true,
+            failure_policy: Default::default(),
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
@@ -46,6 +46,30 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Deadline for opening one new connection.
     pub connect_timeout: Duration,
+    /// Certificates for a `rediss://` URL; `None` trusts the public web PKI
+    /// roots and sends no client certificate.
+    pub tls: Option<RedisTls>,
+}
+
+/// Certificates for Redis over TLS.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// PEM CA certificate(s) to trust instead of the public roots (a private
+    /// CA, as self-hosted Redis usually has).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate chain and key, for a Redis that requires
+    /// client certificates (`tls-auth-clients yes`, its default).
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client_pem.is_some())
+            .finish()
+    }
 }
 
 /// The Redis counter store.
@@ -70,8 +94,32 @@ impl RedisStore {
     /// [`StoreError::Connection`] when the URL cannot be parsed or the pool
     /// cannot be built.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
-        validate_url(&settings.url)?;
-        let mut config = Config::from_url(settings.url.clone());
+        let invalid =
+            |e: redis::RedisError| StoreError::Connection(format!("invalid redis url: {e}"));
+        let client = match &settings.tls {
+            None => redis::Client::open(settings.url.as_str()).map_err(invalid)?,
+            Some(tls) => {
+                if !settings.url.starts_with("rediss://") {
+                    return Err(StoreError::Connection(
+                        "TLS certificates given, but the redis url is not rediss://".to_owned(),
+                    ));
+                }
+                let certificates = redis::TlsCertificates {
+                    client_tls: tls.client_pem.clone().map(|(client_cert, client_key)| {
+                        redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        }
+                    }),
+                    root_cert: tls.ca_pem.clone(),
+                };
+                redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(|e| {
+                    StoreError::Connection(format!("invalid redis TLS certificates: {e}"))
+                })?
+            }
+        };
+        // The connection info carries the TLS parameters built above.
+        let manager = Manager::new(client.get_connection_info().clone()).map_err(invalid)?;
         let slots = settings.pool_size.max(1);
         let mut pool = PoolConfig::new(slots);
         pool.timeouts = Timeouts {
@@ -79,9 +127,10 @@ impl RedisStore {
             create: Some(settings.connect_timeout),
             recycle: Some(settings.timeout),
         };
-        config.pool = Some(pool);
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
+        let pool = Pool::builder(manager)
+            .config(pool)
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|e| StoreError::Connection(e.to_string()))?;
         Ok(Self {
             connections: Arc::new(Connections::new(pool, slots)),

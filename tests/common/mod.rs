@@ -2,6 +2,8 @@
 //! ratekeeper on a loopback port, and gRPC clients generated from our protos.
 #![allow(dead_code, missing_docs)]
 
+pub mod pki;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
@@ -35,6 +37,8 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     extra_args: Vec<String>,
+    /// Serves TLS only, on `port`.
+    tls: bool,
 }
 
 impl RedisServer {
@@ -54,6 +58,36 @@ impl RedisServer {
             child: None,
             port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            tls: false,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts a server that speaks only TLS on a free port, with the
+    /// certificate, key and CA (for client certificates) in `dir` as
+    /// `server.crt`, `server.key` and `ca.crt`, plus extra arguments.
+    pub fn start_tls(dir: &std::path::Path, extra_args: &[&str]) -> Self {
+        let port = free_port();
+        let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        let mut args = vec![
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            file("server.crt"),
+            "--tls-key-file".to_owned(),
+            file("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            file("ca.crt"),
+        ];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut server = RedisServer {
+            child: None,
+            port,
+            extra_args: args,
+            tls: true,
         };
         server.restart();
         server
@@ -116,13 +150,30 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        wait_for_redis(self.port);
+        if self.tls {
+            wait_for_listener(self.port);
+        } else {
+            wait_for_redis(self.port);
+        }
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Polls until `port` accepts connections (at most 10 s); Redis listens
+/// only once it is ready to serve.
+fn wait_for_listener(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on port {port} did not listen within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -201,6 +252,7 @@ pub fn redis_store(url: &str, timeout: Duration) -> RedisStore {
         pool_size: 16,
         timeout,
         connect_timeout: Duration::from_millis(500),
+        tls: None,
     })
     .unwrap()
 }
