@@ -20,6 +20,7 @@
 //! - [`store`]: `CounterStore` with the memory and Redis backends.
 //! - [`limiter`]: match → hits → one store call → decision.
 //! - [`failure_policy`]: what to answer when the store fails.
+//! - [`fuzzing`]: fuzz targets for the config loader, matcher and keys.
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
 //! - [`metrics`]: the Prometheus metrics.
@@ -34,6 +35,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod failure_policy;
+pub mod fuzzing;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;

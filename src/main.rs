@@ -13,7 +13,10 @@ use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
 use ratekeeper::store::redis::{RedisSettings, RedisTls};
-use ratekeeper::store::{CircuitBreaker, CounterStore, MemoryStore, OverLimitCache, RedisStore};
+use ratekeeper::store::redis_cluster::RedisClusterSettings;
+use ratekeeper::store::{
+    CircuitBreaker, CounterStore, MemoryStore, OverLimitCache, RedisClusterStore, RedisStore,
+};
 use ratekeeper::{Listeners, Server, TlsSettings, telemetry};
 
 const EXIT_CONFIG: u8 = 64;
@@ -190,6 +193,33 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
             .context("--redis-url")?;
             Arc::new(CircuitBreaker::new(
                 Arc::new(redis),
+                args.breaker_failures,
+                args.breaker_cooldown,
+            ))
+        }
+        StoreKind::RedisCluster => {
+            let nodes: Vec<String> = args
+                .redis_cluster_nodes
+                .iter()
+                .map(|node| node.trim())
+                .filter(|node| !node.is_empty())
+                .map(|node| {
+                    if node.contains("://") {
+                        node.to_owned()
+                    } else {
+                        format!("redis://{node}")
+                    }
+                })
+                .collect();
+            let cluster = RedisClusterStore::new(&RedisClusterSettings {
+                nodes,
+                timeout: args.store_timeout,
+                connect_timeout: args.redis_connect_timeout,
+                tls: redis_tls(args)?,
+            })
+            .context("--redis-cluster-nodes")?;
+            Arc::new(CircuitBreaker::new(
+                Arc::new(cluster),
                 args.breaker_failures,
                 args.breaker_cooldown,
             ))

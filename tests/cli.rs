@@ -3,16 +3,14 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
+use common::process::Serve;
 use common::{allow_request, free_port};
 use ratekeeper::proto::ratekeeper::v1::Decision;
-use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
-use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ratekeeper");
+use common::process::BIN;
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/config.yaml");
 
 fn run(args: &[&str]) -> Output {
@@ -25,92 +23,6 @@ fn run(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A `ratekeeper serve` child process, killed on drop if still running.
-struct Serve {
-    child: Child,
-    grpc_port: u16,
-}
-
-impl Serve {
-    fn start(extra: &[&str]) -> Self {
-        Self::start_with_env(extra, &[])
-    }
-
-    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let grpc_port = free_port();
-        let admin_port = free_port();
-        // Addresses through the environment, to cover RATEKEEPER_* variables.
-        let child = Command::new(BIN)
-            .args(["serve", "--config", EXAMPLE])
-            .args(extra)
-            .env("RATEKEEPER_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
-            .env("RATEKEEPER_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Serve { child, grpc_port }
-    }
-
-    /// Connects, retrying while the process starts up (bounded).
-    async fn client(&mut self) -> RateLimiterClient<Channel> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let endpoint =
-                Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port)).unwrap();
-            if let Ok(channel) = endpoint.connect().await {
-                return RateLimiterClient::new(channel);
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("ratekeeper exited early with {status}: {}", self.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ratekeeper did not listen within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Sends SIGTERM and waits for the exit, keeping this runtime free so open
-    /// client connections can answer the server's GOAWAY.
-    async fn terminate(&mut self) -> (Option<i32>, Duration) {
-        let started = Instant::now();
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let deadline = started + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), started.elapsed());
-            }
-            assert!(Instant::now() < deadline, "no exit within 15 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut out = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            let _ = stderr.read_to_string(&mut out);
-        }
-        out
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -238,7 +150,7 @@ fn serve_exits_1_when_the_port_is_taken() {
 /// Redis anywhere. It answers, and exits 0 on SIGTERM.
 #[tokio::test]
 async fn serve_answers_with_the_example_config_and_stops_on_sigterm() {
-    let mut serve = Serve::start(&[]);
+    let mut serve = Serve::start(EXAMPLE, &[]);
     let mut client = serve.client().await;
     let response = client
         .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
@@ -261,6 +173,7 @@ async fn serve_answers_with_the_example_config_and_stops_on_sigterm() {
 async fn serve_starts_without_redis_and_answers_unavailable() {
     let url = format!("redis://127.0.0.1:{}", free_port());
     let mut serve = Serve::start_with_env(
+        EXAMPLE,
         &[
             "--store",
             "redis",
@@ -378,7 +291,7 @@ async fn serve_exports_spans_over_otlp_with_the_callers_trace_as_parent() {
     const UNSAMPLED_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
     const CALLER_SPAN: &str = "00f067aa0ba902b7";
     let (url, spans) = collector::start().await;
-    let mut serve = Serve::start(&["--otlp-endpoint", &url]);
+    let mut serve = Serve::start(EXAMPLE, &["--otlp-endpoint", &url]);
     let mut client = serve.client().await;
     for traceparent in [
         Some(format!("00-{SAMPLED_TRACE}-{CALLER_SPAN}-01")),

@@ -79,14 +79,7 @@ async fn sigterm_under_load_drains_cleanly() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let term_at = epoch.elapsed();
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::process::sigterm(child.id());
     // Readiness is false at once, while the server still serves.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ready = http_get(admin_addr, "/readyz").await;

@@ -57,6 +57,8 @@ pub enum StoreKind {
     Memory,
     /// In Redis: shared by every instance.
     Redis,
+    /// In a Redis Cluster (`--redis-cluster-nodes`): shared by every instance.
+    RedisCluster,
 }
 
 /// The `--failure-policy` values.
@@ -114,6 +116,11 @@ pub struct ServeArgs {
     /// Redis URL: redis://[user:password@]host:port[/db], or rediss:// for TLS.
     #[arg(long, env = "RATEKEEPER_REDIS_URL", default_value = DEFAULT_REDIS_URL)]
     pub redis_url: String,
+
+    /// Redis Cluster seed nodes for `--store redis-cluster`, comma-separated:
+    /// host:port or redis://[user:password@]host:port (rediss:// for TLS).
+    #[arg(long, env = "RATEKEEPER_REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    pub redis_cluster_nodes: Vec<String>,
 
     /// PEM CA certificate to trust for a rediss:// URL instead of the public
     /// roots (a private CA).

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod memory;
 pub mod over_limit_cache;
 pub mod redis;
+pub mod redis_cluster;
 
 use std::fmt;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub use breaker::CircuitBreaker;
 pub use memory::MemoryStore;
 pub use over_limit_cache::OverLimitCache;
 pub use redis::RedisStore;
+pub use redis_cluster::RedisClusterStore;
 
 /// A backend that applies a request's hits atomically.
 #[async_trait]

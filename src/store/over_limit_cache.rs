@@ -20,7 +20,19 @@ pub struct OverLimitCache {
     capacity: usize,
     clock: Arc<dyn Clock>,
     /// A std mutex: held for one map operation, never across an await.
-    entries: Mutex<HashMap<Box<[u8]>, Denied>>,
+    inner: Mutex<Inner>,
+}
+
+/// When full, expired entries are swept out at most once per this long: a
+/// flood of new denials must not turn every insert into a full scan.
+const SWEEP_EVERY_MS: u64 = 1_000;
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<Box<[u8]>, Denied>,
+    /// No sweep before this time: nothing expires earlier, or one ran
+    /// less than [`SWEEP_EVERY_MS`] ago.
+    next_sweep_ms: u64,
 }
 
 /// A known denial: `hits` or more are denied until `until_ms`.
@@ -37,17 +49,17 @@ impl OverLimitCache {
         Self {
             capacity,
             clock,
-            entries: Mutex::default(),
+            inner: Mutex::default(),
         }
     }
 
     /// The denial to answer for `hits` on `key`, if one is known.
     pub fn get(&self, key: &[u8], hits: u64) -> Option<Outcome> {
         let now = self.clock.now_ms();
-        let mut entries = self.lock();
-        let denied = *entries.get(key)?;
+        let mut inner = self.lock();
+        let denied = *inner.entries.get(key)?;
         if denied.until_ms <= now {
-            entries.remove(key);
+            inner.entries.remove(key);
             return None;
         }
         (hits >= denied.hits).then(|| Outcome {
@@ -64,14 +76,26 @@ impl OverLimitCache {
             return;
         };
         let now = self.clock.now_ms();
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity && !entries.contains_key(key) {
-            entries.retain(|_, denied| denied.until_ms > now);
-            if entries.len() >= self.capacity {
+        let mut inner = self.lock();
+        if inner.entries.len() >= self.capacity && !inner.entries.contains_key(key) {
+            if now < inner.next_sweep_ms {
+                // Full, and nothing to reclaim yet: this denial goes uncached.
+                return;
+            }
+            let mut earliest = u64::MAX;
+            inner.entries.retain(|_, denied| {
+                let live = denied.until_ms > now;
+                if live {
+                    earliest = earliest.min(denied.until_ms);
+                }
+                live
+            });
+            inner.next_sweep_ms = earliest.max(now + SWEEP_EVERY_MS);
+            if inner.entries.len() >= self.capacity {
                 return;
             }
         }
-        entries.insert(
+        inner.entries.insert(
             key.into(),
             Denied {
                 until_ms: now + retry_after_ms,
@@ -82,12 +106,14 @@ impl OverLimitCache {
 
     /// Forgets everything (the rules changed).
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut inner = self.lock();
+        inner.entries.clear();
+        inner.next_sweep_ms = 0;
     }
 
     /// Number of counters held.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     /// Whether the cache is empty.
@@ -95,8 +121,8 @@ impl OverLimitCache {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Denied>> {
-        self.entries
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -154,5 +180,27 @@ mod tests {
         clock.advance(60_000);
         cache.remember(b"new", 1, &denied(1));
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn a_full_cache_sweeps_at_most_once_per_interval() {
+        let clock = Arc::new(ManualClock::new(0));
+        let cache = OverLimitCache::new(2, clock.clone());
+        cache.remember(b"short", 1, &denied(10));
+        cache.remember(b"long", 1, &denied(60_000));
+        // Full; the first overflow sweeps (nothing expired yet) and then no
+        // sweep runs for a second, even after `short` expires.
+        cache.remember(b"a", 1, &denied(60_000));
+        clock.advance(500);
+        cache.remember(b"b", 1, &denied(60_000));
+        assert_eq!(cache.len(), 2);
+        assert!(
+            cache.get(b"b", 1).is_none(),
+            "uncached while no sweep may run"
+        );
+        clock.advance(500);
+        cache.remember(b"c", 1, &denied(60_000));
+        assert!(cache.get(b"c", 1).is_some(), "the sweep made room");
+        assert!(cache.get(b"long", 1).is_some());
     }
 }

@@ -24,7 +24,7 @@ use crate::clock::Clock;
 use connections::Connections;
 
 /// The batch script: shared prelude, every algorithm, then the driver.
-const BATCH_SCRIPT: &str = concat!(
+pub(super) const BATCH_SCRIPT: &str = concat!(
     include_str!("redis/prelude.lua"),
     include_str!("redis/fixed_window.lua"),
     include_str!("redis/sliding_window.lua"),
@@ -60,6 +60,21 @@ pub struct RedisTls {
     /// PEM client certificate chain and key, for a Redis that requires
     /// client certificates (`tls-auth-clients yes`, its default).
     pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTls {
+    /// The certificates in redis-rs's form.
+    pub(super) fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self.client_pem.clone().map(|(client_cert, client_key)| {
+                redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }
+            }),
+            root_cert: self.ca_pem.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisTls {
@@ -104,18 +119,9 @@ impl RedisStore {
                         "TLS certificates given, but the redis url is not rediss://".to_owned(),
                     ));
                 }
-                let certificates = redis::TlsCertificates {
-                    client_tls: tls.client_pem.clone().map(|(client_cert, client_key)| {
-                        redis::ClientTlsConfig {
-                            client_cert,
-                            client_key,
-                        }
-                    }),
-                    root_cert: tls.ca_pem.clone(),
-                };
-                redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(|e| {
-                    StoreError::Connection(format!("invalid redis TLS certificates: {e}"))
-                })?
+                redis::Client::build_with_tls(settings.url.as_str(), tls.certificates()).map_err(
+                    |e| StoreError::Connection(format!("invalid redis TLS certificates: {e}")),
+                )?
             }
         };
         // The connection info carries the TLS parameters built above.
@@ -188,24 +194,7 @@ impl CounterStore for RedisStore {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        let mut invocation = self.script.prepare_invoke();
-        for hit in hits {
-            invocation.key(hit.key);
-        }
-        invocation.arg(mode_id(mode));
-        match &self.clock {
-            Some(clock) => invocation.arg(clock.now_ms()),
-            None => invocation.arg(""),
-        };
-        for hit in hits {
-            invocation
-                .arg(hit.algorithm.script_id())
-                .arg(hit.quota.limit)
-                .arg(hit.quota.window_ms)
-                .arg(hit.quota.burst)
-                .arg(hit.hits)
-                .arg(u8::from(hit.enforced));
-        }
+        let invocation = invocation(&self.script, hits, mode, self.clock.as_deref());
         let reply: Vec<i64> = self
             .run(self.with_connection(|mut conn| async move {
                 invocation.invoke_async(&mut conn).await
@@ -229,6 +218,35 @@ impl CounterStore for RedisStore {
     }
 }
 
+/// The batch script's call for `hits`: their keys, then the mode, the time
+/// (empty: Redis's own clock) and six arguments per hit (see `batch.lua`).
+pub(super) fn invocation<'s>(
+    script: &'s redis::Script,
+    hits: &[BatchHit<'_>],
+    mode: Mode,
+    clock: Option<&dyn Clock>,
+) -> redis::ScriptInvocation<'s> {
+    let mut invocation = script.prepare_invoke();
+    for hit in hits {
+        invocation.key(hit.key);
+    }
+    invocation.arg(mode_id(mode));
+    match clock {
+        Some(clock) => invocation.arg(clock.now_ms()),
+        None => invocation.arg(""),
+    };
+    for hit in hits {
+        invocation
+            .arg(hit.algorithm.script_id())
+            .arg(hit.quota.limit)
+            .arg(hit.quota.window_ms)
+            .arg(hit.quota.burst)
+            .arg(hit.hits)
+            .arg(u8::from(hit.enforced));
+    }
+    invocation
+}
+
 fn mode_id(mode: Mode) -> u8 {
     match mode {
         Mode::Independent => 0,
@@ -238,7 +256,7 @@ fn mode_id(mode: Mode) -> u8 {
     }
 }
 
-fn parse_reply(reply: &[i64], hits: usize) -> Result<Vec<Outcome>, StoreError> {
+pub(super) fn parse_reply(reply: &[i64], hits: usize) -> Result<Vec<Outcome>, StoreError> {
     const FIELDS: usize = REPLY_PER_HIT;
     if reply.len() != hits * FIELDS {
         return Err(StoreError::Protocol(format!(

@@ -2,7 +2,9 @@
 //! ratekeeper on a loopback port, and gRPC clients generated from our protos.
 #![allow(dead_code, missing_docs)]
 
+pub mod cluster;
 pub mod pki;
+pub mod process;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

@@ -1,0 +1,372 @@
+//! The Redis Cluster store: the same batch script as [`super::RedisStore`],
+//! run once per hash slot, the slots of one request in parallel.
+//!
+//! Every key carries its descriptor's hash tag (see `rules::key`), so all
+//! state of one descriptor lives on one slot and the script may touch every
+//! key of a slot atomically. A request whose descriptors share a slot costs
+//! one script call; one spread over N slots costs N calls sent at once, so
+//! its latency is that of the slowest node, not the sum (envoyproxy/ratelimit
+//! pays N serial round trips). MOVED/ASK redirections, topology refreshes and
+//! failover are the cluster client's (redis-rs); the whole call, retries
+//! included, runs under the store deadline.
+//!
+//! Decisions within a slot are atomic, as on a single Redis. Across slots:
+//! - `Independent` (Envoy) and dry runs are exact, each slot on its own;
+//! - all-or-nothing (`ShouldAllow`) first judges every slot without writing,
+//!   and only when all admit does it apply them (per slot, all-or-nothing).
+//!   A denied request therefore takes nothing. If another caller takes the
+//!   last hit of some slot between the two steps, the request is denied and
+//!   the slots already applied keep their hits: a race can cost quota, never
+//!   admit past a limit;
+//! - upstream's stop-increment mode likewise judges first, then counts only
+//!   the over-limit descriptors when there are any.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+
+use super::redis::{BATCH_SCRIPT, RedisTls, invocation, parse_reply};
+use super::{CounterStore, StoreError};
+use crate::algorithm::{BatchHit, Mode, Outcome};
+
+/// How to reach a Redis Cluster.
+#[derive(Debug, Clone)]
+pub struct RedisClusterSettings {
+    /// Seed nodes, `redis://[user:password@]host:port` or `rediss://…`;
+    /// the rest of the cluster is discovered from them.
+    pub nodes: Vec<String>,
+    /// Deadline of one store call, retries and redirections included.
+    pub timeout: Duration,
+    /// Deadline for opening one node connection.
+    pub connect_timeout: Duration,
+    /// Certificates for `rediss://` nodes.
+    pub tls: Option<RedisTls>,
+}
+
+/// The Redis Cluster counter store.
+#[derive(Clone)]
+pub struct RedisClusterStore {
+    client: ClusterClient,
+    /// One multiplexed cluster connection shared by every request (it holds
+    /// a connection per node and routes each call by slot); made on first
+    /// use, and again after a failure to connect.
+    connection: Arc<ArcSwapOption<ClusterConnection>>,
+    connecting: Arc<tokio::sync::Mutex<()>>,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+}
+
+impl RedisClusterStore {
+    /// A store for the cluster the seed `settings.nodes` belong to. Nothing
+    /// connects until the first call.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Connection`] for an invalid node URL or certificates.
+    pub fn new(settings: &RedisClusterSettings) -> Result<Self, StoreError> {
+        if settings.nodes.is_empty() {
+            return Err(StoreError::Connection(
+                "no Redis Cluster nodes given".to_owned(),
+            ));
+        }
+        let mut builder = ClusterClient::builder(settings.nodes.clone())
+            .connection_timeout(settings.connect_timeout)
+            .response_timeout(settings.timeout)
+            // Redirections and failover are retried within the deadline,
+            // which bounds the whole call anyway.
+            .retries(3)
+            .min_retry_wait(5)
+            .max_retry_wait(settings.timeout.as_millis().try_into().unwrap_or(u64::MAX));
+        if let Some(tls) = &settings.tls {
+            if !settings.nodes.iter().all(|n| n.starts_with("rediss://")) {
+                return Err(StoreError::Connection(
+                    "TLS certificates given, but the cluster nodes are not rediss://".to_owned(),
+                ));
+            }
+            builder = builder.certs(tls.certificates());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| StoreError::Connection(format!("invalid redis cluster nodes: {e}")))?;
+        Ok(Self {
+            client,
+            connection: Arc::default(),
+            connecting: Arc::default(),
+            script: Arc::new(redis::Script::new(BATCH_SCRIPT)),
+            timeout: settings.timeout,
+        })
+    }
+
+    async fn connection(&self) -> Result<Arc<ClusterConnection>, StoreError> {
+        if let Some(connection) = self.connection.load_full() {
+            return Ok(connection);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(connection) = self.connection.load_full() {
+            return Ok(connection);
+        }
+        let connection = Arc::new(
+            self.client
+                .get_async_connection()
+                .await
+                .map_err(|e| StoreError::Connection(e.to_string()))?,
+        );
+        self.connection.store(Some(connection.clone()));
+        Ok(connection)
+    }
+
+    /// Drops `failed` as the shared connection (unless already replaced), so
+    /// the next call connects afresh and rediscovers the topology: after a
+    /// failover, a connection that keeps a dead master's address would
+    /// otherwise spend every call's deadline on it.
+    fn discard(&self, failed: &Arc<ClusterConnection>) {
+        self.connection
+            .compare_and_swap(failed, None::<Arc<ClusterConnection>>);
+    }
+
+    async fn within_deadline<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+    }
+
+    /// One script call for hits that all live on one slot.
+    async fn eval(
+        &self,
+        mut connection: ClusterConnection,
+        hits: &[BatchHit<'_>],
+        mode: Mode,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let reply: Vec<i64> = invocation(&self.script, hits, mode, None)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        parse_reply(&reply, hits.len())
+    }
+
+    /// Runs every slot's group at once, each in its mode; the outcomes come
+    /// back in the order of `hits`.
+    async fn eval_groups(
+        &self,
+        connection: &ClusterConnection,
+        hits: &[BatchHit<'_>],
+        groups: &[SlotGroup],
+        modes: impl Fn(&SlotGroup) -> Mode,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let calls = groups.iter().map(|group| {
+            let group_hits: Vec<BatchHit<'_>> = group.indexes.iter().map(|&i| hits[i]).collect();
+            let mode = modes(group);
+            let connection = connection.clone();
+            async move { self.eval(connection, &group_hits, mode).await }
+        });
+        let replies = try_join_all(calls).await?;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; hits.len()];
+        for (group, reply) in groups.iter().zip(replies) {
+            for (&i, outcome) in group.indexes.iter().zip(reply) {
+                outcomes[i] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| StoreError::Protocol("a slot returned too few outcomes".to_owned()))
+    }
+
+    async fn apply_groups(
+        &self,
+        hits: &[BatchHit<'_>],
+        mode: Mode,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let connection = self.connection().await?;
+        let result = self.decide(&connection, hits, mode).await;
+        if result.is_err() {
+            self.discard(&connection);
+        }
+        result
+    }
+
+    async fn decide(
+        &self,
+        connection: &ClusterConnection,
+        hits: &[BatchHit<'_>],
+        mode: Mode,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let connection = connection.clone();
+        let groups = group_by_slot(hits);
+        if let [_] = groups.as_slice() {
+            return self.eval(connection, hits, mode).await;
+        }
+        match mode {
+            Mode::Independent | Mode::DryRun => {
+                self.eval_groups(&connection, hits, &groups, |_| mode).await
+            }
+            Mode::AllOrNothing => {
+                let judged = self
+                    .eval_groups(&connection, hits, &groups, |_| Mode::DryRun)
+                    .await?;
+                let admitted = hits
+                    .iter()
+                    .zip(&judged)
+                    .all(|(hit, outcome)| outcome.allowed || !hit.enforced);
+                if !admitted {
+                    return Ok(judged);
+                }
+                self.eval_groups(&connection, hits, &groups, |_| Mode::AllOrNothing)
+                    .await
+            }
+            Mode::StopIncrementWhenOverLimit => {
+                let judged = self
+                    .eval_groups(&connection, hits, &groups, |_| Mode::DryRun)
+                    .await?;
+                let over: Vec<bool> = judged.iter().map(|o| !o.allowed).collect();
+                if !over.contains(&true) {
+                    return self
+                        .eval_groups(&connection, hits, &groups, |_| Mode::Independent)
+                        .await;
+                }
+                // Only the over-limit descriptors count: their slots decide
+                // again by stop-increment, the others are only judged.
+                self.eval_groups(&connection, hits, &groups, |group| {
+                    if group.indexes.iter().any(|&i| over[i]) {
+                        Mode::StopIncrementWhenOverLimit
+                    } else {
+                        Mode::DryRun
+                    }
+                })
+                .await
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisClusterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisClusterStore")
+            .field("connected", &self.connection.load().is_some())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CounterStore for RedisClusterStore {
+    async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let connection = self.connection.load_full();
+        let result = self.within_deadline(self.apply_groups(hits, mode)).await;
+        if let (Err(StoreError::Timeout(_)), Some(connection)) = (&result, &connection) {
+            self.discard(connection);
+        }
+        result
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.within_deadline(async {
+            let connection = self.connection().await?;
+            let result = redis::cmd("PING")
+                .query_async::<String>(&mut (*connection).clone())
+                .await;
+            result.map(drop).map_err(|e| {
+                self.discard(&connection);
+                StoreError::Backend(e.to_string())
+            })
+        })
+        .await
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis_cluster"
+    }
+}
+
+/// The hits of one request that live on one slot, by index.
+#[derive(Debug)]
+struct SlotGroup {
+    indexes: Vec<usize>,
+}
+
+/// Groups hits by slot, in order of first appearance.
+fn group_by_slot(hits: &[BatchHit<'_>]) -> Vec<SlotGroup> {
+    let mut by_slot: HashMap<Slot, usize> = HashMap::new();
+    let mut groups: Vec<SlotGroup> = Vec::new();
+    for (i, hit) in hits.iter().enumerate() {
+        let slot = Slot::for_key(hit.key);
+        let group = *by_slot.entry(slot).or_insert_with(|| {
+            groups.push(SlotGroup {
+                indexes: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        groups[group].indexes.push(i);
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::{AlgorithmKind, Quota};
+
+    fn hit(key: &'static [u8]) -> BatchHit<'static> {
+        BatchHit {
+            key,
+            algorithm: AlgorithmKind::FixedWindow,
+            quota: Quota {
+                limit: 1,
+                window_ms: 1_000,
+                burst: 1,
+            },
+            hits: 1,
+            enforced: true,
+            failure_policy: Default::default(),
+        }
+    }
+
+    #[test]
+    fn keys_group_by_their_hash_tag_in_order() {
+        let hits = [
+            hit(b"rk2:{aaaa}:x"),
+            hit(b"rk2:{bbbb}:x"),
+            hit(b"rk2:{aaaa}:y"),
+            hit(b"rk2:{bbbb}:y"),
+            hit(b"rk2:{cccc}:x"),
+        ];
+        let groups: Vec<Vec<usize>> = group_by_slot(&hits)
+            .into_iter()
+            .map(|g| g.indexes)
+            .collect();
+        assert_eq!(groups, [vec![0, 2], vec![1, 3], vec![4]]);
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let settings = |nodes: &[&str], tls: Option<RedisTls>| RedisClusterSettings {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            timeout: Duration::from_millis(10),
+            connect_timeout: Duration::from_millis(10),
+            tls,
+        };
+        assert!(RedisClusterStore::new(&settings(&["redis://127.0.0.1:7000"], None)).is_ok());
+        let error = |s| RedisClusterStore::new(&s).unwrap_err().to_string();
+        assert!(error(settings(&[], None)).contains("no Redis Cluster nodes"));
+        assert!(error(settings(&["http://x"], None)).contains("invalid redis cluster nodes"));
+        let tls = RedisTls {
+            ca_pem: Some(b"x".to_vec()),
+            client_pem: None,
+        };
+        assert!(error(settings(&["redis://127.0.0.1:7000"], Some(tls))).contains("not rediss://"));
+    }
+}
