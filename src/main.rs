@@ -9,7 +9,9 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
 use ratekeeper::clock::SystemClock;
-use ratekeeper::config::{Cli, Command, ServeArgs, StoreKind, load_rules};
+use ratekeeper::config::{
+    Cli, Command, ConfigSnapshot, ServeArgs, StoreKind, load_rules, read_snapshot,
+};
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
 use ratekeeper::store::redis::{RedisSettings, RedisTls};
@@ -123,8 +125,13 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn serve_with(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    let rules = match load_rules(&args.config) {
-        Ok(rules) => rules,
+    // The snapshot the rules come from is also hot reload's starting point.
+    let loaded = read_snapshot(&args.config).and_then(|snapshot| {
+        let rules = snapshot.compile()?;
+        Ok((rules, snapshot))
+    });
+    let (rules, snapshot) = match loaded {
+        Ok(loaded) => loaded,
         Err(error) => {
             tracing::error!(%error, "invalid config");
             return ExitCode::from(EXIT_CONFIG);
@@ -145,7 +152,7 @@ fn serve_with(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match runtime.block_on(run(args, rules, store, tls)) {
+    match runtime.block_on(run(args, (rules, snapshot), store, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "ratekeeper failed");
@@ -246,7 +253,7 @@ fn redis_tls(args: &ServeArgs) -> anyhow::Result<Option<RedisTls>> {
 
 async fn run(
     args: ServeArgs,
-    rules: ratekeeper::rules::Rules,
+    (rules, snapshot): (ratekeeper::rules::Rules, ConfigSnapshot),
     store: Arc<dyn CounterStore>,
     tls: Option<TlsSettings>,
 ) -> anyhow::Result<()> {
@@ -298,6 +305,7 @@ async fn run(
         .with_reload(ReloadSettings {
             path: args.config.clone(),
             interval: args.config_reload_interval,
+            loaded: Some(snapshot),
         })
         .with_drain_delay(args.drain_delay)
         .with_failure_policy(args.failure_policy.into())

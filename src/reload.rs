@@ -27,6 +27,10 @@ pub struct ReloadSettings {
     pub path: PathBuf,
     /// Time between two looks.
     pub interval: Duration,
+    /// The files the serving rules were compiled from. Changes are judged
+    /// against them, so a change made between loading the rules and the
+    /// first look is still applied; `None` takes the first look as the base.
+    pub loaded: Option<ConfigSnapshot>,
 }
 
 /// The outcome of the last reload attempt, for `/readyz`.
@@ -49,7 +53,10 @@ pub async fn watch(
     status: ReloadStatus,
     stop: impl Future<Output = ()>,
 ) {
-    let mut last: Option<ConfigSnapshot> = read_snapshot(&settings.path).ok();
+    let mut last: Option<ConfigSnapshot> = match &settings.loaded {
+        Some(loaded) => Some(loaded.clone()),
+        None => read_snapshot(&settings.path).ok(),
+    };
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{T0, TestServer, allow_request, http_get};
 use ratekeeper::Server;
 use ratekeeper::clock::ManualClock;
-use ratekeeper::config::load_rules;
+use ratekeeper::config::read_snapshot;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::store::MemoryStore;
@@ -37,9 +37,12 @@ fn replace(path: &Path, text: &str) {
 
 async fn start(config: &Path) -> TestServer {
     let store = Arc::new(MemoryStore::new(1_000, Arc::new(ManualClock::new(T0))));
-    let server = Server::new(load_rules(config).unwrap(), store).with_reload(ReloadSettings {
+    let snapshot = read_snapshot(config).unwrap();
+    let rules = snapshot.compile().unwrap();
+    let server = Server::new(rules, store).with_reload(ReloadSettings {
         path: config.to_owned(),
         interval: Duration::from_millis(20),
+        loaded: Some(snapshot),
     });
     TestServer::start(server).await
 }
@@ -218,4 +221,26 @@ async fn a_configmap_symlink_swap_is_picked_up() {
         failures, 0,
         "{failures} of {calls} calls failed during the swap"
     );
+}
+
+/// A change made after the rules were loaded but before the watcher's first
+/// look is still applied: changes are judged against what was loaded, not
+/// against whatever the watcher happens to read first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_before_the_first_look_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, rules_yaml(2)).unwrap();
+    let snapshot = read_snapshot(dir.path()).unwrap();
+    let rules = snapshot.compile().unwrap();
+    replace(&file, &rules_yaml(7));
+    let store = Arc::new(MemoryStore::new(1_000, Arc::new(ManualClock::new(T0))));
+    let server = TestServer::start(Server::new(rules, store).with_reload(ReloadSettings {
+        path: dir.path().to_owned(),
+        interval: Duration::from_millis(20),
+        loaded: Some(snapshot),
+    }))
+    .await;
+    let mut client = server.client().await;
+    assert_eq!(until_limit(&mut client, 7).await, 7);
 }
