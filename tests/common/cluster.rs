@@ -26,9 +26,13 @@ impl RedisCluster {
         let children = ports
             .iter()
             .map(|port| {
+                // The cluster bus port defaults to port + 10000, which a
+                // parallel test could pick too: take a free one instead.
+                let bus_port = free_port();
                 let child = Command::new("redis-server")
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                     .args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-port", &bus_port.to_string()])
                     .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                     .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
                     // A replica takes over however long its link was down.

@@ -202,13 +202,23 @@ fn wait_for_redis(port: u16) {
     }
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, and never handed out before in this
+/// test process (tests run in parallel, and a port picked by one must not be
+/// picked again by another before its server binds it).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 // --------------------------------------------------------------- stores ---
