@@ -184,6 +184,14 @@ fn tls_settings(args: &ServeArgs) -> anyhow::Result<Option<TlsSettings>> {
 }
 
 fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
+    // A shared store fails as a whole: the breaker stops waiting on it.
+    let with_breaker = |store: Arc<dyn CounterStore>| -> Arc<dyn CounterStore> {
+        Arc::new(CircuitBreaker::new(
+            store,
+            args.breaker_failures,
+            args.breaker_cooldown,
+        ))
+    };
     Ok(match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(
             args.memory_max_keys,
@@ -198,11 +206,7 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 tls: redis_tls(args)?,
             })
             .context("--redis-url")?;
-            Arc::new(CircuitBreaker::new(
-                Arc::new(redis),
-                args.breaker_failures,
-                args.breaker_cooldown,
-            ))
+            with_breaker(Arc::new(redis))
         }
         StoreKind::RedisCluster => {
             let nodes: Vec<String> = args
@@ -225,11 +229,7 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 tls: redis_tls(args)?,
             })
             .context("--redis-cluster-nodes")?;
-            Arc::new(CircuitBreaker::new(
-                Arc::new(cluster),
-                args.breaker_failures,
-                args.breaker_cooldown,
-            ))
+            with_breaker(Arc::new(cluster))
         }
     })
 }

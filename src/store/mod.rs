@@ -1,9 +1,10 @@
-//! Where counters live: one small async trait, two backends.
+//! Where counters live: one small async trait, three backends.
 //!
 //! A [`CounterStore`] takes every hit of one request and applies them in one
 //! atomic step with [`apply_batch`](crate::algorithm::apply_batch)'s
 //! semantics: in memory under the locks of the keys involved, in Redis as one
-//! Lua script call (one round trip). An over-limit answer is an ordinary
+//! Lua script call (one round trip), in a Redis Cluster as one script call
+//! per hash slot, sent at once. An over-limit answer is an ordinary
 //! [`Outcome`]; a [`StoreError`] means the store could not decide.
 
 pub mod breaker;
@@ -65,4 +66,15 @@ pub enum StoreError {
     /// The circuit breaker is open after repeated failures; the store was not called.
     #[error("store circuit open after repeated failures")]
     CircuitOpen,
+}
+
+/// Runs a store call under `deadline`; past it, the call is dropped and
+/// fails with [`StoreError::Timeout`].
+pub(crate) async fn within<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(deadline, call)
+        .await
+        .map_err(|_| StoreError::Timeout(deadline))?
 }

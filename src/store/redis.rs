@@ -157,9 +157,7 @@ impl RedisStore {
         &self,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
+        super::within(self.timeout, call).await
     }
 
     /// Runs `call` on a shared connection, marking it broken on I/O errors.

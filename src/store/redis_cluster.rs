@@ -22,7 +22,6 @@
 //!   the over-limit descriptors when there are any.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,15 +129,6 @@ impl RedisClusterStore {
     fn discard(&self, failed: &Arc<ClusterConnection>) {
         self.connection
             .compare_and_swap(failed, None::<Arc<ClusterConnection>>);
-    }
-
-    async fn within_deadline<T>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
     }
 
     /// One script call for hits that all live on one slot.
@@ -266,7 +256,7 @@ impl CounterStore for RedisClusterStore {
             return Ok(Vec::new());
         }
         let connection = self.connection.load_full();
-        let result = self.within_deadline(self.apply_groups(hits, mode)).await;
+        let result = super::within(self.timeout, self.apply_groups(hits, mode)).await;
         if let (Err(StoreError::Timeout(_)), Some(connection)) = (&result, &connection) {
             self.discard(connection);
         }
@@ -274,7 +264,7 @@ impl CounterStore for RedisClusterStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.within_deadline(async {
+        super::within(self.timeout, async {
             let connection = self.connection().await?;
             let result = redis::cmd("PING")
                 .query_async::<String>(&mut (*connection).clone())
