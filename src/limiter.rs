@@ -337,12 +337,17 @@ impl Limiter {
         cache: Option<&OverLimitCache>,
     ) -> Result<Vec<Outcome>, Error> {
         let started = Instant::now();
-        let span = tracing::debug_span!(
-            "store",
-            backend = self.store.backend(),
-            keys = hits.len(),
-            error = Empty
-        );
+        // A child of the RPC's span; an RPC without one (unsampled) gets none.
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::debug_span!(
+                "store",
+                backend = self.store.backend(),
+                keys = hits.len(),
+                error = Empty
+            )
+        };
         let result = self.store.apply(hits, mode).instrument(span.clone()).await;
         if let Err(error) = &result {
             span.record("error", tracing::field::display(error));

@@ -107,7 +107,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     // The OTLP exporter's gRPC channel lives on this runtime.
     let telemetry = {
         let _runtime = runtime.enter();
-        telemetry::init(args.log_format, args.otlp_endpoint.as_deref())
+        telemetry::init(
+            args.log_format,
+            args.otlp_endpoint.as_deref(),
+            args.otlp_sample_ratio,
+        )
     };
     let telemetry = match telemetry {
         Ok(telemetry) => telemetry,

@@ -121,6 +121,17 @@ fn serve_refuses_bad_config_and_flags_with_exit_64() {
         &["--config", EXAMPLE, "--otlp-endpoint", "collector:4317"],
         "--otlp-endpoint \"collector:4317\"",
     );
+    assert_refused(
+        &[
+            "--config",
+            EXAMPLE,
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--otlp-sample-ratio",
+            "1.5",
+        ],
+        "--otlp-sample-ratio 1.5",
+    );
     assert_refused(&[], "--config");
 }
 
@@ -353,4 +364,50 @@ async fn serve_exports_spans_over_otlp_with_the_callers_trace_as_parent() {
         assert_eq!(store.trace_id, rpc.trace_id);
         assert_eq!(attribute(store, "backend").as_deref(), Some("memory"));
     }
+}
+
+/// With `--otlp-sample-ratio 0`, requests without a `traceparent` are not
+/// traced at all, while a caller's sampled trace still is.
+#[cfg(feature = "otlp")]
+#[tokio::test]
+async fn serve_traces_only_the_sampled_share() {
+    use collector::hex;
+
+    const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (url, spans) = collector::start().await;
+    let mut serve = Serve::start(
+        EXAMPLE,
+        &["--otlp-endpoint", &url, "--otlp-sample-ratio", "0"],
+    );
+    let mut client = serve.client().await;
+    for traced in [false, true, false] {
+        let mut request =
+            tonic::Request::new(allow_request("example", &[&[("api_key", "ratio")]], 1));
+        if traced {
+            request.metadata_mut().insert(
+                "traceparent",
+                format!("00-{CALLER_TRACE}-00f067aa0ba902b7-01")
+                    .parse()
+                    .unwrap(),
+            );
+        }
+        client.should_allow(request).await.unwrap();
+    }
+    let (code, _) = serve.terminate().await;
+    assert_eq!(code, Some(0), "{}", serve.stderr());
+    let traces: Vec<(String, String)> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| (s.name.clone(), hex(&s.trace_id)))
+        .collect();
+    assert_eq!(
+        traces.len(),
+        2,
+        "the caller's RPC and its store span: {traces:?}"
+    );
+    assert!(
+        traces.iter().all(|(_, trace)| trace == CALLER_TRACE),
+        "{traces:?}"
+    );
 }

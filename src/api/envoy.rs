@@ -137,13 +137,14 @@ impl rate_limit_service_server::RateLimitService for EnvoyService {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let span = tracing::debug_span!(
-            "ShouldRateLimit",
-            domain = %request.get_ref().domain,
-            overall_code = Empty,
-            trace_id = Empty,
-        );
-        trace_context::attach(&span, request.metadata());
+        let span = trace_context::rpc_span(request.metadata(), || {
+            tracing::debug_span!(
+                "ShouldRateLimit",
+                domain = %request.get_ref().domain,
+                overall_code = Empty,
+                trace_id = Empty,
+            )
+        });
         self.decide(request.get_ref()).instrument(span).await
     }
 }

@@ -85,13 +85,14 @@ impl pb::rate_limiter_server::RateLimiter for ShouldAllowService {
         &self,
         request: Request<pb::ShouldAllowRequest>,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
-        let span = tracing::debug_span!(
-            "ShouldAllow",
-            domain = %request.get_ref().domain,
-            allowed = Empty,
-            trace_id = Empty,
-        );
-        trace_context::attach(&span, request.metadata());
+        let span = trace_context::rpc_span(request.metadata(), || {
+            tracing::debug_span!(
+                "ShouldAllow",
+                domain = %request.get_ref().domain,
+                allowed = Empty,
+                trace_id = Empty,
+            )
+        });
         self.decide(request.get_ref()).instrument(span).await
     }
 }

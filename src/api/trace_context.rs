@@ -46,18 +46,26 @@ pub fn parse(metadata: &MetadataMap) -> Option<TraceParent<'_>> {
     })
 }
 
-/// Joins `span` (an RPC span, not yet entered) to the caller's trace: records
-/// its `trace_id` field and makes the caller's span its parent.
-pub fn attach(span: &tracing::Span, metadata: &MetadataMap) {
-    if let Some(parent) = parse(metadata) {
+/// The span of one RPC, named `name` with `fields` already given, or a
+/// disabled span when nothing would use it (see
+/// [`crate::telemetry::rpc_span_wanted`]). It joins the caller's trace: its
+/// `trace_id` field is recorded and the caller's span becomes its parent.
+pub fn rpc_span(metadata: &MetadataMap, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    let parent = parse(metadata);
+    if !crate::telemetry::rpc_span_wanted(parent.map(|p| p.sampled)) {
+        return tracing::Span::none();
+    }
+    let span = make();
+    if let Some(parent) = parent {
         span.record("trace_id", parent.trace_id);
         crate::telemetry::set_remote_parent(
-            span,
+            &span,
             parent.trace_id,
             parent.parent_id,
             parent.sampled,
         );
     }
+    span
 }
 
 #[cfg(test)]

@@ -263,6 +263,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
+    /// Share (0 to 1) of requests without a W3C `traceparent` that are
+    /// traced and exported; a request with one follows its sampled flag.
+    #[arg(long, env = "RATEKEEPER_OTLP_SAMPLE_RATIO", default_value_t = 1.0)]
+    pub otlp_sample_ratio: f64,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

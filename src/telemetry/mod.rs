@@ -11,6 +11,8 @@
 mod otlp;
 
 use std::io::IsTerminal as _;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
@@ -43,12 +45,66 @@ impl Telemetry {
     }
 }
 
+/// Which requests get spans for export: set once OTLP export starts.
+static EXPORT_SAMPLING: OnceLock<Sampling> = OnceLock::new();
+
+/// Root traces (requests without a `traceparent`) kept: one in `every`
+/// (0: none), counted, so the kept share is exact and costs no randomness.
+#[derive(Debug)]
+struct Sampling {
+    every: u64,
+    seen: AtomicU64,
+}
+
+impl Sampling {
+    fn new(ratio: f64) -> Self {
+        let every = if ratio <= 0.0 {
+            0
+        } else {
+            (1.0 / ratio).round().max(1.0) as u64
+        };
+        Self {
+            every,
+            seen: AtomicU64::new(0),
+        }
+    }
+
+    fn keep_root(&self) -> bool {
+        self.every != 0
+            && self
+                .seen
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(self.every)
+    }
+}
+
+/// Whether an RPC should build its span: when DEBUG logs would show it, or
+/// when it will be exported — the caller's `traceparent` sampled flag
+/// decides if it sent one (`parent_sampled`), else `--otlp-sample-ratio`.
+/// Building spans nobody uses is most of what tracing costs (BENCHMARKS.md),
+/// so unsampled requests build none.
+pub fn rpc_span_wanted(parent_sampled: Option<bool>) -> bool {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        return true;
+    }
+    match (EXPORT_SAMPLING.get(), parent_sampled) {
+        (None, _) => false,
+        (Some(_), Some(sampled)) => sampled,
+        (Some(sampling), None) => sampling.keep_root(),
+    }
+}
+
 /// Installs the global subscriber: logs in `format`, and spans exported to
 /// `otlp_endpoint` (an `http://` or `https://` URL of an OTLP/gRPC
-/// collector) when given. The exporter must be built inside the Tokio
+/// collector) when given, for `sample_ratio` (0 to 1) of the requests that
+/// carry no `traceparent`. The exporter must be built inside the Tokio
 /// runtime that will serve. Later calls install nothing (tests call it
 /// freely).
-pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+pub fn init(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    sample_ratio: f64,
+) -> anyhow::Result<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let logs = tracing_subscriber::fmt::layer()
@@ -66,9 +122,13 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
         return Ok(Telemetry::default());
     };
     validate_endpoint(endpoint)?;
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        anyhow::bail!("--otlp-sample-ratio {sample_ratio}: expected a number from 0 to 1");
+    }
     #[cfg(feature = "otlp")]
     {
         let (exporter, layer) = otlp::Exporter::start(endpoint)?;
+        let _ = EXPORT_SAMPLING.set(Sampling::new(sample_ratio));
         let _ = registry.with(layer).try_init();
         Ok(Telemetry {
             exporter: Some(exporter),
@@ -110,6 +170,18 @@ pub fn set_remote_parent(span: &tracing::Span, trace_id: &str, parent_id: &str, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_sampling_keeps_exactly_its_share() {
+        let kept = |ratio: f64| {
+            let sampling = Sampling::new(ratio);
+            (0..1_000).filter(|_| sampling.keep_root()).count()
+        };
+        assert_eq!(kept(1.0), 1_000);
+        assert_eq!(kept(0.01), 10);
+        assert_eq!(kept(0.25), 250);
+        assert_eq!(kept(0.0), 0);
+    }
 
     #[test]
     fn endpoints_must_be_http_urls_with_a_host() {

@@ -2,9 +2,11 @@
 //! thread, a `tracing` layer that turns ratekeeper's spans into OpenTelemetry
 //! spans, and remote parents taken from the caller's `traceparent`.
 //!
-//! Sampling is the SDK's default, parent-based: a request whose
-//! `traceparent` says "not sampled" is not exported; one without a
-//! `traceparent` starts a new, sampled trace.
+//! Which requests are traced is decided before their spans are built
+//! ([`super::rpc_span_wanted`]): a request with a `traceparent` follows its
+//! sampled flag, one without starts a new trace for `--otlp-sample-ratio` of
+//! them. The SDK's own sampler (parent-based, or `OTEL_TRACES_SAMPLER`) then
+//! sees only those.
 
 use std::time::Duration;
 
