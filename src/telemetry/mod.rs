@@ -125,10 +125,11 @@ pub fn init(
     if !(0.0..=1.0).contains(&sample_ratio) {
         anyhow::bail!("--otlp-sample-ratio {sample_ratio}: expected a number from 0 to 1");
     }
+    let sampling = Sampling::new(sample_ratio);
     #[cfg(feature = "otlp")]
     {
         let (exporter, layer) = otlp::Exporter::start(endpoint)?;
-        let _ = EXPORT_SAMPLING.set(Sampling::new(sample_ratio));
+        let _ = EXPORT_SAMPLING.set(sampling);
         let _ = registry.with(layer).try_init();
         Ok(Telemetry {
             exporter: Some(exporter),
@@ -136,6 +137,7 @@ pub fn init(
     }
     #[cfg(not(feature = "otlp"))]
     {
+        let _ = sampling;
         anyhow::bail!(
             "--otlp-endpoint: this ratekeeper was built without OTLP export; \
              build it with `--features otlp`"
