@@ -245,3 +245,93 @@ async fn master_failover_under_load_is_answered_by_policy_and_recovers() {
     assert!(degraded > 0, "the failover was seen");
     assert_ne!(cluster.master_of(&key), master, "a replica took over");
 }
+
+/// Every slot of one master moves to another (keys move with MIGRATE) while
+/// 32 callers count on 10 users until the move is over: no call waits past the deadline plus a
+/// margin, and no user ever gets more than its limit. A call that fails
+/// while its slot moves (after Redis counted it, or not) may leave a user
+/// short of the limit, never over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_never_admits_past_a_limit() {
+    let cluster = RedisCluster::start();
+    let server = TestServer::with(rules(&[RULES]), Arc::new(store(&cluster))).await;
+    let allowed: Arc<Vec<AtomicU64>> = Arc::new((0..10).map(|_| AtomicU64::new(0)).collect());
+    let failed = Arc::new(AtomicU64::new(0));
+    let channel = server.channel().await;
+    // Put every user's key in place, and find a master holding some.
+    let mut client = RateLimiterClient::new(channel.clone());
+    for user in 0..10 {
+        assert!(
+            client
+                .should_allow(users(&[&format!("reshard-{user}")]))
+                .await
+                .unwrap()
+                .into_inner()
+                .allowed
+        );
+        allowed[user].fetch_add(1, Ordering::Relaxed);
+    }
+    let from = *masters_with_keys(&cluster).iter().next().unwrap();
+    let to = cluster.masters().into_iter().find(|m| *m != from).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let callers: Vec<_> = (0..32)
+        .map(|caller| {
+            let (allowed, failed, stop) = (allowed.clone(), failed.clone(), stop.clone());
+            let mut client = RateLimiterClient::new(channel.clone());
+            tokio::spawn(async move {
+                // Until the move is over, and at least 100 calls each.
+                let mut call = 0;
+                while call < 100 || !stop.load(Ordering::Relaxed) {
+                    call += 1;
+                    let user = (caller + call) % 10;
+                    let started = Instant::now();
+                    let reply = client
+                        .should_allow(users(&[&format!("reshard-{user}")]))
+                        .await;
+                    let took = started.elapsed();
+                    assert!(took < DEADLINE + MARGIN, "a call took {took:?}");
+                    match reply {
+                        Ok(reply) if reply.get_ref().allowed => {
+                            allowed[user].fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(status) => {
+                            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                call
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let output = tokio::task::block_in_place(|| cluster.reshard(from, to, 5461));
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        output.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let moved_after = started.elapsed();
+    let mut calls = 0;
+    for caller in callers {
+        calls += caller.await.unwrap();
+    }
+    let counts: Vec<u64> = allowed.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    let failed = failed.load(Ordering::Relaxed);
+    println!(
+        "resharding under load: 5,461 slots moved in {moved_after:?} under {calls} calls; \
+         allowed per user {counts:?}, {failed} calls failed"
+    );
+    assert!(counts.iter().all(|c| *c <= 200), "over a limit: {counts:?}");
+    // At least 3,200 calls on 10 users of 200 each: every limit is reached
+    // unless a failed call was counted by Redis after its deadline.
+    let short: u64 = counts.iter().map(|c| 200 - c).sum();
+    assert!(
+        short <= failed,
+        "short {short} with only {failed} failed calls"
+    );
+    assert!(masters_with_keys(&cluster).contains(&to));
+}

@@ -222,3 +222,43 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+impl RedisCluster {
+    /// The node id of the master on `port`.
+    pub fn node_id(&self, port: u16) -> String {
+        let mut connection = node_connection(port).unwrap();
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut connection)
+            .unwrap()
+    }
+
+    /// Moves `slots` hash slots from the master on `from` to the master on
+    /// `to` with `redis-cli --cluster reshard` (keys move with MIGRATE);
+    /// returns once it is done.
+    pub fn reshard(&self, from: u16, to: u16, slots: u32) -> std::process::Output {
+        Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &self.node_id(from)])
+            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster-slots", &slots.to_string()])
+            .args(["--cluster-yes"])
+            .output()
+            .unwrap()
+    }
+
+    /// Ports of the live masters.
+    pub fn masters(&self) -> Vec<u16> {
+        self.live_ports()
+            .filter(|port| {
+                node_connection(*port)
+                    .and_then(|mut c| {
+                        redis::cmd("INFO")
+                            .arg("replication")
+                            .query::<String>(&mut c)
+                    })
+                    .is_ok_and(|info| info.contains("role:master"))
+            })
+            .collect()
+    }
+}
