@@ -9,6 +9,7 @@
 # Usage: benches/cluster.sh [rounds, default 3] [seconds per run, default 5] [open-loop rate, default 2000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 
 ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-5}
@@ -24,21 +25,8 @@ KEYS=100000
 cargo build --release --quiet --bin ratekeeper --example loadgen
 BIN=target/release
 work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
+cleanup() { stop_started; rm -rf "$work"; }
 trap cleanup EXIT
-
-wait_port() { # host:port
-  for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing listening on $1" >&2; return 1
-}
 
 redis() { # port [extra args]
   local port=$1; shift
@@ -72,8 +60,6 @@ run() { # server descriptors [loadgen flags...]: prints the RESULT line
     --duration "${SECONDS_PER_RUN}s" --warmup 1s --keys $KEYS --domain bench --api envoy \
     --descriptors "$descriptors" "$@" | grep '^RESULT '
 }
-field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 shapes=("single 1" "single 10" "cluster 1" "cluster 10")
 declare -A rps sat_p99 open_p50 open_p99

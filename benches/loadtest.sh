@@ -10,6 +10,7 @@
 # Usage: benches/loadtest.sh [rounds, default 5] [seconds per run, default 5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 
 ROUNDS=${1:-5}
 SECONDS_PER_RUN=${2:-5}
@@ -23,17 +24,7 @@ KEYS=100000
 
 cargo build --release --quiet --bin ratekeeper --example loadgen --example noop_server
 BIN=target/release
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-wait_port() { # host:port
-  for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing listening on $1" >&2; return 1
-}
+trap stop_started EXIT
 
 taskset -c $SERVER_CPU $BIN/examples/noop_server --addr $NOOP --threads 1 >/dev/null 2>&1 & pids+=($!); declare -A pid_of; pid_of[noop]=$!
 taskset -c $SERVER_CPU $BIN/ratekeeper serve --config benches/bench.yaml --grpc-addr $MEMORY \
@@ -62,8 +53,6 @@ run() {
   requests=$(sed -E 's/.* requests=([0-9]+).*/\1/' <<<"$result")
   echo "$result cpu_ms_per_1k=$(awk -v b="$before" -v a="$after" -v n="$requests" 'BEGIN { printf "%.1f", (a - b) * 1e6 / n }')"
 }
-field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 declare -A rps ratio cpu p50 p99 p999
 for round in $(seq 1 "$ROUNDS"); do

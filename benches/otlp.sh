@@ -11,6 +11,7 @@
 # Usage: benches/otlp.sh [rounds, default 5] [seconds per run, default 5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 
 ROUNDS=${1:-5}
 SECONDS_PER_RUN=${2:-5}
@@ -21,17 +22,7 @@ SINK=127.0.0.1:19385
 
 cargo build --release --quiet --features otlp --bin ratekeeper --example loadgen --example otlp_sink
 BIN=target/release
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-wait_port() { # host:port
-  for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing listening on $1" >&2; return 1
-}
+trap stop_started EXIT
 
 sink_log=$(mktemp)
 taskset -c 1 $BIN/examples/otlp_sink --addr $SINK >"$sink_log" & pids+=($!)
@@ -48,8 +39,6 @@ run() { # addr
   taskset -c 1 $BIN/examples/loadgen --addr "http://$1" --connections 4 --concurrency 64 \
     --duration "${SECONDS_PER_RUN}s" --warmup 1s --keys 100000 --domain bench --api envoy | grep '^RESULT '
 }
-field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 traced_ratios=()
 sampled_ratios=()

@@ -281,20 +281,20 @@ impl Limiter {
         }
         // Upstream's stop-increment semantics need every descriptor judged
         // together, so that mode always asks the store.
-        let cache = self
+        let Some(cache) = self
             .over_limit
             .as_deref()
-            .filter(|_| mode != Mode::StopIncrementWhenOverLimit);
-        let cached: Vec<Option<Outcome>> = match cache {
-            Some(cache) => hits
-                .iter()
-                .map(|hit| cache.get(hit.key, hit.hits))
-                .collect(),
-            None => vec![None; hits.len()],
+            .filter(|_| mode != Mode::StopIncrementWhenOverLimit)
+        else {
+            return self.call_store(hits, mode, None).await;
         };
+        let cached: Vec<Option<Outcome>> = hits
+            .iter()
+            .map(|hit| cache.get(hit.key, hit.hits))
+            .collect();
         let from_cache = cached.iter().flatten().count();
         if from_cache == 0 {
-            return self.call_store(hits, mode, cache).await;
+            return self.call_store(hits, mode, Some(cache)).await;
         }
         self.metrics
             .over_limit_cache_hits(domain, from_cache as u64);
@@ -318,7 +318,7 @@ impl Limiter {
         let mut from_store = if rest.is_empty() {
             Vec::new()
         } else {
-            self.call_store(&rest, rest_mode, cache).await?
+            self.call_store(&rest, rest_mode, Some(cache)).await?
         }
         .into_iter();
         cached

@@ -309,10 +309,10 @@ async fn run(
         .with_reload(ReloadSettings {
             path: args.config.clone(),
             interval: args.config_reload_interval,
-            loaded: Some(snapshot),
+            loaded: snapshot,
         })
         .with_drain_delay(args.drain_delay)
-        .with_failure_policy(args.failure_policy.into())
+        .with_failure_policy(args.failure_policy)
         .with_shutdown_timeout(args.shutdown_timeout);
     server
         .serve(

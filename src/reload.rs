@@ -29,8 +29,8 @@ pub struct ReloadSettings {
     pub interval: Duration,
     /// The files the serving rules were compiled from. Changes are judged
     /// against them, so a change made between loading the rules and the
-    /// first look is still applied; `None` takes the first look as the base.
-    pub loaded: Option<ConfigSnapshot>,
+    /// first look is still applied.
+    pub loaded: ConfigSnapshot,
 }
 
 /// The outcome of the last reload attempt, for `/readyz`.
@@ -53,10 +53,7 @@ pub async fn watch(
     status: ReloadStatus,
     stop: impl Future<Output = ()>,
 ) {
-    let mut last: Option<ConfigSnapshot> = match &settings.loaded {
-        Some(loaded) => Some(loaded.clone()),
-        None => read_snapshot(&settings.path).ok(),
-    };
+    let mut last = settings.loaded.clone();
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -71,10 +68,10 @@ pub async fn watch(
             continue;
         };
         let outcome = match read {
-            Ok(snapshot) if Some(&snapshot) == last.as_ref() => continue,
+            Ok(snapshot) if snapshot == last => continue,
             Ok(snapshot) => {
                 let compiled = snapshot.compile();
-                last = Some(snapshot);
+                last = snapshot;
                 compiled
             }
             Err(error) => Err(error),

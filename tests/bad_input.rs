@@ -149,22 +149,26 @@ fn envoy_cases() -> Vec<(&'static str, RateLimitRequest)> {
     ]
 }
 
+/// `status` is INVALID_ARGUMENT with a message that starts with `expected`.
+fn assert_invalid(status: tonic::Status, expected: &str) {
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "{expected}: {status:?}"
+    );
+    assert!(
+        status.message().starts_with(expected),
+        "want {expected:?}, got {:?}",
+        status.message()
+    );
+}
+
 #[tokio::test]
 async fn should_allow_refuses_bad_input_naming_the_field() {
     let server = server().await;
     let mut client = server.client().await;
     for (expected, request) in allow_cases() {
-        let status = client.should_allow(request).await.unwrap_err();
-        assert_eq!(
-            status.code(),
-            Code::InvalidArgument,
-            "{expected}: {status:?}"
-        );
-        assert!(
-            status.message().starts_with(expected),
-            "want {expected:?}, got {:?}",
-            status.message()
-        );
+        assert_invalid(client.should_allow(request).await.unwrap_err(), expected);
     }
     // None of them consumed anything: alice's single hit is still there.
     let response = client
@@ -179,16 +183,9 @@ async fn should_rate_limit_refuses_bad_input_naming_the_field() {
     let server = server().await;
     let mut client = server.envoy().await;
     for (expected, request) in envoy_cases() {
-        let status = client.should_rate_limit(request).await.unwrap_err();
-        assert_eq!(
-            status.code(),
-            Code::InvalidArgument,
-            "{expected}: {status:?}"
-        );
-        assert!(
-            status.message().starts_with(expected),
-            "want {expected:?}, got {:?}",
-            status.message()
+        assert_invalid(
+            client.should_rate_limit(request).await.unwrap_err(),
+            expected,
         );
     }
     // The valid first descriptor of the refused requests was not counted.
@@ -237,14 +234,7 @@ async fn limits_at_the_boundary_are_accepted() {
     let exact = "x".repeat(16);
     let entries: &[(&str, &str)] = &[("user", &exact), ("b", ""), ("c", "3")];
     let request = allow_request(&"d".repeat(16), &[entries; 4], ratekeeper::api::MAX_COST);
-    assert!(
-        client
-            .should_allow(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .allowed
-    );
+    assert!(common::allowed(&mut client, request).await);
     // Envoy accepts a descriptor without entries (it matches nothing).
     let mut envoy = server.envoy().await;
     let response = envoy

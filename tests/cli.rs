@@ -51,6 +51,28 @@ fn check_config_accepts_the_example_and_summarises_it() {
 }
 
 #[test]
+fn check_config_shows_a_rules_own_failure_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(
+        &path,
+        "domain: d\ndescriptors:\n  - {key: login, rate_limit: {unit: minute, requests_per_unit: 5, failure_policy: deny}}\n  - {key: read, rate_limit: {unit: second, requests_per_unit: 50}}\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("d.login: 5 per minute (fixed_window) (on store failure: deny)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("d.read: 50 per second (fixed_window)\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_config_refuses_a_bad_file_with_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");

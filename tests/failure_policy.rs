@@ -268,4 +268,14 @@ async fn per_rule_policies_override_the_service_policy() {
         !metrics.contains("ratelimit_degraded_total{policy=\"error\"}"),
         "{metrics}"
     );
+    // `/rules` shows each rule's own policy; `null` follows the service's.
+    let listed = http_get(server.admin_addr, "/rules").await;
+    for shown in [
+        r#""failure_policy":"allow""#,
+        r#""failure_policy":"deny""#,
+        r#""failure_policy":"local""#,
+        r#""failure_policy":null"#,
+    ] {
+        assert!(listed.contains(shown), "{shown}: {listed}");
+    }
 }

@@ -42,7 +42,7 @@ async fn start(config: &Path) -> TestServer {
     let server = Server::new(rules, store).with_reload(ReloadSettings {
         path: config.to_owned(),
         interval: Duration::from_millis(20),
-        loaded: Some(snapshot),
+        loaded: snapshot,
     });
     TestServer::start(server).await
 }
@@ -238,7 +238,7 @@ async fn a_change_before_the_first_look_is_applied() {
     let server = TestServer::start(Server::new(rules, store).with_reload(ReloadSettings {
         path: dir.path().to_owned(),
         interval: Duration::from_millis(20),
-        loaded: Some(snapshot),
+        loaded: snapshot,
     }))
     .await;
     let mut client = server.client().await;

@@ -34,15 +34,7 @@ async fn underscore_joined_descriptors_do_not_share_a_counter(backend: Backend) 
     let mut client = server.client().await;
     let allowed = |entries: &'static [(&'static str, &'static str)]| {
         let mut client = client.clone();
-        async move {
-            let request = allow_request("keys", &[entries], 1);
-            client
-                .should_allow(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .allowed
-        }
+        async move { common::allowed(&mut client, allow_request("keys", &[entries], 1)).await }
     };
     assert!(allowed(&[("a_b", "c")]).await);
     assert!(allowed(&[("a", "b_c")]).await);

@@ -43,11 +43,7 @@ async fn call_tls(server: &TestServer, ca: &str, identity: Option<&Pair>) -> Res
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
-    RateLimiterClient::new(channel)
-        .should_allow(allow_request("tls", &[&[("user", "u")]], 1))
-        .await
-        .map(|r| r.into_inner().allowed)
-        .map_err(|s| format!("call: {s:?}"))
+    call(channel).await
 }
 
 async fn call_plaintext(server: &TestServer) -> Result<bool, String> {
@@ -56,6 +52,11 @@ async fn call_plaintext(server: &TestServer) -> Result<bool, String> {
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
+    call(channel).await
+}
+
+/// One `ShouldAllow` on `channel`.
+async fn call(channel: Channel) -> Result<bool, String> {
     RateLimiterClient::new(channel)
         .should_allow(allow_request("tls", &[&[("user", "u")]], 1))
         .await

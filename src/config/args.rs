@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::failure_policy::FailurePolicy;
+
 /// Default gRPC listen address (the port envoyproxy/ratelimit uses).
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:8081";
 /// Default admin HTTP listen address; loopback so it is not exposed by accident.
@@ -59,30 +61,6 @@ pub enum StoreKind {
     Redis,
     /// In a Redis Cluster (`--redis-cluster-nodes`): shared by every instance.
     RedisCluster,
-}
-
-/// The `--failure-policy` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FailurePolicyArg {
-    /// UNAVAILABLE.
-    Error,
-    /// Fail open.
-    Allow,
-    /// Fail closed.
-    Deny,
-    /// Per-instance in-memory counting.
-    Local,
-}
-
-impl From<FailurePolicyArg> for crate::limiter::FailurePolicy {
-    fn from(arg: FailurePolicyArg) -> Self {
-        match arg {
-            FailurePolicyArg::Error => Self::Error,
-            FailurePolicyArg::Allow => Self::Allow,
-            FailurePolicyArg::Deny => Self::Deny,
-            FailurePolicyArg::Local => Self::Local,
-        }
-    }
 }
 
 /// Log output format.
@@ -221,8 +199,8 @@ pub struct ServeArgs {
     /// What to answer for limited descriptors when the store fails: `error`
     /// (UNAVAILABLE, the gateway's failure mode decides), `allow`, `deny`, or
     /// `local` (count in this instance's memory until the store is back).
-    #[arg(long, env = "RATEKEEPER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicyArg::Error)]
-    pub failure_policy: FailurePolicyArg,
+    #[arg(long, env = "RATEKEEPER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Error)]
+    pub failure_policy: FailurePolicy,
 
     /// Consecutive store failures after which the circuit breaker opens and
     /// answers by the failure policy without calling the store.

@@ -21,7 +21,6 @@
 //! - upstream's stop-increment mode likewise judges first, then counts only
 //!   the over-limit descriptors when there are any.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,26 +172,32 @@ impl RedisClusterStore {
             .ok_or_else(|| StoreError::Protocol("a slot returned too few outcomes".to_owned()))
     }
 
-    async fn apply_groups(
+    /// Runs `call` on the shared connection under the store deadline. When
+    /// it fails or misses the deadline, the connection is dropped so the
+    /// next call connects afresh (see [`Self::discard`]).
+    async fn on_connection<T>(
         &self,
-        hits: &[BatchHit<'_>],
-        mode: Mode,
-    ) -> Result<Vec<Outcome>, StoreError> {
-        let connection = self.connection().await?;
-        let result = self.decide(&connection, hits, mode).await;
-        if result.is_err() {
-            self.discard(&connection);
+        call: impl AsyncFnOnce(ClusterConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut used = None;
+        let result = super::within(self.timeout, async {
+            let connection = self.connection().await?;
+            used = Some(connection.clone());
+            call((*connection).clone()).await
+        })
+        .await;
+        if let (Err(_), Some(connection)) = (&result, &used) {
+            self.discard(connection);
         }
         result
     }
 
     async fn decide(
         &self,
-        connection: &ClusterConnection,
+        connection: ClusterConnection,
         hits: &[BatchHit<'_>],
         mode: Mode,
     ) -> Result<Vec<Outcome>, StoreError> {
-        let connection = connection.clone();
         let groups = group_by_slot(hits);
         if let [_] = groups.as_slice() {
             return self.eval(connection, hits, mode).await;
@@ -255,24 +260,17 @@ impl CounterStore for RedisClusterStore {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        let connection = self.connection.load_full();
-        let result = super::within(self.timeout, self.apply_groups(hits, mode)).await;
-        if let (Err(StoreError::Timeout(_)), Some(connection)) = (&result, &connection) {
-            self.discard(connection);
-        }
-        result
+        self.on_connection(async |connection| self.decide(connection, hits, mode).await)
+            .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        super::within(self.timeout, async {
-            let connection = self.connection().await?;
-            let result = redis::cmd("PING")
-                .query_async::<String>(&mut (*connection).clone())
-                .await;
-            result.map(drop).map_err(|e| {
-                self.discard(&connection);
-                StoreError::Backend(e.to_string())
-            })
+        self.on_connection(async |mut connection| {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map(drop)
+                .map_err(|e| StoreError::Backend(e.to_string()))
         })
         .await
     }
@@ -285,22 +283,23 @@ impl CounterStore for RedisClusterStore {
 /// The hits of one request that live on one slot, by index.
 #[derive(Debug)]
 struct SlotGroup {
+    slot: Slot,
     indexes: Vec<usize>,
 }
 
-/// Groups hits by slot, in order of first appearance.
+/// Groups hits by slot, in order of first appearance. A request has a few
+/// descriptors, so a scan beats a map.
 fn group_by_slot(hits: &[BatchHit<'_>]) -> Vec<SlotGroup> {
-    let mut by_slot: HashMap<Slot, usize> = HashMap::new();
     let mut groups: Vec<SlotGroup> = Vec::new();
     for (i, hit) in hits.iter().enumerate() {
         let slot = Slot::for_key(hit.key);
-        let group = *by_slot.entry(slot).or_insert_with(|| {
-            groups.push(SlotGroup {
-                indexes: Vec::new(),
-            });
-            groups.len() - 1
-        });
-        groups[group].indexes.push(i);
+        match groups.iter_mut().find(|group| group.slot == slot) {
+            Some(group) => group.indexes.push(i),
+            None => groups.push(SlotGroup {
+                slot,
+                indexes: vec![i],
+            }),
+        }
     }
     groups
 }

@@ -24,9 +24,6 @@ use crate::config::LogFormat;
 /// Filter used when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "warn,ratekeeper=info";
 
-/// Whether this build can export spans (`--features otlp`).
-pub const OTLP_BUILT_IN: bool = cfg!(feature = "otlp");
-
 /// What the process installed; [`Telemetry::shutdown`] flushes spans not yet
 /// exported.
 #[derive(Debug, Default)]
