@@ -7,7 +7,7 @@
 //! cargo run --release --example redis_cost -- redis://127.0.0.1:6390
 //! ```
 //!
-//! It resets the server's statistics and writes keys under the `rk2:`
+//! It resets the server's statistics and writes keys under the `rk3:`
 //! prefix: point it at a throwaway Redis.
 
 use std::collections::BTreeMap;
@@ -29,11 +29,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .unwrap_or_else(|| "redis://127.0.0.1:6390".to_owned());
     let store = RedisStore::new(&RedisSettings {
-        url: url.clone(),
-        pool_size: 4,
         timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(1),
-        tls: None,
+        ..RedisSettings::new(url.clone())
     })?;
     let mut admin = redis::Client::open(url)?
         .get_multiplexed_async_connection()

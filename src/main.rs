@@ -208,6 +208,7 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 timeout: args.store_timeout,
                 connect_timeout: args.redis_connect_timeout,
                 tls: redis_tls(args)?,
+                expiry_jitter: args.expiration_jitter_max,
             })
             .context("--redis-url")?;
             with_breaker(Arc::new(redis))
@@ -231,6 +232,7 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 timeout: args.store_timeout,
                 connect_timeout: args.redis_connect_timeout,
                 tls: redis_tls(args)?,
+                expiry_jitter: args.expiration_jitter_max,
             })
             .context("--redis-cluster-nodes")?;
             with_breaker(Arc::new(cluster))

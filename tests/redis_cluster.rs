@@ -42,6 +42,7 @@ fn store(cluster: &RedisCluster) -> RedisClusterStore {
         timeout: DEADLINE,
         connect_timeout: Duration::from_millis(500),
         tls: None,
+        expiry_jitter: Duration::ZERO,
     })
     .unwrap()
 }
@@ -61,7 +62,7 @@ fn masters_with_keys(cluster: &RedisCluster) -> HashSet<u16> {
             cluster
                 .keys_on(**port)
                 .iter()
-                .any(|k| k.starts_with(b"rk2:"))
+                .any(|k| k.starts_with(b"rk3:"))
         })
         .map(|port| cluster.master_of(&cluster.keys_on(*port)[0]))
         .collect()
@@ -175,7 +176,7 @@ async fn master_failover_under_load_is_answered_by_policy_and_recovers() {
         .ports
         .iter()
         .flat_map(|port| cluster.keys_on(*port))
-        .find(|k| k.starts_with(b"rk2:"))
+        .find(|k| k.starts_with(b"rk3:"))
         .unwrap();
     let master = cluster.master_of(&key);
 

@@ -34,11 +34,11 @@ fn tls_redis(pki: &Pki) -> (RedisServer, tempfile::TempDir) {
 
 fn store(url: &str, tls: RedisTls) -> RedisStore {
     RedisStore::new(&RedisSettings {
-        url: url.to_owned(),
         pool_size: 2,
         timeout: Duration::from_millis(500),
         connect_timeout: Duration::from_millis(1000),
         tls: Some(tls),
+        ..RedisSettings::new(url)
     })
     .unwrap()
 }
@@ -120,14 +120,11 @@ async fn rediss_with_private_ca_client_certificate_and_acl_user_counts() {
 #[test]
 fn certificates_with_a_plaintext_url_are_refused() {
     let error = RedisStore::new(&RedisSettings {
-        url: "redis://127.0.0.1:6379".to_owned(),
-        pool_size: 1,
-        timeout: Duration::from_millis(10),
-        connect_timeout: Duration::from_millis(10),
         tls: Some(RedisTls {
             ca_pem: Some(b"not used".to_vec()),
             client_pem: None,
         }),
+        ..RedisSettings::new("redis://127.0.0.1:6379")
     })
     .err()
     .unwrap_or_else(|| panic!("refused"));
@@ -137,16 +134,13 @@ fn certificates_with_a_plaintext_url_are_refused() {
 #[test]
 fn garbage_certificates_are_refused_at_startup() {
     let error = RedisStore::new(&RedisSettings {
-        url: "rediss://127.0.0.1:6379".to_owned(),
-        pool_size: 1,
-        timeout: Duration::from_millis(10),
-        connect_timeout: Duration::from_millis(10),
         tls: Some(RedisTls {
             ca_pem: Some(
                 b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n".to_vec(),
             ),
             client_pem: None,
         }),
+        ..RedisSettings::new("rediss://127.0.0.1:6379")
     })
     .err()
     .unwrap_or_else(|| panic!("refused"));

@@ -244,3 +244,72 @@ async fn a_change_before_the_first_look_is_applied() {
     let mut client = server.client().await;
     assert_eq!(until_limit(&mut client, 7).await, 7);
 }
+
+fn token_bucket_yaml(per_hour: u32) -> String {
+    format!(
+        "domain: rl\ndescriptors:\n  - key: user\n    rate_limit: {{unit: hour, requests_per_unit: {per_hour}, algorithm: token_bucket}}\n  - key: other\n    rate_limit: {{unit: hour, requests_per_unit: 10}}\n"
+    )
+}
+
+/// The outage a review found: a token bucket used up, then shrunk by a
+/// reload, left a stored level above the new capacity; every request on the
+/// key then failed (a protocol error in Redis, a panic in memory) and the
+/// breaker opened for every rule. Now the level reads as an empty bucket
+/// under the new rule: denied with an exact retry, nothing fails, and other
+/// rules keep answering — on both stores, behind the breaker as in production.
+async fn shrinking_a_used_up_token_bucket_denies_and_fails_nothing(backend: common::Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, token_bucket_yaml(100)).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let test_store = common::TestStore::new(backend, clock.clone());
+    let store: Arc<dyn ratekeeper::store::CounterStore> =
+        Arc::new(ratekeeper::store::CircuitBreaker::new(
+            test_store.store.clone(),
+            3,
+            Duration::from_secs(3600),
+        ));
+    let snapshot = read_snapshot(dir.path()).unwrap();
+    let server = TestServer::start(Server::new(snapshot.compile().unwrap(), store).with_reload(
+        ReloadSettings {
+            path: dir.path().to_owned(),
+            interval: Duration::from_millis(20),
+            loaded: snapshot,
+        },
+    ))
+    .await;
+    let mut client = server.client().await;
+    assert!(common::allowed(&mut client, allow_request("rl", &[&[("user", "a")]], 100)).await);
+    assert_eq!(peek(&mut client).await, (100, 0));
+
+    replace(&file, &token_bucket_yaml(50));
+    assert_eq!(until_limit(&mut client, 50).await, 0);
+    for _ in 0..5 {
+        let answer = client
+            .should_allow(allow_request("rl", &[&[("user", "a")]], 1))
+            .await
+            .expect("a shrunk bucket is an answer, not an error")
+            .into_inner();
+        assert!(!answer.allowed);
+        assert_eq!(answer.results[0].remaining, 0);
+        // Empty under the new rule, refilling one token every 72 s.
+        assert_eq!(
+            answer.retry_after,
+            Some(prost_types::Duration {
+                seconds: 72,
+                nanos: 0
+            })
+        );
+    }
+    // The breaker stayed closed: another rule still counts in the store.
+    assert!(common::allowed(&mut client, allow_request("rl", &[&[("other", "x")]], 1)).await);
+    common::assert_retry_is_exact(
+        &mut client,
+        &clock,
+        allow_request("rl", &[&[("user", "a")]], 1),
+        72_000,
+    )
+    .await;
+}
+
+both_stores!(shrinking_a_used_up_token_bucket_denies_and_fails_nothing);

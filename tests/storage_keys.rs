@@ -71,13 +71,22 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
             .await
             .unwrap();
     }
-    // A denied all-or-nothing request writes nothing.
+    // A denied all-or-nothing request writes nothing (a cost above the
+    // limit is denied in any window, so no boundary can change this).
     let denied = client
-        .should_allow(allow_request("keys", &[&[("a", "1")], &[("a", "new")]], 1))
+        .should_allow(allow_request(
+            "keys",
+            &[&[("a", "new")], &[("a_b", "new")]],
+            2,
+        ))
         .await
         .unwrap()
         .into_inner();
     assert!(!denied.allowed);
+    // Neither does a dry run, nor a check that adds nothing.
+    let mut dry = allow_request("keys", &[&[("a", "dry")]], 1);
+    dry.dry_run = true;
+    assert!(client.should_allow(dry).await.unwrap().into_inner().allowed);
 
     let mut conn = redis.connection();
     let mut keys: Vec<String> = conn.keys("*").unwrap();
@@ -85,7 +94,7 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
     assert_eq!(keys.len(), 3, "{keys:?}");
     for key in &keys {
         assert!(
-            key.starts_with("rk2:{") && key.as_bytes()[21] == b'}',
+            key.starts_with("rk3:{") && key.as_bytes()[21] == b'}',
             "{key}"
         );
         let ttl: i64 = ::redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
@@ -101,6 +110,42 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
             .any(|k| k.contains("d4:keysn2k1:xv1:1k1:yv1:2|fw|3600000")),
         "{keys:?}"
     );
+}
+
+/// With expiry jitter, the keys of one window no longer expire together,
+/// and none outlives its state by more than the jitter.
+#[tokio::test]
+async fn expiry_jitter_spreads_key_expiry_within_its_bound() {
+    let redis = RedisServer::start();
+    let store = ratekeeper::store::RedisStore::new(&ratekeeper::store::redis::RedisSettings {
+        timeout: Duration::from_secs(2),
+        expiry_jitter: Duration::from_secs(5),
+        ..ratekeeper::store::redis::RedisSettings::new(redis.url())
+    })
+    .unwrap();
+    let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+    let mut client = server.client().await;
+    for i in 0..20 {
+        let value = i.to_string();
+        client
+            .should_allow(allow_request("keys", &[&[("a", &value)]], 1))
+            .await
+            .unwrap();
+    }
+    let mut conn = redis.connection();
+    let keys: Vec<String> = conn.keys("*").unwrap();
+    assert_eq!(keys.len(), 20);
+    let ttls: Vec<i64> = keys
+        .iter()
+        .map(|key| ::redis::cmd("PTTL").arg(key).query(&mut conn).unwrap())
+        .collect();
+    for ttl in &ttls {
+        assert!(*ttl > 0 && *ttl <= 60_000 + 5_000, "pttl {ttl}");
+    }
+    // Without jitter they would differ by the few ms the calls took; 20
+    // draws from 5 s all landing within 100 ms of each other is below 1e-25.
+    let spread = ttls.iter().max().unwrap() - ttls.iter().min().unwrap();
+    assert!(spread > 100, "{ttls:?}");
 }
 
 #[tokio::test]

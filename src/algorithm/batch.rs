@@ -58,6 +58,9 @@ pub trait StateView {
 
 /// Applies `hits` to `view` at `now_ms` and returns one outcome per hit.
 ///
+/// Only hits that add something write: a check (0 hits) never creates or
+/// rewrites a key.
+///
 /// When the batch is not committed (a denied [`Mode::AllOrNothing`] request or
 /// a [`Mode::DryRun`]), every write is undone and each outcome's `remaining`
 /// and `reset_after_ms` describe the counter as it stands, since nothing was
@@ -116,11 +119,17 @@ fn pass<'k>(
     };
     for (i, hit) in hits.iter().enumerate() {
         let before = view.load(hit.key);
-        let eval = evaluate(hit, before, if counts(i) { hit.hits } else { 0 }, now_ms);
+        let counted = if counts(i) { hit.hits } else { 0 };
+        let eval = evaluate(hit, before, counted, now_ms);
         if !eval.outcome.allowed && hit.enforced {
             done.all_enforced_allowed = false;
         }
-        let write = if eval.outcome.allowed {
+        // A hit that adds nothing changes nothing: every algorithm reads its
+        // state the same way whether or not it is rewritten, so a check
+        // writes (and creates) no key.
+        let write = if counted == 0 {
+            None
+        } else if eval.outcome.allowed {
             Some(eval.admitted)
         } else {
             eval.rejected

@@ -1,12 +1,14 @@
 //! Fixed windows aligned to the Unix epoch, as envoyproxy/ratelimit counts.
 //!
 //! State: `[window_start_ms, count, 0]`. A state from an older window counts
-//! as empty. `count + hits > limit` is over limit; equality is allowed (the
-//! N-th hit of an N-per-window limit passes with 0 left). Rejected hits still
-//! count, as in the reference implementation, so a client hammering a denied
-//! key stays denied for the rest of the window.
+//! as empty; one from a later window (the clock stepped back) keeps its
+//! count (see `align` in the parent module). `count + hits > limit` is over limit;
+//! equality is allowed (the N-th hit of an N-per-window limit passes with 0
+//! left). Rejected hits still count, as in the reference implementation, so
+//! a client hammering a denied key stays denied for the rest of the window.
+//! A count above a lowered limit simply denies until the window ends.
 
-use super::{Algorithm, COUNT_CAP, Evaluation, Outcome, Quota, State, Stored};
+use super::{Algorithm, COUNT_CAP, Evaluation, Outcome, Quota, State, Stored, StoredWindow, align};
 
 /// The fixed window algorithm.
 #[derive(Debug, Clone, Copy, Default)]
@@ -14,19 +16,17 @@ pub struct FixedWindow;
 
 impl Algorithm for FixedWindow {
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation {
-        let window_start = now_ms - now_ms % quota.window_ms;
-        let window_end = window_start + quota.window_ms;
-        let count = if state[0] == window_start {
-            state[1]
-        } else {
-            0
+        let window = align(now_ms, quota.window_ms, state[0]);
+        let count = match window.stored {
+            StoredWindow::Current => state[1].min(COUNT_CAP),
+            StoredWindow::Previous | StoredWindow::Older => 0,
         };
         let after = count.saturating_add(hits).min(COUNT_CAP);
         let allowed = after <= quota.limit;
-        let reset_after_ms = window_end - now_ms;
+        let reset_after_ms = window.until_end;
         let stored = Stored {
-            state: [window_start, after, 0],
-            expires_at_ms: window_end,
+            state: [window.start, after, 0],
+            expires_at_ms: window.start + quota.window_ms,
         };
         Evaluation {
             outcome: Outcome {
@@ -134,6 +134,32 @@ mod tests {
         assert_eq!(eval.admitted.state, [997_200_000, 1, 0]);
         assert_eq!(eval.outcome.reset_after_ms, 800_000);
         assert_eq!(eval.admitted.expires_at_ms, 1_000_800_000);
+    }
+
+    #[test]
+    fn a_backward_clock_step_keeps_the_count() {
+        // The window starting at t is used up; the clock then steps back
+        // 1 ms, into the previous window.
+        let t = 1_700_000_040_000;
+        let got = run(&MINUTE, &[(t, 3), (t - 1, 1), (t - 1, 0), (t, 1)]);
+        assert_eq!(got[0], (true, 0, 60_000, None));
+        assert_eq!(got[1], (false, 0, 60_001, Some(60_001)));
+        assert_eq!(got[2], (false, 0, 60_001, Some(60_001)));
+        assert_eq!(got[3], (false, 0, 60_000, Some(60_000)));
+    }
+
+    #[test]
+    fn a_count_above_a_lowered_limit_denies_until_the_window_ends() {
+        let t = 1_700_000_020_000;
+        let state = FixedWindow.evaluate(&MINUTE, [0; 3], 3, t).admitted.state;
+        let lowered = Quota { limit: 1, ..MINUTE };
+        let o = FixedWindow.evaluate(&lowered, state, 1, t).outcome;
+        assert_eq!(
+            (o.allowed, o.remaining, o.retry_after_ms),
+            (false, 0, Some(20_000))
+        );
+        let o = FixedWindow.evaluate(&lowered, state, 0, t).outcome;
+        assert_eq!((o.allowed, o.remaining), (false, 0));
     }
 
     proptest! {

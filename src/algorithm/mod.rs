@@ -24,11 +24,12 @@ pub use token_bucket::TokenBucket;
 /// when rejected hits keep counting.
 pub const COUNT_CAP: u64 = 1 << 50;
 
-/// Largest value of the scaled products the sliding window and the token
-/// bucket compute (`limit × window_ms`, `burst × window_ms`): 2^53, the last
-/// integer a double (Lua's number) holds exactly. The config loader refuses
-/// limits beyond it.
-pub const MAX_SCALED: u64 = 1 << 53;
+/// Largest value of the scaled capacity the sliding window and the token
+/// bucket compute (`limit × window_ms`, `burst × window_ms`): 2^52, so that
+/// the sum of two such terms (a stored count plus this request's hits) stays
+/// at most 2^53, the last integer a double (Lua's number) holds exactly. The
+/// config loader refuses limits beyond it.
+pub const MAX_SCALED: u64 = 1 << 52;
 
 /// The stored state of one counter. Each algorithm documents the meaning of
 /// the three numbers; an absent key is all zeros.
@@ -94,9 +95,75 @@ pub struct Evaluation {
 }
 
 /// A rate limit algorithm: a pure step over one counter's state.
+///
+/// `state` may come from any earlier rule: a limit raised or lowered by a
+/// reload, another window, another algorithm, or a clock that has since
+/// stepped back. Every algorithm accepts any state with any quota and
+/// clamps: it never fails, never overflows, and reports `remaining` within
+/// the current quota.
 pub trait Algorithm: Send + Sync + fmt::Debug {
     /// Evaluates `hits` against `state` for `quota` at `now_ms`.
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation;
+}
+
+/// Where the window a stored state was written for stands, seen from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoredWindow {
+    /// The state belongs to the window being evaluated.
+    Current,
+    /// The state belongs to the window just before it.
+    Previous,
+    /// The state is older (or absent): it counts nothing.
+    Older,
+}
+
+/// The window a window algorithm evaluates in (see [`align`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Aligned {
+    /// Start of the window, Unix ms.
+    pub start: u64,
+    /// Milliseconds of that window already elapsed at the evaluation.
+    pub elapsed: u64,
+    /// Milliseconds from the real now to the window's end.
+    pub until_end: u64,
+    /// Where the stored state's window stands.
+    pub stored: StoredWindow,
+}
+
+/// Aligns `now_ms` to its epoch-aligned window and places the stored
+/// window (starting at `stored_start`) relative to it.
+///
+/// A stored window later than now's comes from a clock that has since
+/// stepped back (NTP, or a failover to a Redis whose clock is behind).
+/// Treating it as empty would wipe the count and admit up to twice the
+/// limit, so a window up to one window ahead is treated conservatively: now
+/// is evaluated as the start of that window, with its counts kept (so a
+/// step back of up to one window never loses a hit, and holds a counter for
+/// at most two windows). A window further ahead counts as empty, so a clock
+/// that once ran far ahead cannot hold counters for as long as it was wrong.
+pub(crate) fn align(now_ms: u64, window_ms: u64, stored_start: u64) -> Aligned {
+    let start = now_ms - now_ms % window_ms;
+    if stored_start > start && stored_start - start <= window_ms {
+        return Aligned {
+            start: stored_start,
+            elapsed: 0,
+            until_end: stored_start + window_ms - now_ms,
+            stored: StoredWindow::Current,
+        };
+    }
+    let stored = if stored_start == start {
+        StoredWindow::Current
+    } else if stored_start.saturating_add(window_ms) == start {
+        StoredWindow::Previous
+    } else {
+        StoredWindow::Older
+    };
+    Aligned {
+        start,
+        elapsed: now_ms - start,
+        until_end: start + window_ms - now_ms,
+        stored,
+    }
 }
 
 // === impl AlgorithmKind ===
@@ -146,6 +213,164 @@ impl AlgorithmKind {
             AlgorithmKind::FixedWindow => &FixedWindow,
             AlgorithmKind::SlidingWindow => &SlidingWindow,
             AlgorithmKind::TokenBucket => &TokenBucket,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const T: u64 = 1_700_000_000_000;
+    const WINDOWS: [u64; 6] = [1_000, 7_000, 60_000, 3_600_000, 86_400_000, 315_360_000_000];
+
+    /// A rule as the loader would accept it: any algorithm, a limit up to
+    /// `u32::MAX` within the exact-in-doubles bound, windows up to 10 years.
+    fn rule() -> impl Strategy<Value = (AlgorithmKind, Quota)> {
+        (
+            0usize..3,
+            0usize..WINDOWS.len(),
+            0u64..=u64::from(u32::MAX),
+            0u64..40,
+            any::<bool>(),
+        )
+            .prop_map(|(kind, w, big, small, use_big)| {
+                let algorithm = [
+                    AlgorithmKind::FixedWindow,
+                    AlgorithmKind::SlidingWindow,
+                    AlgorithmKind::TokenBucket,
+                ][kind];
+                let window_ms = WINDOWS[w];
+                let mut limit = if use_big { big } else { small };
+                if algorithm != AlgorithmKind::FixedWindow {
+                    limit = limit.clamp(1, MAX_SCALED / window_ms);
+                }
+                let burst = match algorithm {
+                    AlgorithmKind::TokenBucket => (small + 1).min(MAX_SCALED / window_ms),
+                    _ => limit,
+                };
+                (
+                    algorithm,
+                    Quota {
+                        limit,
+                        window_ms,
+                        burst,
+                    },
+                )
+            })
+    }
+
+    /// What a rule may ever report: its capacity, and how far ahead its
+    /// answers may point.
+    fn bounds(algorithm: AlgorithmKind, quota: &Quota) -> (u64, u64) {
+        match algorithm {
+            AlgorithmKind::FixedWindow => (quota.limit, 2 * quota.window_ms),
+            AlgorithmKind::SlidingWindow => (quota.limit, 3 * quota.window_ms),
+            AlgorithmKind::TokenBucket => (
+                quota.burst,
+                (quota.burst * quota.window_ms).div_ceil(quota.limit),
+            ),
+        }
+    }
+
+    /// Applies one hit as a store does (an expired state reads as absent),
+    /// returning the outcome.
+    fn step(
+        algorithm: AlgorithmKind,
+        quota: &Quota,
+        stored: &mut Stored,
+        hits: u64,
+        now: u64,
+    ) -> Outcome {
+        if stored.expires_at_ms <= now {
+            *stored = ABSENT;
+        }
+        let eval = algorithm
+            .algorithm()
+            .evaluate(quota, stored.state, hits, now);
+        let write = if eval.outcome.allowed {
+            Some(eval.admitted)
+        } else {
+            eval.rejected
+        };
+        if let Some(write) = write.filter(|_| hits > 0) {
+            *stored = write;
+        }
+        eval.outcome
+    }
+
+    const ABSENT: Stored = Stored {
+        state: [0; 3],
+        expires_at_ms: 0,
+    };
+
+    proptest! {
+        /// Invariant: a state left by any rule A (any algorithm, limit,
+        /// window) is accepted by any rule B: no panic or overflow, answers
+        /// within B's capacity, and for a rule that changed only its limit
+        /// (what a reload does to a live key) answers no further ahead than
+        /// B's own horizon, with an exact `retry_after`, and B's own
+        /// guarantee from the change on.
+        #[test]
+        fn any_rule_accepts_the_state_of_any_other(
+            (algorithm_a, quota_a) in rule(),
+            (algorithm_b, quota_b) in rule(),
+            same_shape in any::<bool>(),
+            before in proptest::collection::vec((0u64..5_000, 0u64..60), 0..30),
+            after in proptest::collection::vec((0u64..5_000, 0u64..60), 1..30),
+            huge in any::<bool>(),
+        ) {
+            // Half the cases change only the limit (and burst), as a reload does.
+            let (algorithm_b, quota_b) = if same_shape {
+                (algorithm_a, Quota { window_ms: quota_a.window_ms, ..quota_b })
+            } else {
+                (algorithm_b, quota_b)
+            };
+            let quota_b = if algorithm_b == AlgorithmKind::FixedWindow {
+                quota_b
+            } else {
+                let cap = MAX_SCALED / quota_b.window_ms;
+                Quota { limit: quota_b.limit.clamp(1, cap), burst: quota_b.burst.clamp(1, cap), ..quota_b }
+            };
+            let mut stored = ABSENT;
+            let mut now = T;
+            for (dt, hits) in before {
+                now += dt;
+                step(algorithm_a, &quota_a, &mut stored, hits, now);
+            }
+            let (capacity, horizon) = bounds(algorithm_b, &quota_b);
+            let mut admitted_since_change = 0u64;
+            let changed_at = now;
+            for (dt, hits) in after {
+                now += dt;
+                let hits = if huge { u64::from(u32::MAX) - hits } else { hits };
+                let previous = if stored.expires_at_ms <= now { [0; 3] } else { stored.state };
+                let o = step(algorithm_b, &quota_b, &mut stored, hits, now);
+                prop_assert!(o.remaining <= capacity, "{o:?}");
+                prop_assert!(!o.allowed || hits <= capacity, "{o:?}");
+                prop_assert!(o.retry_after_ms.is_none() || !o.allowed, "{o:?}");
+                if same_shape {
+                    prop_assert!(o.reset_after_ms <= horizon, "{o:?} horizon {horizon}");
+                    if let Some(wait) = o.retry_after_ms {
+                        prop_assert!(wait <= horizon, "{o:?}");
+                        let at = |t| algorithm_b.algorithm().evaluate(&quota_b, previous, hits, t).outcome.allowed;
+                        prop_assert!(!at(now + wait - 1) && at(now + wait), "{o:?}");
+                    }
+                    if o.allowed && algorithm_b == AlgorithmKind::FixedWindow
+                        && now - now % quota_b.window_ms == changed_at - changed_at % quota_b.window_ms
+                    {
+                        admitted_since_change += hits;
+                        prop_assert!(admitted_since_change <= quota_b.limit);
+                    }
+                }
+            }
+            // Once both rules' horizons have passed, nothing of A is left.
+            let (_, horizon_a) = bounds(algorithm_a, &quota_a);
+            let later = now + horizon.max(horizon_a) + 1;
+            let fresh = algorithm_b.algorithm().evaluate(&quota_b, [0; 3], 1, later).outcome;
+            prop_assert_eq!(step(algorithm_b, &quota_b, &mut stored, 1, later), fresh);
         }
     }
 }

@@ -11,7 +11,7 @@
 //! the same numbers with doubles. State: `[window_start_ms, current, previous]`.
 //! Rejected hits do not count.
 
-use super::{Algorithm, Evaluation, Outcome, Quota, State, Stored};
+use super::{Algorithm, Evaluation, Outcome, Quota, State, Stored, StoredWindow, align};
 
 /// The sliding window algorithm.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,22 +19,21 @@ pub struct SlidingWindow;
 
 impl Algorithm for SlidingWindow {
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation {
-        let window = quota.window_ms;
-        let start = now_ms - now_ms % window;
-        let elapsed = now_ms - start;
-        let (current, previous) = if state[0] == start {
-            (state[1], state[2])
-        } else if state[0].saturating_add(window) == start {
-            (0, state[1])
-        } else {
-            (0, 0)
+        let w = quota.window_ms;
+        let window = align(now_ms, w, state[0]);
+        let (current, previous) = match window.stored {
+            StoredWindow::Current => (state[1], state[2]),
+            StoredWindow::Previous => (0, state[1]),
+            StoredWindow::Older => (0, 0),
         };
 
-        let capacity = quota.limit * window;
+        // Counts from an older rule may exceed today's limit; saturating
+        // arithmetic keeps them denying without overflow.
+        let capacity = quota.limit.saturating_mul(w);
         let used = previous
-            .saturating_mul(window - elapsed)
-            .saturating_add(current.saturating_mul(window));
-        let need = hits.saturating_mul(window);
+            .saturating_mul(w - window.elapsed)
+            .saturating_add(current.saturating_mul(w));
+        let need = hits.saturating_mul(w);
         let allowed = used.saturating_add(need) <= capacity;
         let (current_after, used_after) = if allowed {
             (current + hits, used + need)
@@ -44,37 +43,38 @@ impl Algorithm for SlidingWindow {
 
         let retry_after_ms = if allowed || hits > quota.limit {
             None
-        } else if current + hits <= quota.limit {
+        } else if current.saturating_add(hits) <= quota.limit {
             // Admitted once the previous window's share has faded enough,
             // still inside this window.
-            let spare = (quota.limit - current - hits) * window;
-            Some((window - elapsed) - spare / previous)
+            let spare = (quota.limit - current - hits) * w;
+            Some(window.until_end - spare / previous)
         } else {
             // Only after the boundary, when this window's count becomes the
             // fading previous one.
-            let spare = (quota.limit - hits) * window;
-            let into_next = window.saturating_sub(spare / current);
-            Some((window - elapsed) + into_next)
+            let spare = (quota.limit - hits) * w;
+            let into_next = w.saturating_sub(spare / current);
+            Some(window.until_end + into_next)
         };
 
         // The state matters until every counted hit has faded out.
         let expires_at_ms = |current: u64| {
             if current > 0 {
-                start + 2 * window
+                window.start + 2 * w
             } else {
-                start + window
+                window.start + w
             }
         };
+        let counted = current.saturating_add(hits);
         Evaluation {
             outcome: Outcome {
                 allowed,
-                remaining: capacity.saturating_sub(used_after) / window,
+                remaining: capacity.saturating_sub(used_after) / w,
                 reset_after_ms: expires_at_ms(current_after) - now_ms,
                 retry_after_ms,
             },
             admitted: Stored {
-                state: [start, current + hits, previous],
-                expires_at_ms: expires_at_ms(current + hits),
+                state: [window.start, counted, previous],
+                expires_at_ms: expires_at_ms(counted),
             },
             rejected: None,
         }
@@ -156,6 +156,51 @@ mod tests {
         let o = run(&Q, &mut state, T + 20_000, 10);
         assert!(o.allowed);
         assert_eq!(o.remaining, 0);
+    }
+
+    #[test]
+    fn a_backward_clock_step_keeps_both_counts() {
+        let mut state = [0; 3];
+        assert!(run(&Q, &mut state, T + 9_000, 6).allowed);
+        assert!(run(&Q, &mut state, T + 10_000, 4).allowed);
+        // Back 1 ms into the first window: judged as at the start of the
+        // second, where 6 + 4 = 10 weigh fully.
+        let o = run(&Q, &mut state, T + 9_999, 1);
+        assert!(!o.allowed);
+        assert_eq!(o.remaining, 0);
+        // At the second window's start 6 × 10 000 + 4 × 10 000 + 1 × 10 000
+        // first fits at e = 1 667 (6 × 8 333 ≤ 50 000); one ms of it is
+        // the step.
+        assert_eq!(o.retry_after_ms, Some(1 + 1_667));
+    }
+
+    #[test]
+    fn counts_above_a_lowered_limit_deny_and_fade() {
+        let mut state = [0; 3];
+        assert!(run(&Q, &mut state, T, 10).allowed);
+        let lowered = Quota {
+            limit: 4,
+            window_ms: 10_000,
+            burst: 4,
+        };
+        let o = SlidingWindow
+            .evaluate(&lowered, state, 1, T + 1_000)
+            .outcome;
+        assert_eq!((o.allowed, o.remaining), (false, 0));
+        // Next window: 10 × (10 000 − e) + 10 000 ≤ 40 000 from e = 7 000.
+        assert_eq!(o.retry_after_ms, Some(9_000 + 7_000));
+        assert!(
+            !SlidingWindow
+                .evaluate(&lowered, state, 1, T + 16_999)
+                .outcome
+                .allowed
+        );
+        assert!(
+            SlidingWindow
+                .evaluate(&lowered, state, 1, T + 17_000)
+                .outcome
+                .allowed
+        );
     }
 
     /// Sorted times and hits from proptest's raw pairs.

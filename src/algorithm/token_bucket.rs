@@ -8,7 +8,12 @@
 //! ever appears; the loader keeps `burst × window_ms` ≤ 2^53 so the Lua twin
 //! computes the same numbers with doubles.
 //!
-//! State: `[level, measured_at_ms, 0]`. Rejected hits take no tokens.
+//! State: `[level, measured_at_ms, 0]`. Rejected hits take no tokens. A
+//! level above today's capacity (the burst or limit was lowered by a reload)
+//! reads as an empty bucket that refills from the moment it was measured; a
+//! measurement from the future (the clock stepped back) drains nothing and
+//! is re-measured at now: the count is kept, and the bucket never waits for
+//! the clock to catch up.
 
 use super::{Algorithm, Evaluation, Outcome, Quota, State, Stored};
 
@@ -21,10 +26,10 @@ impl Algorithm for TokenBucket {
         let window = quota.window_ms;
         // The loader refuses a zero refill for token buckets; never divide by 0.
         let drain_per_ms = quota.limit.max(1);
-        let capacity = quota.burst * window;
+        let capacity = quota.burst.saturating_mul(window);
 
         let drained = now_ms.saturating_sub(state[1]).saturating_mul(drain_per_ms);
-        let level = state[0].saturating_sub(drained);
+        let level = state[0].min(capacity).saturating_sub(drained);
         let need = hits.saturating_mul(window);
         let allowed = level.saturating_add(need) <= capacity;
         let level_after = if allowed { level + need } else { level };
@@ -130,6 +135,46 @@ mod tests {
             later.outcome,
             TokenBucket.evaluate(&Q, [0; 3], 5, T + 1_500).outcome
         );
+    }
+
+    #[test]
+    fn a_lowered_burst_reads_an_overfull_bucket_as_empty() {
+        // 100 per hour, used up; then reloaded as 50 per hour.
+        let before = Quota {
+            limit: 100,
+            window_ms: 3_600_000,
+            burst: 100,
+        };
+        let after = Quota {
+            limit: 50,
+            window_ms: 3_600_000,
+            burst: 50,
+        };
+        let mut state = [0; 3];
+        assert!(run(&before, &mut state, T, 100).allowed);
+        let o = TokenBucket.evaluate(&after, state, 1, T).outcome;
+        assert!(!o.allowed);
+        assert_eq!(o.remaining, 0);
+        // Empty under the new rule, refilling at 50 per hour: one token
+        // every 72 s.
+        assert_eq!(o.retry_after_ms, Some(72_000));
+        assert_eq!(o.reset_after_ms, 3_600_000);
+        assert!(
+            TokenBucket
+                .evaluate(&after, state, 1, T + 72_000)
+                .outcome
+                .allowed
+        );
+    }
+
+    #[test]
+    fn a_measurement_from_the_future_keeps_its_level() {
+        let mut state = [0; 3];
+        assert!(run(&Q, &mut state, T, 5).allowed);
+        // The clock steps back 10 s: the bucket is still empty.
+        let o = TokenBucket.evaluate(&Q, state, 1, T - 10_000).outcome;
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after_ms, Some(500));
     }
 
     proptest! {

@@ -135,6 +135,13 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_REDIS_CONNECT_TIMEOUT", default_value = DEFAULT_REDIS_CONNECT_TIMEOUT, value_parser = parse_duration)]
     pub redis_connect_timeout: Duration,
 
+    /// Redis stores: add up to this much (at random per call) to every key's
+    /// TTL, so the keys of one window do not all expire in the same
+    /// millisecond (envoyproxy/ratelimit's EXPIRATION_JITTER_MAX_SECONDS).
+    /// A key never outlives its state by more than this. 0 turns it off.
+    #[arg(long, env = "RATEKEEPER_EXPIRATION_JITTER_MAX", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub expiration_jitter_max: Duration,
+
     /// Most live counters the memory store keeps.
     #[arg(long, env = "RATEKEEPER_MEMORY_MAX_KEYS", default_value_t = DEFAULT_MEMORY_MAX_KEYS,
           value_parser = parse_positive)]

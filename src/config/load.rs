@@ -713,11 +713,11 @@ descriptors:
             ),
             (
                 "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: hour, algorithm: sliding_window, requests_per_unit: 4000000000}}",
-                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: requests_per_unit × window in milliseconds is 14400000000000000, over the 9007199254740992 that sliding_window can count exactly",
+                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: requests_per_unit × window in milliseconds is 14400000000000000, over the 4503599627370496 that sliding_window can count exactly",
             ),
             (
                 "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: day, algorithm: token_bucket, requests_per_unit: 1, burst: 200000000}}",
-                "rules.yaml: descriptors[0].rate_limit.burst: burst × window in milliseconds is 17280000000000000, over the 9007199254740992 that token_bucket can count exactly",
+                "rules.yaml: descriptors[0].rate_limit.burst: burst × window in milliseconds is 17280000000000000, over the 4503599627370496 that token_bucket can count exactly",
             ),
             (
                 "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, failure_policy: open}}",

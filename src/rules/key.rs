@@ -7,10 +7,11 @@
 //! uniquely and two different descriptors never share a key, whatever bytes
 //! their values hold.
 //!
-//! Layout: `rk2:{<tag>}:d<len>:<domain>n<count>` then per entry
+//! Layout: `rk3:{<tag>}:d<len>:<domain>n<count>` then per entry
 //! `k<len>:<key>` followed by `v<len>:<value>` (the runtime value) or
 //! `p<len>:<pattern>` (a `share_threshold` wildcard), then `|<algorithm>|<window ms>`.
-//! `rk2` versions the layout and the state format (`rk1` kept a hash).
+//! `rk3` versions the layout and the state format (`rk1` kept a hash, `rk2`
+//! a state without its expiry).
 //! `<tag>` is a 64-bit FNV-1a hash of the rest in hex; inside braces it is
 //! the Redis Cluster hash tag, so all state of one descriptor lives on one
 //! slot, and it never contains a brace itself.
@@ -19,7 +20,7 @@ use super::Rule;
 use super::matcher::EntryRef;
 
 /// Prefix of every key; bump the version when the layout changes.
-pub const KEY_PREFIX: &str = "rk2:";
+pub const KEY_PREFIX: &str = "rk3:";
 
 /// Builds the storage key of `rule`'s counter for one request descriptor.
 ///
@@ -158,7 +159,7 @@ mod tests {
     #[test]
     fn keys_are_versioned_and_hash_tagged() {
         let key = String::from_utf8(key("dom", &[("user", "alice")])).unwrap();
-        assert!(key.starts_with("rk2:{"), "{key}");
+        assert!(key.starts_with("rk3:{"), "{key}");
         let tag_end = key.find('}').unwrap();
         assert_eq!(tag_end, 5 + 16, "{key}");
         assert!(key.ends_with("|fw|60000"), "{key}");

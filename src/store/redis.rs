@@ -35,6 +35,12 @@ pub(super) const BATCH_SCRIPT: &str = concat!(
 /// Integers the script returns per hit (see `redis/batch.lua`).
 const REPLY_PER_HIT: usize = 4;
 
+/// Keys written while time is injected (tests) stay in Redis this long past
+/// their state's expiry: the virtual clock need not keep pace with Redis's
+/// own, and the script reads a state past its recorded expiry as absent
+/// anyway, exactly as the memory store does.
+const INJECTED_TIME_GRACE_MS: u64 = 600_000;
+
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -49,6 +55,62 @@ pub struct RedisSettings {
     /// Certificates for a `rediss://` URL; `None` trusts the public web PKI
     /// roots and sends no client certificate.
     pub tls: Option<RedisTls>,
+    /// Up to this much (chosen at random per call) is added to every key's
+    /// Redis TTL, so the keys of one window do not all expire at once.
+    pub expiry_jitter: Duration,
+}
+
+impl RedisSettings {
+    /// Settings for `url` with the service's defaults.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 4,
+            timeout: Duration::from_millis(10),
+            connect_timeout: Duration::from_secs(1),
+            tls: None,
+            expiry_jitter: Duration::ZERO,
+        }
+    }
+}
+
+/// What the batch script is told about time: the time to use (tests only;
+/// production reads Redis `TIME`) and what to add to each key's TTL.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ScriptTime {
+    clock: Option<Arc<dyn Clock>>,
+    jitter_max_ms: u64,
+}
+
+impl ScriptTime {
+    pub(super) fn with_jitter(jitter: Duration) -> Self {
+        Self {
+            clock: None,
+            jitter_max_ms: u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    pub(super) fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    fn now_ms(&self) -> Option<u64> {
+        self.clock.as_ref().map(|clock| clock.now_ms())
+    }
+
+    fn ttl_extra_ms(&self) -> u64 {
+        let jitter = match self.jitter_max_ms {
+            0 => 0,
+            max => fastrand::u64(0..max),
+        };
+        let grace = if self.clock.is_some() {
+            INJECTED_TIME_GRACE_MS
+        } else {
+            0
+        };
+        jitter + grace
+    }
 }
 
 /// Certificates for Redis over TLS.
@@ -93,9 +155,9 @@ pub struct RedisStore {
     connections: Arc<Connections>,
     script: Arc<redis::Script>,
     timeout: Duration,
-    /// `None` in production: the script reads Redis `TIME`. Tests inject a
-    /// clock to drive the script exactly like the Rust twin.
-    clock: Option<Arc<dyn Clock>>,
+    /// Production reads Redis `TIME`; tests inject a clock to drive the
+    /// script exactly like the Rust twin.
+    time: ScriptTime,
 }
 
 // === impl RedisStore ===
@@ -142,14 +204,14 @@ impl RedisStore {
             connections: Arc::new(Connections::new(pool, slots)),
             script: Arc::new(redis::Script::new(BATCH_SCRIPT)),
             timeout: settings.timeout,
-            clock: None,
+            time: ScriptTime::with_jitter(settings.expiry_jitter),
         })
     }
 
     /// Makes the script use `clock` instead of Redis `TIME` (tests only:
     /// instances with different clocks would disagree on windows).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = Some(clock);
+        self.time = self.time.with_clock(clock);
         self
     }
 
@@ -181,7 +243,7 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("connections", &self.connections)
             .field("timeout", &self.timeout)
-            .field("clock", &self.clock)
+            .field("time", &self.time)
             .finish()
     }
 }
@@ -192,7 +254,7 @@ impl CounterStore for RedisStore {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        let invocation = invocation(&self.script, hits, mode, self.clock.as_deref());
+        let invocation = invocation(&self.script, hits, mode, &self.time);
         let reply: Vec<i64> = self
             .run(self.with_connection(|mut conn| async move {
                 invocation.invoke_async(&mut conn).await
@@ -217,22 +279,24 @@ impl CounterStore for RedisStore {
 }
 
 /// The batch script's call for `hits`: their keys, then the mode, the time
-/// (empty: Redis's own clock) and six arguments per hit (see `batch.lua`).
+/// (empty: Redis's own clock), the TTL extra and six arguments per hit (see
+/// `batch.lua`).
 pub(super) fn invocation<'s>(
     script: &'s redis::Script,
     hits: &[BatchHit<'_>],
     mode: Mode,
-    clock: Option<&dyn Clock>,
+    time: &ScriptTime,
 ) -> redis::ScriptInvocation<'s> {
     let mut invocation = script.prepare_invoke();
     for hit in hits {
         invocation.key(hit.key);
     }
     invocation.arg(mode_id(mode));
-    match clock {
-        Some(clock) => invocation.arg(clock.now_ms()),
+    match time.now_ms() {
+        Some(now_ms) => invocation.arg(now_ms),
         None => invocation.arg(""),
     };
+    invocation.arg(time.ttl_extra_ms());
     for hit in hits {
         invocation
             .arg(hit.algorithm.script_id())
@@ -287,13 +351,7 @@ mod tests {
     use super::*;
 
     fn store_for(url: &str) -> Result<RedisStore, StoreError> {
-        RedisStore::new(&RedisSettings {
-            url: url.to_owned(),
-            pool_size: 1,
-            timeout: Duration::from_millis(10),
-            connect_timeout: Duration::from_millis(10),
-            tls: None,
-        })
+        RedisStore::new(&RedisSettings::new(url))
     }
 
     #[test]

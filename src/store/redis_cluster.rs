@@ -31,7 +31,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 
-use super::redis::{BATCH_SCRIPT, RedisTls, invocation, parse_reply};
+use super::redis::{BATCH_SCRIPT, RedisTls, ScriptTime, invocation, parse_reply};
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 
@@ -47,6 +47,8 @@ pub struct RedisClusterSettings {
     pub connect_timeout: Duration,
     /// Certificates for `rediss://` nodes.
     pub tls: Option<RedisTls>,
+    /// Up to this much (at random per call) is added to every key's TTL.
+    pub expiry_jitter: Duration,
 }
 
 /// The Redis Cluster counter store.
@@ -60,6 +62,7 @@ pub struct RedisClusterStore {
     connecting: Arc<tokio::sync::Mutex<()>>,
     script: Arc<redis::Script>,
     timeout: Duration,
+    time: ScriptTime,
 }
 
 impl RedisClusterStore {
@@ -100,7 +103,14 @@ impl RedisClusterStore {
             connecting: Arc::default(),
             script: Arc::new(redis::Script::new(BATCH_SCRIPT)),
             timeout: settings.timeout,
+            time: ScriptTime::with_jitter(settings.expiry_jitter),
         })
+    }
+
+    /// Makes the script use `clock` instead of Redis `TIME` (tests only).
+    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.time = self.time.with_clock(clock);
+        self
     }
 
     async fn connection(&self) -> Result<Arc<ClusterConnection>, StoreError> {
@@ -137,7 +147,7 @@ impl RedisClusterStore {
         hits: &[BatchHit<'_>],
         mode: Mode,
     ) -> Result<Vec<Outcome>, StoreError> {
-        let reply: Vec<i64> = invocation(&self.script, hits, mode, None)
+        let reply: Vec<i64> = invocation(&self.script, hits, mode, &self.time)
             .invoke_async(&mut connection)
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -327,11 +337,11 @@ mod tests {
     #[test]
     fn keys_group_by_their_hash_tag_in_order() {
         let hits = [
-            hit(b"rk2:{aaaa}:x"),
-            hit(b"rk2:{bbbb}:x"),
-            hit(b"rk2:{aaaa}:y"),
-            hit(b"rk2:{bbbb}:y"),
-            hit(b"rk2:{cccc}:x"),
+            hit(b"rk3:{aaaa}:x"),
+            hit(b"rk3:{bbbb}:x"),
+            hit(b"rk3:{aaaa}:y"),
+            hit(b"rk3:{bbbb}:y"),
+            hit(b"rk3:{cccc}:x"),
         ];
         let groups: Vec<Vec<usize>> = group_by_slot(&hits)
             .into_iter()
@@ -347,6 +357,7 @@ mod tests {
             timeout: Duration::from_millis(10),
             connect_timeout: Duration::from_millis(10),
             tls,
+            expiry_jitter: Duration::ZERO,
         };
         assert!(RedisClusterStore::new(&settings(&["redis://127.0.0.1:7000"], None)).is_ok());
         let error = |s| RedisClusterStore::new(&s).unwrap_err().to_string();

@@ -260,11 +260,10 @@ impl TestStore {
 /// A Redis store using Redis's own clock.
 pub fn redis_store(url: &str, timeout: Duration) -> RedisStore {
     RedisStore::new(&RedisSettings {
-        url: url.to_owned(),
         pool_size: 16,
         timeout,
         connect_timeout: Duration::from_millis(500),
-        tls: None,
+        ..RedisSettings::new(url)
     })
     .unwrap()
 }

@@ -1,14 +1,18 @@
 -- One request's hits, applied atomically: the twin of
 -- src/algorithm/batch.rs (apply_batch).
 --
--- KEYS[i]   state key of hit i: a string of three packed doubles (the state
---           numbers; exact, all stay below 2^53), expiring when its state
---           becomes meaningless
+-- KEYS[i]   state key of hit i: four packed doubles, the state numbers and
+--           the Unix ms at which the state expires (all exact integers below
+--           2^53). A state read after its expiry is absent, whatever Redis's
+--           own TTL says, exactly as in the memory store.
 -- ARGV[1]   mode: 0 independent (Envoy), 1 all-or-nothing, 2 dry run,
 --           3 independent but count only over-limit hits when any is over
 -- ARGV[2]   now in Unix milliseconds, or "" to read Redis TIME (production;
 --           tests pass a time to drive the script like the Rust twin)
--- ARGV[3..] six per hit: algorithm id (1 fixed window, 2 sliding window,
+-- ARGV[3]   milliseconds added to each key's Redis TTL beyond its state's
+--           expiry: expiry jitter, so the keys of one window do not all
+--           expire in the same millisecond (0: none)
+-- ARGV[4..] six per hit: algorithm id (1 fixed window, 2 sliding window,
 --           3 token bucket), limit, window_ms, burst, hits, enforced (1/0)
 --
 -- Returns four integers per hit: allowed (1/0), remaining, reset_after_ms,
@@ -20,6 +24,7 @@
 
 local algorithms = { fixed_window, sliding_window, token_bucket }
 local ARGS_PER_HIT = 6
+local FIRST_HIT_ARG = 4
 local n = #KEYS
 
 local mode = tonumber(ARGV[1])
@@ -30,10 +35,11 @@ else
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
+local ttl_extra = tonumber(ARGV[3])
 
 local algorithm, limit, window, burst, hits, enforced = {}, {}, {}, {}, {}, {}
 for i = 1, n do
-  local base = 3 + (i - 1) * ARGS_PER_HIT
+  local base = FIRST_HIT_ARG + (i - 1) * ARGS_PER_HIT
   algorithm[i] = algorithms[tonumber(ARGV[base])]
   limit[i] = tonumber(ARGV[base + 1])
   window[i] = tonumber(ARGV[base + 2])
@@ -51,8 +57,10 @@ local function load(key)
     state = false
     local packed = redis.call('GET', key)
     if packed then
-      local s1, s2, s3 = struct.unpack('ddd', packed)
-      state = { s1, s2, s3, 0 }
+      local s1, s2, s3, expires_at = struct.unpack('dddd', packed)
+      if expires_at > now then
+        state = { s1, s2, s3, expires_at }
+      end
     end
     original[key] = state
     current[key] = state
@@ -85,7 +93,8 @@ local function pass(counts)
     if (not ok) and enforced[i] then
       all_enforced_allowed = false
     end
-    if ok or rejection_counts then
+    -- A hit that adds nothing writes nothing (see batch.rs).
+    if count > 0 and (ok or rejection_counts) then
       current[key] = { s1, s2, s3, expires_at }
       written[#written + 1] = key
     end
@@ -129,9 +138,10 @@ if commit then
     if not flushed[key] then
       flushed[key] = true
       local state = current[key]
-      -- The key never outlives its state: the expiry is set in the same command.
-      redis.call('SET', key, struct.pack('ddd', state[1], state[2], state[3]),
-        'PX', math.max(1, state[4] - now))
+      -- The key never outlives its state by more than the jitter: the
+      -- expiry is set in the same command.
+      redis.call('SET', key, struct.pack('dddd', state[1], state[2], state[3], state[4]),
+        'PX', math.max(1, state[4] - now) + ttl_extra)
     end
   end
 end

@@ -6,11 +6,10 @@
 --          the admitted state (three numbers and its expiry), and whether a
 --          rejection writes that same state (it does: rejected hits count)
 local function fixed_window(limit, window, burst, s1, s2, s3, hits, now)
-  local window_start = now - (now % window)
-  local window_end = window_start + window
+  local start, _, until_end, stored = align(now, window, s1)
   local count = 0
-  if s1 == window_start then
-    count = s2
+  if stored == STORED_CURRENT then
+    count = math.min(s2, COUNT_CAP)
   end
   local after = math.min(count + hits, COUNT_CAP)
   local allowed = after <= limit
@@ -18,10 +17,9 @@ local function fixed_window(limit, window, burst, s1, s2, s3, hits, now)
   if allowed then
     remaining = limit - after
   end
-  local reset_after = window_end - now
   local retry_after = -1
   if (not allowed) and hits <= limit then
-    retry_after = reset_after
+    retry_after = until_end
   end
-  return allowed, remaining, reset_after, retry_after, window_start, after, 0, window_end, true
+  return allowed, remaining, until_end, retry_after, start, after, 0, start + window, true
 end

@@ -27,3 +27,24 @@ local function ceil_div(a, b)
   end
   return q
 end
+
+-- Twin of algorithm::align: the window now falls in, and where the stored
+-- window (starting at stored_start) stands. A stored window up to one window
+-- later than now's (the clock stepped back) is evaluated from its own start,
+-- counts kept; one further ahead counts as empty.
+-- Returns start, elapsed, until_end and the stored window's place:
+-- 0 current, 1 previous, 2 older.
+local STORED_CURRENT, STORED_PREVIOUS, STORED_OLDER = 0, 1, 2
+local function align(now, window, stored_start)
+  local start = now - (now % window)
+  if stored_start > start and stored_start - start <= window then
+    return stored_start, 0, stored_start + window - now, STORED_CURRENT
+  end
+  local stored = STORED_OLDER
+  if stored_start == start then
+    stored = STORED_CURRENT
+  elseif stored_start + window == start then
+    stored = STORED_PREVIOUS
+  end
+  return start, now - start, start + window - now, stored
+end

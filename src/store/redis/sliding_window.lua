@@ -4,13 +4,12 @@
 -- state:   s1 = window_start_ms, s2 = current, s3 = previous; absent = 0, 0, 0
 -- returns: as fixed_window; a rejection writes nothing
 local function sliding_window(limit, window, burst, s1, s2, s3, hits, now)
-  local start = now - (now % window)
-  local elapsed = now - start
+  local start, elapsed, until_end, stored = align(now, window, s1)
   local current, previous = 0, 0
-  if s1 == start then
+  if stored == STORED_CURRENT then
     current, previous = s2, s3
-  elseif s1 + window == start then
-    current, previous = 0, s2
+  elseif stored == STORED_PREVIOUS then
+    previous = s2
   end
 
   local capacity = limit * window
@@ -27,11 +26,11 @@ local function sliding_window(limit, window, burst, s1, s2, s3, hits, now)
     retry_after = -1
   elseif current + hits <= limit then
     local spare = (limit - current - hits) * window
-    retry_after = (window - elapsed) - floor_div(spare, previous)
+    retry_after = until_end - floor_div(spare, previous)
   else
     local spare = (limit - hits) * window
     local into_next = math.max(0, window - floor_div(spare, current))
-    retry_after = (window - elapsed) + into_next
+    retry_after = until_end + into_next
   end
 
   local reset_at, expires_at = start + window, start + window

@@ -1,6 +1,7 @@
 -- Token bucket (GCRA, bucket-level form): the twin of
 -- src/algorithm/token_bucket.rs, line for line. One token is `window` units;
--- the level drains `limit` units per millisecond.
+-- the level drains `limit` units per millisecond. A level above today's
+-- capacity reads as an empty bucket.
 --
 -- state:   s1 = level, s2 = measured_at_ms (s3 unused); absent = 0, 0, 0
 -- returns: as fixed_window; a rejection writes nothing
@@ -9,7 +10,7 @@ local function token_bucket(limit, window, burst, s1, s2, s3, hits, now)
   local capacity = burst * window
 
   local drained = math.max(0, now - s2) * drain_per_ms
-  local level = math.max(0, s1 - drained)
+  local level = math.max(0, math.min(s1, capacity) - drained)
   local need = hits * window
   local allowed = level + need <= capacity
   local level_after = level
