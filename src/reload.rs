@@ -6,10 +6,15 @@
 //! the same directory, a Kubernetes ConfigMap's `..data` symlink swap —
 //! with no event to miss. A change that does not load keeps the last good
 //! rules in force, logs why, counts a failure and shows it on `/readyz`; it
-//! is reported once, not on every poll. Calls in flight finish with the
-//! rules they started with, and counters survive: storage keys do not depend
-//! on the config version, so an unchanged rule keeps counting.
+//! is reported once, not on every poll, and the report clears as soon as the
+//! files are back to the ones in force or a good change applies. Reading and
+//! compiling run off the request threads, and a panic in either is a refused
+//! change like any other: the process and its rules stay. Calls in flight
+//! finish with the rules they started with, and counters survive: storage
+//! keys do not depend on the config version, so an unchanged rule keeps
+//! counting.
 
+use std::any::Any;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +24,7 @@ use arc_swap::ArcSwapOption;
 use crate::config::{ConfigSnapshot, read_snapshot};
 use crate::limiter::Limiter;
 use crate::metrics::ReloadResult;
+use crate::rules::Rules;
 
 /// Where the rules come from and how often to look.
 #[derive(Debug, Clone)]
@@ -46,6 +52,18 @@ impl ReloadStatus {
     }
 }
 
+/// What one look at the files found.
+enum Look {
+    /// The files are the ones the rules in force came from.
+    InForce,
+    /// The files are the ones already refused.
+    StillRefused,
+    /// A change that compiled.
+    Changed(ConfigSnapshot, Rules),
+    /// A change that did not load; the files, if they could be read.
+    Refused(Option<ConfigSnapshot>, String),
+}
+
 /// Polls until `stop` resolves.
 pub async fn watch(
     settings: ReloadSettings,
@@ -53,7 +71,8 @@ pub async fn watch(
     status: ReloadStatus,
     stop: impl Future<Output = ()>,
 ) {
-    let mut last = settings.loaded.clone();
+    let mut in_force = Arc::new(settings.loaded.clone());
+    let mut refused: Option<Arc<ConfigSnapshot>> = None;
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -63,35 +82,88 @@ pub async fn watch(
             _ = ticker.tick() => {}
         }
         let path = settings.path.clone();
-        // File reads are blocking; keep them off the request threads.
-        let Ok(read) = tokio::task::spawn_blocking(move || read_snapshot(&path)).await else {
-            continue;
-        };
-        let outcome = match read {
-            Ok(snapshot) if snapshot == last => continue,
-            Ok(snapshot) => {
-                let compiled = snapshot.compile();
-                last = snapshot;
-                compiled
+        let (known, bad) = (in_force.clone(), refused.clone());
+        let look = off_thread(move || {
+            let snapshot = read_snapshot(&path).map_err(|e| e.to_string())?;
+            Ok(if snapshot == *known {
+                Look::InForce
+            } else if bad.is_some_and(|bad| *bad == snapshot) {
+                Look::StillRefused
+            } else {
+                match snapshot.compile() {
+                    Ok(rules) => Look::Changed(snapshot, rules),
+                    Err(error) => Look::Refused(Some(snapshot), error.to_string()),
+                }
+            })
+        })
+        .await
+        .unwrap_or_else(|error| Look::Refused(None, error));
+        match look {
+            Look::InForce => {
+                refused = None;
+                if status.last_error.swap(None).is_some() {
+                    tracing::info!(path = %settings.path.display(), "config is back to the rules in force");
+                }
             }
-            Err(error) => Err(error),
-        };
-        match outcome {
-            Ok(rules) => {
+            Look::StillRefused => {}
+            Look::Changed(snapshot, rules) => {
                 limiter.replace_rules(rules);
+                in_force = Arc::new(snapshot);
+                refused = None;
                 status.last_error.store(None);
                 limiter.metrics().config_reload(ReloadResult::Success);
                 tracing::info!(path = %settings.path.display(), "rules reloaded");
             }
-            Err(error) => {
-                let message = error.to_string();
+            Look::Refused(snapshot, message) => {
+                refused = snapshot.map(Arc::new);
                 // A file that stays unreadable fails every poll: say it once.
                 if status.last_error().as_deref() != Some(&message) {
                     limiter.metrics().config_reload(ReloadResult::Failure);
-                    tracing::warn!(%error, "config change refused; the last good rules stay in force");
+                    tracing::warn!(error = %message, "config change refused; the last good rules stay in force");
                     status.last_error.store(Some(Arc::new(message)));
                 }
             }
         }
+    }
+}
+
+/// Runs blocking work (file reads, compiling) on the blocking pool; a panic
+/// in it comes back as an error naming it, never as a crash.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => Err(format!(
+            "internal error while loading the rules (a bug; please report it): {}",
+            panic_message(error.into_panic().as_ref())
+        )),
+        Err(error) => Err(format!("loading the rules was cancelled: {error}")),
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_loading_is_an_error_not_a_crash() {
+        let error = off_thread::<()>(|| panic!("compiler bug"))
+            .await
+            .unwrap_err();
+        assert!(error.contains("compiler bug"), "{error}");
+        let error = off_thread::<()>(|| panic!("{}", String::from("formatted")))
+            .await
+            .unwrap_err();
+        assert!(error.contains("formatted"), "{error}");
+        assert_eq!(off_thread(|| Ok(7)).await, Ok(7));
     }
 }

@@ -313,3 +313,42 @@ async fn shrinking_a_used_up_token_bucket_denies_and_fails_nothing(backend: comm
 }
 
 both_stores!(shrinking_a_used_up_token_bucket_denies_and_fails_nothing);
+
+/// Waits (at most 5 s) until `/readyz` does or does not report a refusal.
+async fn until_refusal_shown(server: &TestServer, shown: bool) -> String {
+    let started = Instant::now();
+    loop {
+        let ready = http_get(server.admin_addr, "/readyz").await;
+        if ready.contains("last config change refused") == shown {
+            return ready;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "refusal shown: {}, want {shown}: {ready}",
+            !shown
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A file that is briefly unreadable (here: gone, as mid-way through a
+/// deploy) is reported, and the report clears once the same files are back:
+/// the rules in force never changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_read_failure_clears_when_the_files_return() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, rules_yaml(2)).unwrap();
+    let server = start(&file).await;
+    let mut client = server.client().await;
+
+    let aside = dir.path().join("aside");
+    std::fs::rename(&file, &aside).unwrap();
+    let ready = until_refusal_shown(&server, true).await;
+    assert!(ready.contains("No such file"), "{ready}");
+    assert_eq!(peek(&mut client).await, (2, 2));
+
+    std::fs::rename(&aside, &file).unwrap();
+    until_refusal_shown(&server, false).await;
+    assert_eq!(peek(&mut client).await, (2, 2));
+}

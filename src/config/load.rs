@@ -316,7 +316,11 @@ impl Compiler<'_> {
         if unit_multiplier == 0 {
             return Err(self.error(&format!("{at}.unit_multiplier"), "must be at least 1"));
         }
-        if unit.seconds() * unit_multiplier > MAX_WINDOW_SECONDS {
+        if unit
+            .seconds()
+            .checked_mul(unit_multiplier)
+            .is_none_or(|seconds| seconds > MAX_WINDOW_SECONDS)
+        {
             return Err(self.error(
                 &format!("{at}.unit_multiplier"),
                 format!(
@@ -354,31 +358,28 @@ impl Compiler<'_> {
             burst,
         };
         // Sliding window and token bucket compute in hits × milliseconds;
-        // keep that exact in Redis's Lua (doubles).
-        let (field, scaled) = match algorithm {
-            AlgorithmKind::FixedWindow => ("", 0),
-            AlgorithmKind::SlidingWindow => {
-                ("requests_per_unit", requests_per_unit * limit.window_ms())
-            }
-            AlgorithmKind::TokenBucket => (
-                if burst.is_some() {
-                    "burst"
-                } else {
-                    "requests_per_unit"
-                },
-                limit.quota().burst * limit.window_ms(),
-            ),
+        // keep that exact in Redis's Lua (doubles). Checked: a product past
+        // u64 must be refused, not wrapped into something small.
+        let (field, capacity) = match algorithm {
+            AlgorithmKind::FixedWindow => return Ok(limit),
+            AlgorithmKind::SlidingWindow => ("requests_per_unit", requests_per_unit),
+            AlgorithmKind::TokenBucket if burst.is_some() => ("burst", limit.quota().burst),
+            AlgorithmKind::TokenBucket => ("requests_per_unit", requests_per_unit),
         };
-        if scaled > MAX_SCALED {
-            return Err(self.error(
+        match capacity.checked_mul(limit.window_ms()) {
+            Some(scaled) if scaled <= MAX_SCALED => Ok(limit),
+            scaled => Err(self.error(
                 &format!("{at}.{field}"),
                 format!(
-                    "{field} × window in milliseconds is {scaled}, over the {MAX_SCALED} that {} can count exactly; use a smaller {field} or a shorter window",
+                    "{field} × window in milliseconds is {}, over the {MAX_SCALED} that {} can count exactly; use a smaller {field} or a shorter window",
+                    scaled.map_or_else(
+                        || format!("{}", u128::from(capacity) * u128::from(limit.window_ms())),
+                        |s| s.to_string()
+                    ),
                     algorithm.as_str()
                 ),
-            ));
+            )),
         }
-        Ok(limit)
     }
 
     fn error(&self, path: &str, reason: impl Into<String>) -> ConfigError {
@@ -718,6 +719,19 @@ descriptors:
             (
                 "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: day, algorithm: token_bucket, requests_per_unit: 1, burst: 200000000}}",
                 "rules.yaml: descriptors[0].rate_limit.burst: burst × window in milliseconds is 17280000000000000, over the 4503599627370496 that token_bucket can count exactly",
+            ),
+            (
+                // The product wraps u64 to a small number: refused, not wrapped.
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: year, algorithm: sliding_window, requests_per_unit: 584942418}}",
+                "rules.yaml: descriptors[0].rate_limit.requests_per_unit: requests_per_unit × window in milliseconds is 18446744094048000000, over the 4503599627370496 that sliding_window can count exactly",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: year, unit_multiplier: 4294967295, algorithm: token_bucket, requests_per_unit: 4294967295, burst: 4294967295}}",
+                "rules.yaml: descriptors[0].rate_limit.unit_multiplier: a window of 4294967295 × year is longer than the maximum of 10 years",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: year, algorithm: token_bucket, requests_per_unit: 1, burst: 4294967295}}",
+                "rules.yaml: descriptors[0].rate_limit.burst: burst × window in milliseconds is 135446088615120000000, over",
             ),
             (
                 "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: second, failure_policy: open}}",
