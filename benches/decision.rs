@@ -198,7 +198,6 @@ fn memory_store(c: &mut Criterion) {
                         quota,
                         hits: 1,
                         enforced: true,
-                        failure_policy: Default::default(),
                     })
                     .collect();
                 at = (at + 1) % keys.len();

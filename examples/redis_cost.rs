@@ -88,7 +88,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     quota: limit.quota(),
                     hits: 1,
                     enforced: true,
-                    failure_policy: Default::default(),
                 })
                 .collect();
             // Warm up: load the script, open the pool's connections.

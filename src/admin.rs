@@ -3,7 +3,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `/healthz` | `200 ok` while the process runs |
-//! | `/readyz` | `200 ready` when rules are loaded and the store answers a ping within its deadline; `503` with the reason otherwise |
+//! | `/readyz` | `200 ready` when the instance can answer: the store answers a ping within its deadline, or it does not and no failure policy in force is `error` (`ready (degraded: …)`); `503` with the reason otherwise (see [`crate::readiness`]) |
 //! | `/metrics` | Prometheus text exposition of [`crate::metrics`] |
 //! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, source file |
 
@@ -57,8 +57,11 @@ async fn ready(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {backend} store: {error}\n"),
         ),
-        Ok(()) => {
-            let mut body = "ready\n".to_owned();
+        Ok(degraded) => {
+            let mut body = match degraded {
+                None => "ready\n".to_owned(),
+                Some(detail) => format!("ready (degraded: {backend} {detail})\n"),
+            };
             if let Some(error) = state.reload.last_error() {
                 body.push_str(&format!(
                     "last config change refused (previous rules in force): {error}\n"

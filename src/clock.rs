@@ -1,13 +1,16 @@
-//! The one place that reads the wall clock.
+//! The one place that reads the clock.
 //!
-//! Everything that decides takes `now` as an argument (Unix milliseconds); the
+//! Everything that decides takes `now` as an argument (milliseconds); the
 //! memory store asks a [`Clock`] for it once per batch. Tests pass a
 //! [`ManualClock`] and move time by hand instead of sleeping. The Redis store
 //! reads Redis's own `TIME` instead, so every instance agrees on the window.
+//! Windows need the wall clock ([`SystemClock`], Unix ms); timers that only
+//! measure durations (the circuit breaker's cooldown) use
+//! [`MonotonicClock`], which a wall-clock step cannot stretch.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// A source of "now", in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -18,6 +21,13 @@ pub trait Clock: Send + Sync + fmt::Debug {
 /// The system wall clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
+
+/// Milliseconds since this clock was made, from the monotonic clock: for
+/// durations, never for windows.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    origin: Instant,
+}
 
 /// A clock that only moves when told to; for tests and simulations.
 #[derive(Debug, Default)]
@@ -35,6 +45,22 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
+    }
+}
+
+// === impl MonotonicClock ===
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 

@@ -3,7 +3,7 @@
 //! (`rate_limit.failure_policy` in the YAML).
 
 /// What to answer for counted descriptors when the store fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum FailurePolicy {
     /// Fail the request (`UNAVAILABLE`), so the gateway's own failure mode
     /// decides (Envoy's `failure_mode_deny`).

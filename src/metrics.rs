@@ -16,7 +16,7 @@
 //! | `ratelimit_rule_shadow_denied_total` | counter | domain, rule | over-limit hits of shadow-mode rules, let through |
 //! | `ratelimit_global_shadow_total` | counter | surface, domain | requests over the limit let through by `--shadow-mode` |
 //! | `ratelimit_storage_duration_seconds` | histogram | backend | store call latency |
-//! | `ratelimit_storage_errors_total` | counter | backend | failed or timed-out store calls |
+//! | `ratelimit_storage_errors_total` | counter | backend, reason | failed store calls, by `reason`: `timeout`, `connection`, `backend` (the server's own error), `protocol` (a reply the request could not use: a bug), `circuit_open` (answered without calling the store) |
 //! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
 //! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
 //! | `ratelimit_over_limit_cache_hits_total` | counter | domain | descriptors denied from the over-limit cache, without a store call |
@@ -33,6 +33,7 @@ use crate::algorithm::Outcome;
 use crate::failure_policy::FailurePolicy;
 use crate::rules::Rule;
 use crate::rules::matcher::EntryRef;
+use crate::store::StoreError;
 
 /// RPCs answered.
 pub const REQUESTS_TOTAL: &str = "ratelimit_requests_total";
@@ -247,8 +248,8 @@ impl Metrics {
         }
     }
 
-    /// Records one store call.
-    pub fn store_call(&self, backend: &'static str, took: Duration, ok: bool) {
+    /// Records one store call, and its failure if it failed.
+    pub fn store_call(&self, backend: &'static str, took: Duration, error: Option<&StoreError>) {
         let labels = vec![Label::new("backend", backend)];
         self.inner
             .recorder
@@ -257,7 +258,9 @@ impl Metrics {
                 &METADATA,
             )
             .record(took.as_secs_f64());
-        if !ok {
+        if let Some(error) = error {
+            let mut labels = labels;
+            labels.push(Label::new("reason", error.reason()));
             self.counter(STORAGE_ERRORS_TOTAL, labels).increment(1);
         }
     }

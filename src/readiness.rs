@@ -3,9 +3,21 @@
 //!
 //! A monitor pings the store every interval (always with the store's own
 //! deadline) and records the outcome, so `/readyz` answers from the last
-//! check instead of adding load, and gRPC health turns NOT_SERVING while the
-//! store is unreachable and SERVING again as soon as it answers. Shutdown
-//! makes the instance unready for good.
+//! check instead of adding load. Readiness follows what the instance can
+//! answer, not only the store:
+//!
+//! | store | failure policies in force | ready | `/readyz` |
+//! |---|---|---|---|
+//! | answers | any | yes | `ready` |
+//! | answers in part (a cluster master unreachable) | any | yes | `ready (degraded: …)` |
+//! | down | none is `error` | yes | `ready (degraded: … answering by failure policy)` |
+//! | down | some is `error` | no | `503 not ready` |
+//!
+//! "In force" means the service's `--failure-policy` (which also covers
+//! Envoy's request-supplied limits) and every rule's own. Every instance
+//! shares the same store, so making them all unready while a policy could
+//! answer would only take the policy away: the gateway would drop them all.
+//! Shutdown makes the instance unready for good.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +27,7 @@ use arc_swap::ArcSwapOption;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::store::CounterStore;
+use crate::limiter::Limiter;
 
 /// gRPC health service names kept in step with readiness (besides `""`):
 /// our two services and `ratelimit`, the name envoyproxy/ratelimit reports.
@@ -34,10 +46,20 @@ pub struct Readiness {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Why the last store check failed; `None` after a success.
-    store_error: ArcSwapOption<String>,
-    checked: AtomicBool,
+    /// The last check's verdict; `None` before the first.
+    last: ArcSwapOption<Checked>,
     shutting_down: AtomicBool,
+}
+
+/// What the last check found.
+#[derive(Debug)]
+struct Checked {
+    /// Why the store does not answer (fully), if it does not.
+    store_problem: Option<String>,
+    /// The store is down, not merely degraded.
+    store_down: bool,
+    /// With the store down, every limit still has a non-`error` policy.
+    answers_without_store: bool,
 }
 
 /// Why the instance is not ready.
@@ -47,22 +69,29 @@ pub enum NotReady {
     ShuttingDown,
     /// The store has not been checked yet.
     Unchecked,
-    /// The last store check failed.
-    Store(Arc<String>),
+    /// The store is down and some limit's failure policy is `error`.
+    Store(String),
 }
 
 impl Readiness {
-    /// `Ok` when ready, else why not.
-    pub fn check(&self) -> Result<(), NotReady> {
+    /// `Ok(None)` when ready, `Ok(Some(detail))` when ready but degraded,
+    /// else why not.
+    pub fn check(&self) -> Result<Option<String>, NotReady> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(NotReady::ShuttingDown);
         }
-        if !self.inner.checked.load(Ordering::SeqCst) {
+        let Some(last) = self.inner.last.load_full() else {
             return Err(NotReady::Unchecked);
-        }
-        match self.inner.store_error.load_full() {
-            Some(error) => Err(NotReady::Store(error)),
-            None => Ok(()),
+        };
+        match (&last.store_problem, last.store_down) {
+            (None, _) => Ok(None),
+            (Some(problem), true) if !last.answers_without_store => {
+                Err(NotReady::Store(problem.clone()))
+            }
+            (Some(problem), true) => Ok(Some(format!(
+                "store down ({problem}); answering by failure policy"
+            ))),
+            (Some(problem), false) => Ok(Some(problem.clone())),
         }
     }
 
@@ -77,15 +106,30 @@ impl Readiness {
     }
 
     /// Pings the store once, records the outcome and updates gRPC health.
-    pub async fn probe(&self, store: &dyn CounterStore, health: &HealthReporter) {
-        let error = store.ping().await.err().map(|e| Arc::new(e.to_string()));
-        if let Some(error) = &error
-            && self.inner.store_error.load().is_none()
-        {
-            tracing::warn!(%error, backend = store.backend(), "store unreachable; reporting not ready");
+    pub async fn probe(&self, limiter: &Limiter, health: &HealthReporter) {
+        let store = limiter.store();
+        let (store_problem, store_down) = match store.ping().await {
+            Ok(detail) => (detail, false),
+            Err(error) => (Some(error.to_string()), true),
+        };
+        let was_down = self
+            .inner
+            .last
+            .load()
+            .as_ref()
+            .is_some_and(|l| l.store_down);
+        if store_down && !was_down {
+            tracing::warn!(
+                error = store_problem.as_deref().unwrap_or_default(),
+                backend = store.backend(),
+                "store unreachable"
+            );
         }
-        self.inner.store_error.store(error);
-        self.inner.checked.store(true, Ordering::SeqCst);
+        self.inner.last.store(Some(Arc::new(Checked {
+            store_problem,
+            store_down,
+            answers_without_store: limiter.answers_without_store(),
+        })));
         let status = if self.check().is_ok() {
             ServingStatus::Serving
         } else {
@@ -99,7 +143,7 @@ impl Readiness {
     /// Probes every `interval` until `stop` resolves.
     pub async fn monitor(
         &self,
-        store: Arc<dyn CounterStore>,
+        limiter: Limiter,
         health: HealthReporter,
         interval: Duration,
         stop: impl Future<Output = ()>,
@@ -110,7 +154,7 @@ impl Readiness {
                 () = &mut stop => return,
                 () = tokio::time::sleep(interval) => {}
             }
-            self.probe(store.as_ref(), &health).await;
+            self.probe(&limiter, &health).await;
         }
     }
 }

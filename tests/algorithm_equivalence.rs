@@ -165,7 +165,6 @@ async fn run_sequence(kinds: &[AlgorithmKind]) {
                     quota: counter.quota,
                     hits,
                     enforced: rng.below(8) != 0,
-                    failure_policy: Default::default(),
                 }
             })
             .collect();

@@ -1,7 +1,10 @@
 //! When Redis fails mid-load, answers follow the configured failure policy
 //! — `error`, `allow`, `deny`, `local` — and no call waits longer than the
 //! store deadline; with the circuit breaker open, calls stop waiting at all,
-//! and service resumes by itself when Redis is back.
+//! and service resumes by itself when Redis is back. These are the few
+//! end-to-end checks; the branches are unit-tested over a scripted store
+//! (`limiter`, `store::breaker`). Time bounds are generous margins, and the
+//! breaker's work is counted, not timed.
 
 mod common;
 
@@ -24,8 +27,8 @@ descriptors:
 "#;
 
 const DEADLINE: Duration = Duration::from_millis(100);
-/// Scheduling slack on a loaded machine; far below anything that "hangs".
-const MARGIN: Duration = Duration::from_millis(400);
+/// Scheduling slack on a slow, loaded machine; far below anything that hangs.
+const MARGIN: Duration = Duration::from_secs(2);
 
 async fn call(
     client: &mut RateLimiterClient<Channel>,
@@ -110,21 +113,33 @@ async fn policy_local_counts_in_memory() {
     assert_eq!(allowed, [true, true, true, false, false]);
 }
 
+/// The store errors counted with `reason` so far.
+fn store_errors(metrics: &str, reason: &str) -> u64 {
+    let prefix =
+        format!("ratelimit_storage_errors_total{{backend=\"redis\",reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 /// Redis frozen: without a breaker every call would wait the full deadline;
-/// once the breaker opens, calls are answered by policy at once. When Redis
-/// resumes, counting in Redis resumes by itself.
+/// once the breaker opens, calls are answered by policy without calling the
+/// store. When Redis resumes, the readiness ping closes the breaker and
+/// counting in Redis resumes by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_stops_paying_the_deadline_and_recovers() {
     let redis = RedisServer::start();
+    // A cooldown longer than the test: no probe, so what happens is exact.
     let store = Arc::new(CircuitBreaker::new(
         Arc::new(redis_store(&redis.url(), DEADLINE)),
         3,
-        Duration::from_millis(200),
+        Duration::from_secs(3600),
     ));
     let server = TestServer::start(
         Server::new(rules(&[RULES]), store)
             .with_failure_policy(FailurePolicy::Allow)
-            .with_readiness_interval(Duration::from_secs(3600)),
+            .with_readiness_interval(Duration::from_millis(100)),
     )
     .await;
     let mut client = server.client().await;
@@ -134,23 +149,24 @@ async fn the_breaker_stops_paying_the_deadline_and_recovers() {
     );
 
     redis.pause();
-    let mut slow = 0;
-    let mut fast = 0;
+    let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         let (answer, took) = call(&mut client, "a").await;
         assert!(answer.unwrap().allowed);
         assert!(took < DEADLINE + MARGIN, "{took:?}");
-        if took >= DEADLINE {
-            slow += 1;
-        } else {
-            fast += 1;
-        }
+        slowest = slowest.max(took);
     }
-    // The first 3 pay the deadline and open the breaker; after that only the
-    // probes (one per 200 ms cooldown) wait.
-    println!("redis frozen, breaker: {slow} calls waited the deadline, {fast} answered at once");
-    assert!(slow >= 3, "slow {slow}");
-    assert!(fast >= 10, "fast {fast}, slow {slow}");
+    let metrics = http_get(server.admin_addr, "/metrics").await;
+    let (waited, open) = (
+        store_errors(&metrics, "timeout"),
+        store_errors(&metrics, "circuit_open"),
+    );
+    // The readiness pings also time out (and do not count); the three
+    // calls that did opened the breaker, and every later call skipped Redis.
+    println!(
+        "redis frozen, breaker: {waited} calls waited the deadline, {open} answered at once (slowest {slowest:?})"
+    );
+    assert_eq!((waited, open), (3, 17), "{metrics}");
 
     redis.resume();
     let started = Instant::now();
@@ -160,18 +176,13 @@ async fn the_breaker_stops_paying_the_deadline_and_recovers() {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(10),
             "no recovery after Redis resumed"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!(
         "redis resumed: counting in redis again after {:?}",
-        started.elapsed()
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "recovery took {:?}",
         started.elapsed()
     );
 }

@@ -9,7 +9,6 @@
 //! says.
 
 use super::{AlgorithmKind, Outcome, Quota, State, Stored};
-use crate::failure_policy::FailurePolicy;
 
 /// How the hits of one request are committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,9 +42,20 @@ pub struct BatchHit<'a> {
     /// `false` for shadow-mode rules: judged and counted, but a denial does
     /// not deny the request.
     pub enforced: bool,
-    /// What to answer for this hit if the store fails (the rule's policy,
-    /// else the service's); the algorithms never look at it.
-    pub failure_policy: FailurePolicy,
+}
+
+impl BatchHit<'_> {
+    /// Whether `outcome`, this hit's answer, denies the request: the one
+    /// definition every layer uses.
+    pub fn denies(&self, outcome: &Outcome) -> bool {
+        denies(outcome, self.enforced)
+    }
+}
+
+/// Whether an answer denies its request: over the limit, and enforced (not
+/// a shadow-mode rule, not global shadow mode).
+pub fn denies(outcome: &Outcome, enforced: bool) -> bool {
+    enforced && !outcome.allowed
 }
 
 /// Read and write access to counter states, for the duration of one batch.
@@ -121,7 +131,7 @@ fn pass<'k>(
         let before = view.load(hit.key);
         let counted = if counts(i) { hit.hits } else { 0 };
         let eval = evaluate(hit, before, counted, now_ms);
-        if !eval.outcome.allowed && hit.enforced {
+        if hit.denies(&eval.outcome) {
             done.all_enforced_allowed = false;
         }
         // A hit that adds nothing changes nothing: every algorithm reads its
@@ -199,7 +209,6 @@ mod tests {
             },
             hits,
             enforced,
-            failure_policy: FailurePolicy::Error,
         }
     }
 

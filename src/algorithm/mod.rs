@@ -15,7 +15,7 @@ pub mod token_bucket;
 
 use std::fmt;
 
-pub use batch::{BatchHit, Mode, StateView, apply_batch};
+pub use batch::{BatchHit, Mode, StateView, apply_batch, denies};
 pub use fixed_window::FixedWindow;
 pub use sliding_window::SlidingWindow;
 pub use token_bucket::TokenBucket;

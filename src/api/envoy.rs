@@ -216,13 +216,19 @@ fn to_response(answered: &Answered) -> RateLimitResponse {
 }
 
 fn to_status(decision: &DescriptorDecision) -> DescriptorStatus {
+    // A shadow rule is counted and reported but never over limit.
+    let code = if decision.denies() {
+        Code::OverLimit
+    } else {
+        Code::Ok
+    };
     match decision {
         DescriptorDecision::NoRule => DescriptorStatus {
-            code: Code::Ok.into(),
+            code: code.into(),
             ..Default::default()
         },
         DescriptorDecision::Unlimited { .. } => DescriptorStatus {
-            code: Code::Ok.into(),
+            code: code.into(),
             limit_remaining: UNLIMITED_REMAINING,
             ..Default::default()
         },
@@ -230,29 +236,20 @@ fn to_status(decision: &DescriptorDecision) -> DescriptorStatus {
             rule,
             limit,
             outcome,
-        } => {
-            // A shadow rule is counted and reported but never over limit.
-            let code = if outcome.allowed || rule.shadow_mode {
-                Code::Ok
-            } else {
-                Code::OverLimit
-            };
-            DescriptorStatus {
-                code: code.into(),
-                current_limit: Some(RateLimit {
-                    name: rule.name.clone().unwrap_or_default(),
-                    requests_per_unit: u32::try_from(limit.requests_per_unit).unwrap_or(u32::MAX),
-                    unit: response_unit(limit.unit).into(),
-                }),
-                limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
-                duration_until_reset: Some(prost_types::Duration {
-                    seconds: i64::try_from(ceil_seconds(outcome.reset_after_ms))
-                        .unwrap_or(i64::MAX),
-                    nanos: 0,
-                }),
-                quota: None,
-            }
-        }
+        } => DescriptorStatus {
+            code: code.into(),
+            current_limit: Some(RateLimit {
+                name: rule.name.clone().unwrap_or_default(),
+                requests_per_unit: u32::try_from(limit.requests_per_unit).unwrap_or(u32::MAX),
+                unit: response_unit(limit.unit).into(),
+            }),
+            limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
+            duration_until_reset: Some(prost_types::Duration {
+                seconds: i64::try_from(ceil_seconds(outcome.reset_after_ms)).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+            quota: None,
+        },
     }
 }
 

@@ -11,6 +11,7 @@
 //! - `Retry-After` (seconds) when the request is over the limit and waiting
 //!   can help.
 
+use crate::algorithm::denies;
 use crate::api::ceil_seconds;
 use crate::limiter::DescriptorDecision;
 use crate::proto::envoy::config::core::v3::HeaderValue;
@@ -59,7 +60,7 @@ impl ResponseHeaders {
         let Some(&(rule, limit, outcome)) = limited
             .iter()
             .rev()
-            .find(|(rule, _, outcome)| !outcome.allowed && !rule.shadow_mode)
+            .find(|(rule, _, outcome)| denies(outcome, !rule.shadow_mode))
             .or_else(|| {
                 limited
                     .iter()
@@ -97,7 +98,7 @@ impl ResponseHeaders {
         if over_limit {
             let waits: Option<Vec<u64>> = limited
                 .iter()
-                .filter(|(rule, _, outcome)| !outcome.allowed && !rule.shadow_mode)
+                .filter(|(rule, _, outcome)| denies(outcome, !rule.shadow_mode))
                 .map(|(_, _, outcome)| outcome.retry_after_ms)
                 .collect();
             if let Some(longest) = waits.and_then(|w| w.into_iter().max()) {

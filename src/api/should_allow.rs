@@ -131,12 +131,9 @@ fn to_response(answered: &Answered) -> pb::ShouldAllowResponse {
         decision
             .descriptors
             .iter()
+            .filter(|d| d.denies())
             .filter_map(|d| match d {
-                DescriptorDecision::Limited { rule, outcome, .. }
-                    if !outcome.allowed && !rule.shadow_mode =>
-                {
-                    Some(outcome.retry_after_ms)
-                }
+                DescriptorDecision::Limited { outcome, .. } => Some(outcome.retry_after_ms),
                 _ => None,
             })
             .try_fold(0, |longest, retry| retry.map(|ms| longest.max(ms)))

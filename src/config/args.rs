@@ -206,7 +206,7 @@ pub struct ServeArgs {
     /// What to answer for limited descriptors when the store fails: `error`
     /// (UNAVAILABLE, the gateway's failure mode decides), `allow`, `deny`, or
     /// `local` (count in this instance's memory until the store is back).
-    #[arg(long, env = "RATEKEEPER_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Error)]
+    #[arg(long, env = "RATEKEEPER_FAILURE_POLICY", default_value = "error", value_parser = failure_policy_parser())]
     pub failure_policy: FailurePolicy,
 
     /// Consecutive store failures after which the circuit breaker opens and
@@ -270,6 +270,13 @@ pub struct ServeArgs {
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "RATEKEEPER_SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// The policy names, listed in `--help` and checked like an enum.
+fn failure_policy_parser() -> impl clap::builder::TypedValueParser<Value = FailurePolicy> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(FailurePolicy::ALL.map(FailurePolicy::as_str))
+        .map(|name| FailurePolicy::parse(&name).unwrap_or_default())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -7,14 +7,23 @@
 //! breaker, a failure opens it for another cooldown. A successful readiness
 //! ping closes it too, so recovery after the store returns takes at most one
 //! cooldown or one readiness interval, whichever comes first.
+//!
+//! What counts: only store failures ([`StoreError::is_store_failure`]: I/O,
+//! deadline, the server's own errors). A reply this request could not use is
+//! a bug in the request's path, not an outage, and counts as the store
+//! answering. A call dropped before the store answered — its caller's
+//! deadline was shorter than the store's — counts as a failure: the store
+//! was too slow for the callers. A drop guard records it, so a dropped probe
+//! also re-opens the breaker instead of leaving it half-open.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
+use crate::clock::{Clock, MonotonicClock};
 
 /// Default consecutive failures that open the breaker.
 pub const DEFAULT_THRESHOLD: u32 = 3;
@@ -26,7 +35,9 @@ pub const DEFAULT_COOLDOWN: Duration = Duration::from_millis(200);
 pub struct CircuitBreaker {
     inner: Arc<dyn CounterStore>,
     threshold: u32,
-    cooldown: Duration,
+    cooldown_ms: u64,
+    /// Measures the cooldown; monotonic in production.
+    clock: Arc<dyn Clock>,
     /// A std mutex: held for a few instructions, never across an await.
     state: Mutex<State>,
 }
@@ -34,16 +45,26 @@ pub struct CircuitBreaker {
 #[derive(Debug, Default)]
 struct State {
     consecutive_failures: u32,
-    open_until: Option<Instant>,
+    open_until_ms: Option<u64>,
     probing: bool,
 }
 
 /// Whether a call may go to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {
     Closed,
     Probe,
     Open,
 }
+
+/// Records the outcome of one admitted call, also when its future is
+/// dropped before the store answers.
+struct Call<'a> {
+    breaker: &'a CircuitBreaker,
+    recorded: bool,
+}
+
+// === impl CircuitBreaker ===
 
 impl CircuitBreaker {
     /// Wraps `inner`.
@@ -51,16 +72,28 @@ impl CircuitBreaker {
         Self {
             inner,
             threshold: threshold.max(1),
-            cooldown,
+            cooldown_ms: u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX),
+            clock: Arc::new(MonotonicClock::default()),
             state: Mutex::default(),
         }
     }
 
+    /// Measures the cooldown on `clock` (tests move it by hand).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Whether the breaker is open (calls fail fast).
+    pub fn is_open(&self) -> bool {
+        self.lock().open_until_ms.is_some()
+    }
+
     fn admit(&self) -> Admission {
         let mut state = self.lock();
-        match state.open_until {
+        match state.open_until_ms {
             None => Admission::Closed,
-            Some(until) if Instant::now() >= until && !state.probing => {
+            Some(until) if self.clock.now_ms() >= until && !state.probing => {
                 state.probing = true;
                 Admission::Probe
             }
@@ -72,7 +105,7 @@ impl CircuitBreaker {
         let mut state = self.lock();
         state.probing = false;
         if ok {
-            if state.open_until.is_some() {
+            if state.open_until_ms.is_some() {
                 tracing::info!(
                     backend = self.inner.backend(),
                     "store answers again; circuit closed"
@@ -83,14 +116,14 @@ impl CircuitBreaker {
         }
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         if state.consecutive_failures >= self.threshold {
-            if state.open_until.is_none() {
+            if state.open_until_ms.is_none() {
                 tracing::warn!(
                     backend = self.inner.backend(),
                     failures = state.consecutive_failures,
                     "store failing; circuit open, answering by failure policy without waiting"
                 );
             }
-            state.open_until = Some(Instant::now() + self.cooldown);
+            state.open_until_ms = Some(self.clock.now_ms().saturating_add(self.cooldown_ms));
         }
     }
 
@@ -104,15 +137,19 @@ impl CircuitBreaker {
 #[async_trait]
 impl CounterStore for CircuitBreaker {
     async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
-        if let Admission::Open = self.admit() {
+        if self.admit() == Admission::Open {
             return Err(StoreError::CircuitOpen);
         }
+        let mut call = Call {
+            breaker: self,
+            recorded: false,
+        };
         let result = self.inner.apply(hits, mode).await;
-        self.record(result.is_ok());
+        call.finish(result.as_ref().err());
         result
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    async fn ping(&self) -> Result<Option<String>, StoreError> {
         let result = self.inner.ping().await;
         if result.is_ok() {
             self.record(true);
@@ -122,5 +159,136 @@ impl CounterStore for CircuitBreaker {
 
     fn backend(&self) -> &'static str {
         self.inner.backend()
+    }
+}
+
+// === impl Call ===
+
+impl Call<'_> {
+    fn finish(&mut self, error: Option<&StoreError>) {
+        self.recorded = true;
+        self.breaker
+            .record(!error.is_some_and(StoreError::is_store_failure));
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.record(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::algorithm::{AlgorithmKind, Quota};
+    use crate::clock::ManualClock;
+    use crate::store::scripted::{Reply, ScriptedStore};
+
+    const HIT: BatchHit<'static> = BatchHit {
+        key: b"k",
+        algorithm: AlgorithmKind::FixedWindow,
+        quota: Quota {
+            limit: 1,
+            window_ms: 1_000,
+            burst: 1,
+        },
+        hits: 1,
+        enforced: true,
+    };
+
+    fn breaker(store: ScriptedStore) -> (CircuitBreaker, Arc<ScriptedStore>, Arc<ManualClock>) {
+        let store = Arc::new(store);
+        let clock = Arc::new(ManualClock::new(0));
+        let breaker = CircuitBreaker::new(store.clone(), 3, Duration::from_millis(200))
+            .with_clock(clock.clone());
+        (breaker, store, clock)
+    }
+
+    async fn call(breaker: &CircuitBreaker) -> Result<Vec<Outcome>, StoreError> {
+        breaker.apply(&[HIT], Mode::Independent).await
+    }
+
+    #[tokio::test]
+    async fn opens_after_consecutive_store_failures_and_probes_after_the_cooldown() {
+        let timeout = Reply::Fail(StoreError::Timeout(Duration::from_millis(10)));
+        let (breaker, store, clock) = breaker(
+            ScriptedStore::new(Reply::Allow(0))
+                .then(timeout.clone())
+                .then(timeout.clone())
+                .then(timeout.clone())
+                .then(timeout),
+        );
+        for _ in 0..3 {
+            assert!(call(&breaker).await.is_err());
+        }
+        assert!(breaker.is_open());
+        assert!(matches!(call(&breaker).await, Err(StoreError::CircuitOpen)));
+        assert_eq!(store.calls(), 3, "an open breaker does not call the store");
+        clock.advance(200);
+        // The probe fails: open for another cooldown.
+        assert!(matches!(call(&breaker).await, Err(StoreError::Timeout(_))));
+        assert!(matches!(call(&breaker).await, Err(StoreError::CircuitOpen)));
+        clock.advance(200);
+        assert!(call(&breaker).await.is_ok());
+        assert!(!breaker.is_open());
+    }
+
+    #[tokio::test]
+    async fn replies_the_request_cannot_use_never_open_it() {
+        let (breaker, store, _) = breaker(ScriptedStore::new(Reply::Fail(StoreError::Protocol(
+            "negative value -3".into(),
+        ))));
+        for _ in 0..10 {
+            assert!(matches!(call(&breaker).await, Err(StoreError::Protocol(_))));
+        }
+        assert!(!breaker.is_open());
+        assert_eq!(store.calls(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_the_store_answers_counts_as_a_failure() {
+        let (breaker, _, clock) = breaker(ScriptedStore::new(Reply::Hang));
+        for _ in 0..3 {
+            let dropped = tokio::time::timeout(Duration::from_millis(1), call(&breaker)).await;
+            assert!(dropped.is_err());
+        }
+        assert!(breaker.is_open());
+        // A dropped probe re-opens it rather than leaving it half-open.
+        clock.advance(200);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), call(&breaker))
+                .await
+                .is_err()
+        );
+        assert!(matches!(call(&breaker).await, Err(StoreError::CircuitOpen)));
+        clock.advance(200);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), call(&breaker))
+                .await
+                .is_err(),
+            "a new probe is admitted after the next cooldown"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_successful_ping_closes_it() {
+        let timeout = Reply::Fail(StoreError::Timeout(Duration::from_millis(10)));
+        let (breaker, _, _) = breaker(
+            ScriptedStore::new(Reply::Allow(0))
+                .then(timeout.clone())
+                .then(timeout.clone())
+                .then(timeout),
+        );
+        for _ in 0..3 {
+            assert!(call(&breaker).await.is_err());
+        }
+        assert!(breaker.is_open());
+        breaker.ping().await.unwrap();
+        assert!(!breaker.is_open());
     }
 }

@@ -112,8 +112,8 @@ impl CounterStore for MemoryStore {
         Ok(apply_batch(&mut view, hits, mode, now_ms))
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
+    async fn ping(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
     }
 
     fn backend(&self) -> &'static str {
@@ -232,7 +232,6 @@ mod tests {
             },
             hits,
             enforced: true,
-            failure_policy: Default::default(),
         }
     }
 

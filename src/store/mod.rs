@@ -37,19 +37,21 @@ pub trait CounterStore: Send + Sync + fmt::Debug {
     /// nothing is known about whether the hits were counted.
     async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError>;
 
-    /// Checks that the backend answers.
+    /// Checks that the backend answers. `Ok(Some(detail))` means it answers
+    /// only in part (a cluster with an unreachable master): most requests
+    /// are still decided.
     ///
     /// # Errors
     ///
     /// [`StoreError`] when it does not answer within the deadline.
-    async fn ping(&self) -> Result<(), StoreError>;
+    async fn ping(&self) -> Result<Option<String>, StoreError>;
 
     /// Short backend name for logs and metrics (`memory`, `redis`).
     fn backend(&self) -> &'static str;
 }
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The call did not finish within the store deadline.
     #[error("store call timed out after {0:?}")]
@@ -57,15 +59,43 @@ pub enum StoreError {
     /// No connection could be had.
     #[error("no connection to the store: {0}")]
     Connection(String),
-    /// The backend answered with an error.
+    /// The backend answered with an error about itself (read-only, loading,
+    /// out of memory, cluster down, …).
     #[error("store error: {0}")]
     Backend(String),
-    /// The backend answered something we did not expect.
+    /// The backend answered something we could not use, or refused this
+    /// request's script: a bug, not an outage.
     #[error("unexpected store reply: {0}")]
     Protocol(String),
     /// The circuit breaker is open after repeated failures; the store was not called.
     #[error("store circuit open after repeated failures")]
     CircuitOpen,
+}
+
+impl StoreError {
+    /// A short name of the kind of failure, for metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Connection(_) => "connection",
+            StoreError::Backend(_) => "backend",
+            StoreError::Protocol(_) => "protocol",
+            StoreError::CircuitOpen => "circuit_open",
+        }
+    }
+
+    /// Whether this says the store is failing (unreachable, too slow, or in
+    /// a state where it cannot serve), as opposed to a reply this request
+    /// could not use. Only store failures count toward the circuit breaker.
+    pub fn is_store_failure(&self) -> bool {
+        match self {
+            StoreError::Timeout(_)
+            | StoreError::Connection(_)
+            | StoreError::Backend(_)
+            | StoreError::CircuitOpen => true,
+            StoreError::Protocol(_) => false,
+        }
+    }
 }
 
 /// Runs a store call under `deadline`; past it, the call is dropped and
@@ -77,4 +107,93 @@ pub(crate) async fn within<T>(
     tokio::time::timeout(deadline, call)
         .await
         .map_err(|_| StoreError::Timeout(deadline))?
+}
+
+#[cfg(test)]
+pub(crate) mod scripted {
+    //! A store that answers as a test scripts it, for the limiter's and the
+    //! breaker's unit tests.
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// One scripted answer.
+    #[derive(Debug, Clone)]
+    pub(crate) enum Reply {
+        /// Every hit allowed with `remaining` left.
+        Allow(u64),
+        /// This error.
+        Fail(StoreError),
+        /// Never answers (a silent store).
+        Hang,
+    }
+
+    /// Answers calls from a queue; when it is empty, with `otherwise`.
+    #[derive(Debug)]
+    pub(crate) struct ScriptedStore {
+        queue: Mutex<VecDeque<Reply>>,
+        otherwise: Reply,
+        calls: AtomicUsize,
+    }
+
+    impl ScriptedStore {
+        pub(crate) fn new(otherwise: Reply) -> Self {
+            Self {
+                queue: Mutex::default(),
+                otherwise,
+                calls: AtomicUsize::new(0),
+            }
+        }
+
+        pub(crate) fn then(self, reply: Reply) -> Self {
+            self.queue.lock().unwrap().push_back(reply);
+            self
+        }
+
+        pub(crate) fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn next(&self) -> Reply {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let queued = self.queue.lock().unwrap().pop_front();
+            queued.unwrap_or_else(|| self.otherwise.clone())
+        }
+    }
+
+    #[async_trait]
+    impl CounterStore for ScriptedStore {
+        async fn apply(
+            &self,
+            hits: &[BatchHit<'_>],
+            _mode: Mode,
+        ) -> Result<Vec<Outcome>, StoreError> {
+            let allowed = |remaining| Outcome {
+                allowed: true,
+                remaining,
+                reset_after_ms: 1_000,
+                retry_after_ms: None,
+            };
+            match self.next() {
+                Reply::Allow(remaining) => Ok(vec![allowed(remaining); hits.len()]),
+                Reply::Fail(error) => Err(error),
+                Reply::Hang => std::future::pending().await,
+            }
+        }
+
+        async fn ping(&self) -> Result<Option<String>, StoreError> {
+            match self.next() {
+                Reply::Fail(error) => Err(error),
+                Reply::Hang => std::future::pending().await,
+                Reply::Allow(_) => Ok(None),
+            }
+        }
+
+        fn backend(&self) -> &'static str {
+            "scripted"
+        }
+    }
 }

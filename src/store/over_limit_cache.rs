@@ -4,14 +4,17 @@
 //! (`retry_after`). Until then, any request adding at least as many hits to
 //! that counter is certain to be denied again — other callers can only
 //! consume more — so it can be answered here without a round trip. The cache
-//! may therefore only deny what the store already denied. It is cleared when
-//! the rules change (a raised limit could admit sooner) and holds at most
-//! `capacity` counters: a flood of distinct keys cannot grow it.
+//! may therefore only deny what the store would deny: an entry holds the
+//! quota it was denied under and answers only that quota (an Envoy limit
+//! override shares its counter with the configured rule, and a denial under
+//! 10 per minute says nothing about 1,000 per minute). It is cleared when
+//! the rules change and holds at most `capacity` counters: a flood of
+//! distinct keys cannot grow it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::algorithm::Outcome;
+use crate::algorithm::{Outcome, Quota};
 use crate::clock::Clock;
 
 /// The cache.
@@ -35,11 +38,12 @@ struct Inner {
     next_sweep_ms: u64,
 }
 
-/// A known denial: `hits` or more are denied until `until_ms`.
+/// A known denial: `hits` or more are denied under `quota` until `until_ms`.
 #[derive(Debug, Clone, Copy)]
 struct Denied {
     until_ms: u64,
     hits: u64,
+    quota: Quota,
 }
 
 impl OverLimitCache {
@@ -53,8 +57,8 @@ impl OverLimitCache {
         }
     }
 
-    /// The denial to answer for `hits` on `key`, if one is known.
-    pub fn get(&self, key: &[u8], hits: u64) -> Option<Outcome> {
+    /// The denial to answer for `hits` on `key` under `quota`, if one is known.
+    pub fn get(&self, key: &[u8], quota: &Quota, hits: u64) -> Option<Outcome> {
         let now = self.clock.now_ms();
         let mut inner = self.lock();
         let denied = *inner.entries.get(key)?;
@@ -62,7 +66,7 @@ impl OverLimitCache {
             inner.entries.remove(key);
             return None;
         }
-        (hits >= denied.hits).then(|| Outcome {
+        (hits >= denied.hits && denied.quota == *quota).then(|| Outcome {
             allowed: false,
             remaining: 0,
             reset_after_ms: denied.until_ms - now,
@@ -70,8 +74,9 @@ impl OverLimitCache {
         })
     }
 
-    /// Remembers that the store denied `hits` on `key` with `outcome`.
-    pub fn remember(&self, key: &[u8], hits: u64, outcome: &Outcome) {
+    /// Remembers that the store denied `hits` on `key` under `quota` with
+    /// `outcome`.
+    pub fn remember(&self, key: &[u8], quota: &Quota, hits: u64, outcome: &Outcome) {
         let Some(retry_after_ms) = outcome.retry_after_ms.filter(|_| !outcome.allowed) else {
             return;
         };
@@ -100,6 +105,7 @@ impl OverLimitCache {
             Denied {
                 until_ms: now + retry_after_ms,
                 hits,
+                quota: *quota,
             },
         );
     }
@@ -133,6 +139,12 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
+    const Q: Quota = Quota {
+        limit: 10,
+        window_ms: 60_000,
+        burst: 10,
+    };
+
     fn denied(retry: u64) -> Outcome {
         Outcome {
             allowed: false,
@@ -146,14 +158,23 @@ mod tests {
     fn denies_as_many_hits_or_more_until_the_retry_time() {
         let clock = Arc::new(ManualClock::new(1_000));
         let cache = OverLimitCache::new(10, clock.clone());
-        cache.remember(b"k", 2, &denied(500));
-        assert_eq!(cache.get(b"k", 1), None, "fewer hits might pass");
-        assert_eq!(cache.get(b"k", 2).unwrap().retry_after_ms, Some(500));
+        cache.remember(b"k", &Q, 2, &denied(500));
+        assert_eq!(cache.get(b"k", &Q, 1), None, "fewer hits might pass");
+        assert_eq!(cache.get(b"k", &Q, 2).unwrap().retry_after_ms, Some(500));
         clock.advance(499);
-        assert_eq!(cache.get(b"k", 3).unwrap().retry_after_ms, Some(1));
+        assert_eq!(cache.get(b"k", &Q, 3).unwrap().retry_after_ms, Some(1));
         clock.advance(1);
-        assert_eq!(cache.get(b"k", 2), None);
+        assert_eq!(cache.get(b"k", &Q, 2), None);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_denial_answers_only_the_quota_it_was_made_under() {
+        let cache = OverLimitCache::new(10, Arc::new(ManualClock::new(0)));
+        cache.remember(b"k", &Q, 1, &denied(500));
+        let raised = Quota { limit: 1_000, ..Q };
+        assert_eq!(cache.get(b"k", &raised, 1), None);
+        assert!(cache.get(b"k", &Q, 1).is_some());
     }
 
     #[test]
@@ -161,10 +182,10 @@ mod tests {
         let cache = OverLimitCache::new(10, Arc::new(ManualClock::new(0)));
         let mut never = denied(5);
         never.retry_after_ms = None;
-        cache.remember(b"a", 1, &never);
+        cache.remember(b"a", &Q, 1, &never);
         let mut allowed = denied(5);
         allowed.allowed = true;
-        cache.remember(b"b", 1, &allowed);
+        cache.remember(b"b", &Q, 1, &allowed);
         assert!(cache.is_empty());
     }
 
@@ -173,12 +194,12 @@ mod tests {
         let clock = Arc::new(ManualClock::new(0));
         let cache = OverLimitCache::new(100, clock.clone());
         for i in 0..10_000u32 {
-            cache.remember(&i.to_be_bytes(), 1, &denied(60_000));
+            cache.remember(&i.to_be_bytes(), &Q, 1, &denied(60_000));
         }
         assert_eq!(cache.len(), 100);
         // Expired entries make room.
         clock.advance(60_000);
-        cache.remember(b"new", 1, &denied(1));
+        cache.remember(b"new", &Q, 1, &denied(1));
         assert_eq!(cache.len(), 1);
     }
 
@@ -186,21 +207,21 @@ mod tests {
     fn a_full_cache_sweeps_at_most_once_per_interval() {
         let clock = Arc::new(ManualClock::new(0));
         let cache = OverLimitCache::new(2, clock.clone());
-        cache.remember(b"short", 1, &denied(10));
-        cache.remember(b"long", 1, &denied(60_000));
+        cache.remember(b"short", &Q, 1, &denied(10));
+        cache.remember(b"long", &Q, 1, &denied(60_000));
         // Full; the first overflow sweeps (nothing expired yet) and then no
         // sweep runs for a second, even after `short` expires.
-        cache.remember(b"a", 1, &denied(60_000));
+        cache.remember(b"a", &Q, 1, &denied(60_000));
         clock.advance(500);
-        cache.remember(b"b", 1, &denied(60_000));
+        cache.remember(b"b", &Q, 1, &denied(60_000));
         assert_eq!(cache.len(), 2);
         assert!(
-            cache.get(b"b", 1).is_none(),
+            cache.get(b"b", &Q, 1).is_none(),
             "uncached while no sweep may run"
         );
         clock.advance(500);
-        cache.remember(b"c", 1, &denied(60_000));
-        assert!(cache.get(b"c", 1).is_some(), "the sweep made room");
-        assert!(cache.get(b"long", 1).is_some());
+        cache.remember(b"c", &Q, 1, &denied(60_000));
+        assert!(cache.get(b"c", &Q, 1).is_some(), "the sweep made room");
+        assert!(cache.get(b"long", &Q, 1).is_some());
     }
 }

@@ -233,7 +233,7 @@ impl RedisStore {
         let shared = self.connections.get().await?;
         call(shared.connection()).await.map_err(|e| {
             shared.observe(&e);
-            StoreError::Backend(e.to_string())
+            store_error(&e)
         })
     }
 }
@@ -263,12 +263,12 @@ impl CounterStore for RedisStore {
         parse_reply(&reply, hits.len())
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    async fn ping(&self) -> Result<Option<String>, StoreError> {
         self.run(self.with_connection(|mut conn| async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
-                .map(drop)
+                .map(|_| None)
         }))
         .await
     }
@@ -307,6 +307,32 @@ pub(super) fn invocation<'s>(
             .arg(u8::from(hit.enforced));
     }
     invocation
+}
+
+/// What a Redis error says about the store. The script's own runtime
+/// errors and replies of the wrong shape are bugs in this request's path
+/// ([`StoreError::Protocol`]); everything else — I/O, the server refusing
+/// because of its state (read-only, loading, out of memory, busy, cluster
+/// down, no permission) — is the store failing.
+pub(super) fn store_error(error: &redis::RedisError) -> StoreError {
+    use redis::ErrorKind;
+    let script_error = error.code() == Some("ERR")
+        && error
+            .detail()
+            .is_some_and(|detail| detail.contains("script") || detail.contains("function"));
+    match error.kind() {
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
+            StoreError::Protocol(error.to_string())
+        }
+        _ if script_error => StoreError::Protocol(error.to_string()),
+        _ if error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal() =>
+        {
+            StoreError::Connection(error.to_string())
+        }
+        _ => StoreError::Backend(error.to_string()),
+    }
 }
 
 fn mode_id(mode: Mode) -> u8 {

@@ -29,9 +29,9 @@ use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot};
 
-use super::redis::{BATCH_SCRIPT, RedisTls, ScriptTime, invocation, parse_reply};
+use super::redis::{BATCH_SCRIPT, RedisTls, ScriptTime, invocation, parse_reply, store_error};
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 
@@ -150,7 +150,7 @@ impl RedisClusterStore {
         let reply: Vec<i64> = invocation(&self.script, hits, mode, &self.time)
             .invoke_async(&mut connection)
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
+            .map_err(|e| store_error(&e))?;
         parse_reply(&reply, hits.len())
     }
 
@@ -220,10 +220,10 @@ impl RedisClusterStore {
                 let judged = self
                     .eval_groups(&connection, hits, &groups, |_| Mode::DryRun)
                     .await?;
-                let admitted = hits
+                let admitted = !hits
                     .iter()
                     .zip(&judged)
-                    .all(|(hit, outcome)| outcome.allowed || !hit.enforced);
+                    .any(|(hit, outcome)| hit.denies(outcome));
                 if !admitted {
                     return Ok(judged);
                 }
@@ -274,15 +274,38 @@ impl CounterStore for RedisClusterStore {
             .await
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.on_connection(async |mut connection| {
-            redis::cmd("PING")
-                .query_async::<String>(&mut connection)
+    /// Pings every master: ready while any answers (the slots of a dead
+    /// master fail until failover, the rest are decided), with the failure
+    /// as the degraded detail.
+    async fn ping(&self) -> Result<Option<String>, StoreError> {
+        let masters =
+            |policy| RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(policy)));
+        let connection = super::within(self.timeout, self.connection()).await?;
+        let mut every = (*connection).clone();
+        let all = super::within(self.timeout, async {
+            every
+                .route_command(redis::cmd("PING"), masters(ResponsePolicy::AllSucceeded))
                 .await
-                .map(drop)
-                .map_err(|e| StoreError::Backend(e.to_string()))
+                .map_err(|e| store_error(&e))
         })
-        .await
+        .await;
+        let Err(partial) = all else {
+            return Ok(None);
+        };
+        let mut any = (*connection).clone();
+        let some = super::within(self.timeout, async {
+            any.route_command(redis::cmd("PING"), masters(ResponsePolicy::OneSucceeded))
+                .await
+                .map_err(|e| store_error(&e))
+        })
+        .await;
+        match some {
+            Ok(_) => Ok(Some(format!("not every master answers: {partial}"))),
+            Err(error) => {
+                self.discard(&connection);
+                Err(error)
+            }
+        }
     }
 
     fn backend(&self) -> &'static str {
@@ -330,7 +353,6 @@ mod tests {
             },
             hits: 1,
             enforced: true,
-            failure_policy: Default::default(),
         }
     }
 

@@ -6,30 +6,32 @@
 //! one storage key per counted descriptor and hands the whole batch to the
 //! store in one call. Descriptors without a limit never reach the store, so a
 //! request that matches nothing is answered even when the store is down.
+//!
+//! Its other two jobs live beside it: [`cached`] answers counters known to
+//! be over their limit without a store call, and [`degraded`] answers by
+//! failure policy when the store fails.
+
+mod cached;
+mod degraded;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use crate::algorithm::{BatchHit, Mode, Outcome};
-use crate::clock::SystemClock;
+use crate::algorithm::{BatchHit, Mode, Outcome, denies};
+use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 pub use crate::failure_policy::FailurePolicy;
 use crate::metrics::Metrics;
 use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{Limit, Rule, Rules};
-use crate::store::{CounterStore, MemoryStore, OverLimitCache, StoreError};
-
-/// Live counters the `local` failure policy keeps in this process.
-const LOCAL_FALLBACK_MAX_KEYS: usize = 100_000;
-
-/// Degraded answers are logged at most this often.
-const DEGRADED_LOG_EVERY: Duration = Duration::from_secs(10);
+use crate::store::{CounterStore, OverLimitCache, StoreError};
+use degraded::Degraded;
 
 /// The decision engine: the current rules and the counter store.
 #[derive(Debug, Clone)]
@@ -38,12 +40,8 @@ pub struct Limiter {
     rules: Arc<ArcSwap<Rules>>,
     store: Arc<dyn CounterStore>,
     metrics: Metrics,
-    policy: FailurePolicy,
-    /// Counters for the `local` policy.
-    local: MemoryStore,
-    /// When a degraded answer was last logged; a std mutex, never held
-    /// across an await.
-    degraded_logged: Arc<Mutex<Option<Instant>>>,
+    /// Answers when the store fails.
+    degraded: Degraded,
     /// Known denials, answered without a store call (opt-in).
     over_limit: Option<Arc<OverLimitCache>>,
 }
@@ -114,6 +112,15 @@ pub struct Decision {
     pub known_domain: bool,
 }
 
+/// A request's hits, with what to answer for each if the store fails.
+#[derive(Debug)]
+pub(crate) struct Batch<'k> {
+    pub hits: Vec<BatchHit<'k>>,
+    /// Per hit: the rule's failure policy, else the service's.
+    pub policies: Vec<FailurePolicy>,
+    pub mode: Mode,
+}
+
 // === impl Limiter ===
 
 impl Limiter {
@@ -123,9 +130,7 @@ impl Limiter {
             rules: Arc::new(ArcSwap::from_pointee(rules)),
             store,
             metrics: Metrics::new(),
-            policy: FailurePolicy::default(),
-            local: MemoryStore::new(LOCAL_FALLBACK_MAX_KEYS, Arc::new(SystemClock)),
-            degraded_logged: Arc::default(),
+            degraded: Degraded::new(FailurePolicy::default(), Arc::new(SystemClock)),
             over_limit: None,
         }
     }
@@ -138,7 +143,14 @@ impl Limiter {
 
     /// Sets what to answer when the store fails.
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
-        self.policy = policy;
+        self.degraded = self.degraded.with_policy(policy);
+        self
+    }
+
+    /// Reads time from `clock` for the `local` failure policy's counters
+    /// (tests move it by hand).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.degraded = self.degraded.with_clock(clock);
         self
     }
 
@@ -166,11 +178,24 @@ impl Limiter {
         &self.store
     }
 
+    /// Whether every limit can be answered while the store is down: no
+    /// failure policy in force (the service's, which also covers Envoy's
+    /// request-supplied limits, or any rule's own) is `error`.
+    pub fn answers_without_store(&self) -> bool {
+        self.degraded.policy() != FailurePolicy::Error
+            && !self
+                .rules()
+                .all_rules()
+                .iter()
+                .any(|rule| rule.failure_policy == Some(FailurePolicy::Error))
+    }
+
     /// Decides `request`.
     ///
     /// # Errors
     ///
-    /// [`Error::Storage`] when the store fails; nothing is decided then.
+    /// [`Error::Storage`] when the store fails and a failure policy in force
+    /// is `error`; nothing is decided then.
     pub async fn check(&self, request: &CheckRequest<'_>) -> Result<Decision, Error> {
         let rules = self.rules.load_full();
         let Some(tree) = rules.domain(request.domain) else {
@@ -191,11 +216,11 @@ impl Limiter {
         drop_replaced(&mut matched);
 
         // One key per counted descriptor; the hits borrow them.
-        let counted: Vec<(usize, Limit, Vec<u8>)> = matched
+        let counted: Vec<(usize, &Rule, Limit, Vec<u8>)> = matched
             .iter()
             .enumerate()
             .filter_map(|(i, rule)| {
-                let rule = rule.as_ref()?;
+                let rule = rule.as_deref()?;
                 let limit = *rule.limited()?;
                 let key = storage_key(
                     request.domain,
@@ -204,38 +229,31 @@ impl Limiter {
                     limit.algorithm.tag(),
                     limit.window_ms(),
                 );
-                Some((i, limit, key))
+                Some((i, rule, limit, key))
             })
             .collect();
-        let hits: Vec<BatchHit<'_>> = counted
-            .iter()
-            .map(|(i, limit, key)| BatchHit {
-                key,
-                algorithm: limit.algorithm,
-                quota: limit.quota(),
-                hits: request.descriptors[*i].hits,
-                enforced: request.enforcement == Enforcement::AsConfigured
-                    && !matched[*i].as_ref().is_some_and(|r| r.shadow_mode),
-                failure_policy: matched[*i]
-                    .as_ref()
-                    .and_then(|r| r.failure_policy)
-                    .unwrap_or(self.policy),
-            })
-            .collect();
-        let outcomes = self.apply(request.domain, &hits, request.mode).await?;
-        if outcomes.len() != hits.len() {
-            return Err(Error::Internal(format!(
-                "store returned {} outcomes for {} hits",
-                outcomes.len(),
-                hits.len()
-            )));
-        }
+        let batch = Batch {
+            hits: counted
+                .iter()
+                .map(|(i, rule, limit, key)| BatchHit {
+                    key,
+                    algorithm: limit.algorithm,
+                    quota: limit.quota(),
+                    hits: request.descriptors[*i].hits,
+                    enforced: request.enforcement == Enforcement::AsConfigured && !rule.shadow_mode,
+                })
+                .collect(),
+            policies: counted
+                .iter()
+                .map(|(_, rule, _, _)| rule.failure_policy.unwrap_or(self.degraded.policy()))
+                .collect(),
+            mode: request.mode,
+        };
+        let outcomes = self.apply(request.domain, &batch).await?;
 
         let mut applied: Vec<Option<(Limit, Outcome)>> = vec![None; matched.len()];
-        for ((i, limit, _), outcome) in counted.iter().zip(outcomes) {
-            if request.mode != Mode::DryRun
-                && let Some(rule) = &matched[*i]
-            {
+        for ((i, rule, limit, _), outcome) in counted.iter().zip(outcomes) {
+            if request.mode != Mode::DryRun {
                 self.metrics.rule(
                     request.domain,
                     rule,
@@ -265,75 +283,30 @@ impl Limiter {
             known_domain: true,
         })
     }
-}
 
-impl Limiter {
-    /// Applies `hits`, answering known denials from the over-limit cache and
-    /// the rest with one store call.
-    async fn apply(
-        &self,
-        domain: &str,
-        hits: &[BatchHit<'_>],
-        mode: Mode,
-    ) -> Result<Vec<Outcome>, Error> {
-        if hits.is_empty() {
+    /// Applies `batch`: known denials from the over-limit cache, the rest
+    /// with one store call.
+    async fn apply(&self, domain: &str, batch: &Batch<'_>) -> Result<Vec<Outcome>, Error> {
+        if batch.hits.is_empty() {
             return Ok(Vec::new());
         }
         // Upstream's stop-increment semantics need every descriptor judged
         // together, so that mode always asks the store.
-        let Some(cache) = self
+        match self
             .over_limit
             .as_deref()
-            .filter(|_| mode != Mode::StopIncrementWhenOverLimit)
-        else {
-            return self.call_store(hits, mode, None).await;
-        };
-        let cached: Vec<Option<Outcome>> = hits
-            .iter()
-            .map(|hit| cache.get(hit.key, hit.hits))
-            .collect();
-        let from_cache = cached.iter().flatten().count();
-        if from_cache == 0 {
-            return self.call_store(hits, mode, Some(cache)).await;
+            .filter(|_| batch.mode != Mode::StopIncrementWhenOverLimit)
+        {
+            Some(cache) => cached::apply(self, cache, domain, batch).await,
+            None => self.call_store(batch, None).await,
         }
-        self.metrics
-            .over_limit_cache_hits(domain, from_cache as u64);
-        let rest: Vec<BatchHit<'_>> = hits
-            .iter()
-            .zip(&cached)
-            .filter(|(_, cached)| cached.is_none())
-            .map(|(hit, _)| *hit)
-            .collect();
-        // A known enforced denial denies an all-or-nothing request: the other
-        // descriptors are only judged, not consumed.
-        let denied = hits
-            .iter()
-            .zip(&cached)
-            .any(|(hit, cached)| cached.is_some() && hit.enforced);
-        let rest_mode = if mode == Mode::AllOrNothing && denied {
-            Mode::DryRun
-        } else {
-            mode
-        };
-        let mut from_store = if rest.is_empty() {
-            Vec::new()
-        } else {
-            self.call_store(&rest, rest_mode, Some(cache)).await?
-        }
-        .into_iter();
-        cached
-            .into_iter()
-            .map(|cached| cached.or_else(|| from_store.next()))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::Internal("store returned too few outcomes".to_owned()))
     }
 
     /// One store call, with the failure policy applied to its failure and its
     /// denials remembered in the over-limit cache.
     async fn call_store(
         &self,
-        hits: &[BatchHit<'_>],
-        mode: Mode,
+        batch: &Batch<'_>,
         cache: Option<&OverLimitCache>,
     ) -> Result<Vec<Outcome>, Error> {
         let started = Instant::now();
@@ -344,103 +317,43 @@ impl Limiter {
             tracing::debug_span!(
                 "store",
                 backend = self.store.backend(),
-                keys = hits.len(),
+                keys = batch.hits.len(),
                 error = Empty
             )
         };
-        let result = self.store.apply(hits, mode).instrument(span.clone()).await;
+        let result = self
+            .store
+            .apply(&batch.hits, batch.mode)
+            .instrument(span.clone())
+            .await
+            .and_then(|outcomes| {
+                if outcomes.len() == batch.hits.len() {
+                    Ok(outcomes)
+                } else {
+                    Err(StoreError::Protocol(format!(
+                        "{} outcomes for {} hits",
+                        outcomes.len(),
+                        batch.hits.len()
+                    )))
+                }
+            });
         if let Err(error) = &result {
             span.record("error", tracing::field::display(error));
         }
-        self.metrics
-            .store_call(self.store.backend(), started.elapsed(), result.is_ok());
-        let outcomes = match result {
-            Ok(outcomes) => outcomes,
+        self.metrics.store_call(
+            self.store.backend(),
+            started.elapsed(),
+            result.as_ref().err(),
+        );
+        match result {
+            Ok(outcomes) => {
+                if let Some(cache) = cache {
+                    cached::remember(cache, &batch.hits, &outcomes);
+                }
+                Ok(outcomes)
+            }
             // Degraded answers are not the store's: never cached.
-            Err(error) => return self.degrade(hits, mode, error).await,
-        };
-        if let Some(cache) = cache {
-            for (hit, outcome) in hits.iter().zip(&outcomes) {
-                // A key named twice in one request was judged after its own
-                // earlier hits; its denial says nothing about it alone.
-                let once = hits.iter().filter(|other| other.key == hit.key).count() == 1;
-                if hit.enforced && once {
-                    cache.remember(hit.key, hit.hits, outcome);
-                }
-            }
-        }
-        Ok(outcomes)
-    }
-
-    /// Answers by each hit's failure policy after the store failed with
-    /// `error`. One `error` hit fails the whole request: a request has one
-    /// answer, and that policy asks for the gateway's.
-    async fn degrade(
-        &self,
-        hits: &[BatchHit<'_>],
-        mode: Mode,
-        error: StoreError,
-    ) -> Result<Vec<Outcome>, Error> {
-        if hits
-            .iter()
-            .any(|h| h.failure_policy == FailurePolicy::Error)
-        {
-            return Err(error.into());
-        }
-        let mut used: Vec<FailurePolicy> = hits.iter().map(|h| h.failure_policy).collect();
-        used.sort_by_key(|p| p.as_str());
-        used.dedup();
-        for policy in &used {
-            self.metrics.degraded(*policy);
-        }
-        self.log_degraded(&error, &used);
-        // Nothing is known about the counters, so the answer says so: no
-        // remaining hits claimed, no retry time promised.
-        let mut outcomes: Vec<Outcome> = hits
-            .iter()
-            .map(|hit| Outcome {
-                allowed: hit.failure_policy != FailurePolicy::Deny,
-                remaining: 0,
-                reset_after_ms: hit.quota.window_ms,
-                retry_after_ms: None,
-            })
-            .collect();
-        let local: Vec<BatchHit<'_>> = hits
-            .iter()
-            .filter(|h| h.failure_policy == FailurePolicy::Local)
-            .copied()
-            .collect();
-        if !local.is_empty() {
-            // A request already denied by a `deny` hit takes nothing from
-            // the local counters unless each descriptor counts on its own.
-            let denied = hits
-                .iter()
-                .any(|h| h.enforced && h.failure_policy == FailurePolicy::Deny);
-            let local_mode = if denied && mode != Mode::Independent {
-                Mode::DryRun
-            } else {
-                mode
-            };
-            let mut counted = self.local.apply(&local, local_mode).await?.into_iter();
-            for (hit, outcome) in hits.iter().zip(&mut outcomes) {
-                if hit.failure_policy == FailurePolicy::Local {
-                    *outcome = counted.next().ok_or_else(|| {
-                        Error::Internal("local store returned too few outcomes".to_owned())
-                    })?;
-                }
-            }
-        }
-        Ok(outcomes)
-    }
-
-    fn log_degraded(&self, error: &StoreError, policies: &[FailurePolicy]) {
-        let mut last = self
-            .degraded_logged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= DEGRADED_LOG_EVERY) {
-            *last = Some(Instant::now());
-            tracing::warn!(%error, ?policies, "store failing; answering by failure policy");
+            Err(error) => self.degraded.answer(batch, error, &self.metrics).await,
         }
     }
 }
@@ -467,16 +380,25 @@ fn drop_replaced(matched: &mut [Option<Arc<Rule>>]) {
     }
 }
 
-// === impl Decision ===
+// === impl DescriptorDecision, Decision ===
 
-impl Decision {
-    /// Whether some enforced (non-shadow) descriptor is over its limit.
-    pub fn over_limit(&self) -> bool {
-        self.descriptors.iter().any(|d| match d {
-            DescriptorDecision::Limited { rule, outcome, .. } => {
-                !outcome.allowed && !rule.shadow_mode
-            }
-            _ => false,
-        })
+impl DescriptorDecision {
+    /// Whether this descriptor denies its request: limited, over the limit,
+    /// and its rule is not in shadow mode.
+    pub fn denies(&self) -> bool {
+        match self {
+            DescriptorDecision::Limited { rule, outcome, .. } => denies(outcome, !rule.shadow_mode),
+            DescriptorDecision::NoRule | DescriptorDecision::Unlimited { .. } => false,
+        }
     }
 }
+
+impl Decision {
+    /// Whether some descriptor denies the request (global shadow mode aside).
+    pub fn over_limit(&self) -> bool {
+        self.descriptors.iter().any(DescriptorDecision::denies)
+    }
+}
+
+#[cfg(test)]
+mod tests;

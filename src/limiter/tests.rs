@@ -1,0 +1,232 @@
+//! The limiter's branchy parts — failure-policy answers, the over-limit
+//! cache merge — over a scripted store and a manual clock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::config::parse_rules_file;
+use crate::rules::Unit;
+use crate::store::MemoryStore;
+use crate::store::scripted::{Reply, ScriptedStore};
+
+/// 40 s into a minute.
+const T: u64 = 1_700_000_020_000;
+
+const RULES: &str = r#"
+domain: d
+descriptors:
+  - key: user
+    rate_limit: {unit: minute, requests_per_unit: 2}
+  - key: login
+    rate_limit: {unit: minute, requests_per_unit: 2, failure_policy: deny}
+  - key: local
+    rate_limit: {unit: minute, requests_per_unit: 2, failure_policy: local}
+  - key: strict
+    rate_limit: {unit: minute, requests_per_unit: 2, failure_policy: error}
+"#;
+
+fn rules() -> Rules {
+    let (domain, tree) = parse_rules_file("rules.yaml", RULES).unwrap();
+    Rules::new(HashMap::from([(domain, tree)]))
+}
+
+fn limiter(store: Arc<dyn CounterStore>, policy: FailurePolicy) -> (Limiter, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(T));
+    let limiter = Limiter::new(rules(), store)
+        .with_failure_policy(policy)
+        .with_clock(clock.clone());
+    (limiter, clock)
+}
+
+fn failing() -> Arc<dyn CounterStore> {
+    Arc::new(ScriptedStore::new(Reply::Fail(StoreError::Timeout(
+        Duration::from_millis(10),
+    ))))
+}
+
+fn request<'a>(keys: &[(&'a str, &'a str)], mode: Mode) -> CheckRequest<'a> {
+    CheckRequest {
+        domain: "d",
+        descriptors: keys
+            .iter()
+            .map(|&(key, value)| DescriptorInput {
+                entries: vec![EntryRef { key, value }],
+                limit_override: None,
+                hits: 1,
+            })
+            .collect(),
+        mode,
+        enforcement: Enforcement::AsConfigured,
+    }
+}
+
+fn outcomes(decision: &Decision) -> Vec<(bool, u64)> {
+    decision
+        .descriptors
+        .iter()
+        .map(|d| match d {
+            DescriptorDecision::Limited { outcome, .. } => (outcome.allowed, outcome.remaining),
+            other => panic!("not limited: {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn each_policy_answers_a_failed_store_as_it_says() {
+    for (policy, want) in [
+        (FailurePolicy::Allow, Some((true, 0))),
+        (FailurePolicy::Deny, Some((false, 0))),
+        (FailurePolicy::Local, Some((true, 1))),
+        (FailurePolicy::Error, None),
+    ] {
+        let (limiter, _) = limiter(failing(), policy);
+        let result = limiter
+            .check(&request(&[("user", "a")], Mode::AllOrNothing))
+            .await;
+        match want {
+            Some(want) => assert_eq!(outcomes(&result.unwrap()), [want], "{policy}"),
+            None => assert!(matches!(result, Err(Error::Storage(_))), "{policy}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rules_own_policy_wins_and_one_error_fails_the_request() {
+    let (limiter, _) = limiter(failing(), FailurePolicy::Allow);
+    let decision = limiter
+        .check(&request(
+            &[("user", "a"), ("login", "a")],
+            Mode::Independent,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&decision), [(true, 0), (false, 0)]);
+    let result = limiter
+        .check(&request(
+            &[("user", "a"), ("strict", "a")],
+            Mode::Independent,
+        ))
+        .await;
+    assert!(matches!(result, Err(Error::Storage(_))));
+    assert!(!limiter.answers_without_store());
+}
+
+#[tokio::test]
+async fn local_counting_is_exact_and_follows_the_clock() {
+    let (limiter, clock) = limiter(failing(), FailurePolicy::Local);
+    let check = |limiter: &Limiter| {
+        let limiter = limiter.clone();
+        async move {
+            outcomes(
+                &limiter
+                    .check(&request(&[("user", "a")], Mode::AllOrNothing))
+                    .await
+                    .unwrap(),
+            )[0]
+        }
+    };
+    assert_eq!(check(&limiter).await, (true, 1));
+    assert_eq!(check(&limiter).await, (true, 0));
+    assert_eq!(check(&limiter).await, (false, 0));
+    // The window ends 20 s later: counting starts over.
+    clock.advance(20_000);
+    assert_eq!(check(&limiter).await, (true, 1));
+}
+
+#[tokio::test]
+async fn a_deny_answer_keeps_an_all_or_nothing_request_from_local_counters() {
+    let (limiter, _) = limiter(failing(), FailurePolicy::Error);
+    for _ in 0..3 {
+        let decision = limiter
+            .check(&request(
+                &[("local", "a"), ("login", "a")],
+                Mode::AllOrNothing,
+            ))
+            .await
+            .unwrap();
+        // Denied by `login`; `local` is judged but never consumed.
+        assert_eq!(outcomes(&decision), [(true, 2), (false, 0)]);
+    }
+}
+
+#[tokio::test]
+async fn a_reply_the_request_cannot_use_is_answered_by_policy_for_that_request() {
+    let store = Arc::new(
+        ScriptedStore::new(Reply::Allow(1))
+            .then(Reply::Fail(StoreError::Protocol("negative value".into()))),
+    );
+    let (limiter, _) = limiter(store.clone(), FailurePolicy::Allow);
+    let first = limiter
+        .check(&request(&[("user", "a")], Mode::AllOrNothing))
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&first), [(true, 0)]);
+    let next = limiter
+        .check(&request(&[("user", "a")], Mode::AllOrNothing))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes(&next),
+        [(true, 1)],
+        "the next request asks the store"
+    );
+    assert_eq!(store.calls(), 2);
+}
+
+#[tokio::test]
+async fn the_over_limit_cache_denies_only_under_the_limit_it_saw() {
+    let clock = Arc::new(ManualClock::new(T));
+    let store = Arc::new(MemoryStore::new(100, clock.clone()));
+    let limiter =
+        Limiter::new(rules(), store).with_over_limit_cache(OverLimitCache::new(100, clock.clone()));
+    for _ in 0..3 {
+        limiter
+            .check(&request(&[("user", "a")], Mode::Independent))
+            .await
+            .unwrap();
+    }
+    let mut with_override = request(&[("user", "a")], Mode::Independent);
+    with_override.descriptors[0].limit_override = Some(Limit::fixed(1_000, Unit::Minute));
+    let decision = limiter.check(&with_override).await.unwrap();
+    // The store counted 3 (fixed windows count rejections): 4 of 1,000.
+    assert_eq!(outcomes(&decision), [(true, 996)]);
+    // The configured limit is still answered from the cache.
+    let decision = limiter
+        .check(&request(&[("user", "a")], Mode::Independent))
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&decision), [(false, 0)]);
+    assert!(
+        limiter
+            .metrics()
+            .render()
+            .contains("ratelimit_over_limit_cache_hits_total")
+    );
+}
+
+#[tokio::test]
+async fn a_cached_denial_keeps_an_all_or_nothing_request_from_the_others() {
+    let clock = Arc::new(ManualClock::new(T));
+    let store = Arc::new(MemoryStore::new(100, clock.clone()));
+    let limiter =
+        Limiter::new(rules(), store).with_over_limit_cache(OverLimitCache::new(100, clock.clone()));
+    for _ in 0..3 {
+        limiter
+            .check(&request(&[("user", "a")], Mode::AllOrNothing))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        let decision = limiter
+            .check(&request(
+                &[("user", "a"), ("user", "b")],
+                Mode::AllOrNothing,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(outcomes(&decision), [(false, 0), (true, 2)]);
+    }
+}

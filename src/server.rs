@@ -1,0 +1,319 @@
+//! The server: both gRPC APIs, health and reflection on one listener, the
+//! admin HTTP port on another, the readiness monitor and hot reload beside
+//! them, and graceful shutdown in one order (readiness false, drain, stop
+//! accepting, let calls finish).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::{
+    EnvoyCounting, EnvoyService, RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
+};
+use crate::limiter::{FailurePolicy, Limiter};
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
+use crate::readiness::Readiness;
+use crate::reload::{ReloadSettings, ReloadStatus};
+use crate::rules::Rules;
+use crate::store::{CounterStore, OverLimitCache};
+use crate::{Error, admin, proto, reload};
+
+/// The listeners a server runs on, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: both rate limit APIs and health.
+    pub grpc: TcpListener,
+    /// Admin HTTP, if wanted.
+    pub admin: Option<TcpListener>,
+}
+
+/// TLS for the gRPC listener, as PEM.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// The server's certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// The server's private key.
+    pub key_pem: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl TlsSettings {
+    /// The tonic server configuration.
+    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
+        let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+
+    /// Checks that the certificate, key and CA can be used.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`]-like text naming what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        tonic::transport::Server::builder()
+            .tls_config(self.server_config())
+            .map(drop)
+            .map_err(|e| format!("invalid TLS certificate, key or client CA: {e}"))
+    }
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("TlsSettings")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configured ratekeeper server, ready to [`serve`](Server::serve).
+#[derive(Debug, Clone)]
+pub struct Server {
+    limiter: Limiter,
+    limits: RequestLimits,
+    envoy_counting: EnvoyCounting,
+    shadow: ShadowMode,
+    headers: Option<ResponseHeaders>,
+    reload: Option<ReloadSettings>,
+    drain_delay: Duration,
+    readiness_interval: Duration,
+    tls: Option<TlsSettings>,
+    shutdown_timeout: Duration,
+}
+
+// === impl Server ===
+
+impl Server {
+    /// A server deciding with `rules`, counting in `store`, with default
+    /// request caps and a 10 s drain deadline.
+    pub fn new(rules: Rules, store: Arc<dyn CounterStore>) -> Self {
+        Self {
+            limiter: Limiter::new(rules, store),
+            limits: RequestLimits::default(),
+            envoy_counting: EnvoyCounting::default(),
+            shadow: ShadowMode::default(),
+            headers: None,
+            reload: None,
+            drain_delay: Duration::ZERO,
+            readiness_interval: Duration::from_secs(1),
+            tls: None,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Sets the request caps.
+    pub fn with_request_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets which hits of an Envoy request are counted.
+    pub fn with_envoy_counting(mut self, counting: EnvoyCounting) -> Self {
+        self.envoy_counting = counting;
+        self
+    }
+
+    /// Adds rate limit headers to Envoy answers (off by default, as upstream).
+    pub fn with_response_headers(mut self, headers: Option<ResponseHeaders>) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Re-reads the rules from `settings.path` every `settings.interval` and
+    /// applies valid changes.
+    pub fn with_reload(mut self, settings: ReloadSettings) -> Self {
+        self.reload = Some(settings);
+        self
+    }
+
+    /// Sets how long the server keeps serving after shutdown begins, with
+    /// readiness already false, before it stops accepting.
+    pub fn with_drain_delay(mut self, delay: Duration) -> Self {
+        self.drain_delay = delay;
+        self
+    }
+
+    /// Sets how often the store is pinged for readiness (default 1 s).
+    pub fn with_readiness_interval(mut self, interval: Duration) -> Self {
+        self.readiness_interval = interval;
+        self
+    }
+
+    /// Serves gRPC over TLS (and requires client certificates when
+    /// `settings.client_ca_pem` is set).
+    pub fn with_tls(mut self, settings: TlsSettings) -> Self {
+        self.tls = Some(settings);
+        self
+    }
+
+    /// Answers counters known to be over their limit from `cache`, without
+    /// a store call.
+    pub fn with_over_limit_cache(mut self, cache: OverLimitCache) -> Self {
+        self.limiter = self.limiter.with_over_limit_cache(cache);
+        self
+    }
+
+    /// Sets what to answer when the store fails (default: `UNAVAILABLE`).
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.limiter = self.limiter.with_failure_policy(policy);
+        self
+    }
+
+    /// Sets global shadow mode.
+    pub fn with_shadow_mode(mut self, shadow: ShadowMode) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Sets how long in-flight calls may take to finish after shutdown begins.
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The engine, e.g. to swap rules.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops
+    /// accepting, lets in-flight calls finish (up to the drain deadline) and
+    /// returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Internal`] when a listener fails.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        // One check before serving, so health and /readyz are right from
+        // the first request (a store that is down costs one store deadline).
+        let readiness = Readiness::default();
+        readiness.probe(&self.limiter, &health).await;
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        // Reflection (both protocol versions in use by grpcurl and friends)
+        // lists our two APIs and health, so no proto files are needed.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+        let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_config(tls.server_config())
+                .map_err(|e| Error::Internal(format!("tls: {e}")))?;
+        }
+        let grpc = builder
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                RateLimiterServer::new(ShouldAllowService::new(
+                    self.limiter.clone(),
+                    self.limits,
+                    self.shadow,
+                ))
+                .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .add_service(
+                RateLimitServiceServer::new(
+                    EnvoyService::new(
+                        self.limiter.clone(),
+                        self.limits,
+                        self.envoy_counting,
+                        self.shadow,
+                    )
+                    .with_headers(self.headers.clone()),
+                )
+                .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+
+        let reload_status = ReloadStatus::default();
+        let admin_state = admin::AdminState {
+            limiter: self.limiter.clone(),
+            reload: reload_status.clone(),
+            readiness: readiness.clone(),
+        };
+        let monitoring = readiness.monitor(
+            self.limiter.clone(),
+            health.clone(),
+            self.readiness_interval,
+            stopped(stop_rx.clone()),
+        );
+        let reloading = async {
+            if let Some(settings) = self.reload.clone() {
+                reload::watch(
+                    settings,
+                    self.limiter.clone(),
+                    reload_status,
+                    stopped(stop_rx.clone()),
+                )
+                .await;
+            }
+        };
+        let admin = async {
+            match listeners.admin {
+                Some(listener) => axum::serve(listener, admin::router(admin_state.clone()))
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .await
+                    .map_err(|e| Error::Internal(format!("admin server: {e}"))),
+                None => Ok(()),
+            }
+        };
+        let servers = async {
+            let (grpc, admin, (), ()) = tokio::join!(grpc, admin, reloading, monitoring);
+            grpc.map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
+            admin
+        };
+        tokio::pin!(servers);
+
+        tokio::select! {
+            result = &mut servers => return result,
+            () = shutdown => {}
+        }
+        // Readiness goes false first, while everything still serves, so load
+        // balancers stop sending before the listeners close.
+        readiness.begin_shutdown(&health).await;
+        if !self.drain_delay.is_zero() {
+            tokio::select! {
+                result = &mut servers => return result,
+                () = tokio::time::sleep(self.drain_delay) => {}
+            }
+        }
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(self.shutdown_timeout, servers).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(timeout = ?self.shutdown_timeout, "drain deadline reached; closing with calls in flight");
+                Ok(())
+            }
+        }
+    }
+}
