@@ -211,7 +211,7 @@ async fn store_errors_are_counted() {
         sample(
             &body,
             "ratelimit_storage_errors_total",
-            &[("backend", "redis")]
+            &[("backend", "redis"), ("reason", "connection")]
         ),
         Some(3.0),
         "{body}"
