@@ -6,11 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{
-    Cli, Command, ConfigSnapshot, ServeArgs, StoreKind, load_rules, read_snapshot,
+    CliError, Command, ConfigSnapshot, ServeArgs, StoreKind, load_rules, read_snapshot,
 };
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
@@ -30,15 +29,16 @@ const EXIT_CONFIG: u8 = 64;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match ratekeeper::config::cli::parse(std::env::args_os()) {
         Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::SUCCESS
-            };
+        Err(CliError::Display(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(CliError::Invalid(text)) => {
+            eprint!("{}", text.trim_end());
+            eprintln!();
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     match cli.command {

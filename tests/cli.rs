@@ -157,6 +157,93 @@ fn serve_refuses_bad_config_and_flags_with_exit_64() {
     assert_refused(&[], "--config");
 }
 
+/// Runs `serve` with `env` set and checks it exits 64 saying `expected`.
+fn assert_refused_with_env(args: &[&str], env: &[(&str, &str)], expected: &str) {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?} {env:?}: {stderr}");
+}
+
+/// A flag that would do nothing with the others given is refused at
+/// startup, naming both; a value from the environment is blamed on the
+/// variable the user set.
+#[test]
+fn serve_refuses_flags_without_effect_naming_both() {
+    let config = ["--config", EXAMPLE];
+    assert_refused(
+        &[&config[..], &["--redis-url", "redis://127.0.0.1:6379"]].concat(),
+        "--redis-url has no effect with --store memory (the default); it applies to --store redis",
+    );
+    assert_refused(
+        &[
+            &config[..],
+            &[
+                "--store",
+                "redis",
+                "--redis-cluster-nodes",
+                "127.0.0.1:7000",
+            ],
+        ]
+        .concat(),
+        "--redis-cluster-nodes has no effect with --store redis; it applies to --store redis-cluster",
+    );
+    assert_refused(
+        &[&config[..], &["--otlp-sample-ratio", "0.1"]].concat(),
+        "--otlp-sample-ratio has no effect without --otlp-endpoint",
+    );
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_REDIS_URL", "redis://127.0.0.1:6379")],
+        "RATEKEEPER_REDIS_URL (--redis-url) has no effect with --store memory (the default)",
+    );
+    assert_refused_with_env(
+        &config,
+        &[
+            ("RATEKEEPER_STORE", "redis"),
+            ("RATEKEEPER_MEMORY_MAX_KEYS", "10"),
+        ],
+        "RATEKEEPER_MEMORY_MAX_KEYS (--memory-max-keys) has no effect with RATEKEEPER_STORE (--store) redis",
+    );
+    // Bad values from the environment name the variable.
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_STORE", "etcd")],
+        "the environment variable RATEKEEPER_STORE",
+    );
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_SHADOW_MODE", "maybe")],
+        "the environment variable RATEKEEPER_SHADOW_MODE",
+    );
+    // upstream's REDIS_URL form, host:port, gets a hint.
+    assert_refused(
+        &[
+            &config[..],
+            &["--store", "redis", "--redis-url", "localhost:6379"],
+        ]
+        .concat(),
+        "it needs a scheme, e.g. redis://localhost:6379",
+    );
+}
+
+/// Boolean variables take the usual spellings.
+#[tokio::test]
+async fn boolean_variables_take_the_usual_spellings() {
+    for value in ["1", "true", "TRUE", "yes", "on"] {
+        let mut serve = Serve::start_with_env(EXAMPLE, &[], &[("RATEKEEPER_SHADOW_MODE", value)]);
+        serve.client().await;
+        let (code, _) = serve.terminate().await;
+        assert_eq!(code, Some(0), "{value}: {}", serve.stderr());
+    }
+}
+
 #[test]
 fn serve_exits_1_when_the_port_is_taken() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1,11 +1,15 @@
 //! Command-line flags. Every flag can also be set through an environment
-//! variable `RATEKEEPER_<FLAG>`; the flag wins when both are given.
+//! variable `RATEKEEPER_<FLAG>`; the flag wins when both are given. Boolean
+//! variables take the usual spellings (`1`/`0`, `true`/`false`, `yes`/`no`,
+//! `on`/`off`, any case). [`parse`] also refuses flags that would have no
+//! effect with the others given, naming both (see [`conflicts`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::failure_policy::FailurePolicy;
 
@@ -165,18 +169,18 @@ pub struct ServeArgs {
     /// Envoy API: when any descriptor of a request is over its limit, count
     /// only the over-limit ones (envoyproxy/ratelimit's
     /// STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT).
-    #[arg(long, env = "RATEKEEPER_STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT")]
+    #[arg(long, env = "RATEKEEPER_STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub stop_cache_key_increment_when_overlimit: bool,
 
     /// Global shadow mode: every request is answered OK; descriptors are still
     /// counted and their statuses reported (envoyproxy/ratelimit's SHADOW_MODE).
-    #[arg(long, env = "RATEKEEPER_SHADOW_MODE")]
+    #[arg(long, env = "RATEKEEPER_SHADOW_MODE", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub shadow_mode: bool,
 
     /// Envoy API: add rate limit headers to every answer (upstream's
     /// RateLimit-Limit/-Remaining/-Reset, the IETF draft's RateLimit-Policy
     /// and RateLimit, and Retry-After when over the limit).
-    #[arg(long, env = "RATEKEEPER_RESPONSE_HEADERS")]
+    #[arg(long, env = "RATEKEEPER_RESPONSE_HEADERS", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub response_headers: bool,
 
     /// Name of the limit header (upstream's LIMIT_LIMIT_HEADER).

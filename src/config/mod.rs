@@ -6,6 +6,7 @@
 //! path inside it and the reason.
 
 pub mod args;
+pub mod cli;
 pub mod file;
 pub mod load;
 
@@ -13,6 +14,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use args::{Cli, Command, LogFormat, ServeArgs, StoreKind};
+pub use cli::CliError;
 pub use load::{ConfigSnapshot, load_rules, parse_rules_file, read_snapshot};
 
 /// Why a rules file or directory was refused.

@@ -171,6 +171,13 @@ impl RedisStore {
     /// [`StoreError::Connection`] when the URL cannot be parsed or the pool
     /// cannot be built.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        if !settings.url.contains("://") {
+            // envoyproxy/ratelimit's REDIS_URL is host:port; this is a URL.
+            return Err(StoreError::Connection(format!(
+                "invalid redis url '{}': it needs a scheme, e.g. redis://{} (rediss:// for TLS)",
+                settings.url, settings.url
+            )));
+        }
         let invalid =
             |e: redis::RedisError| StoreError::Connection(format!("invalid redis url: {e}"));
         let client = match &settings.tls {

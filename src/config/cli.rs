@@ -1,0 +1,278 @@
+//! Parsing the command line as a whole: clap's parse, errors that name the
+//! environment variable a bad value came from, and refusal of flags that
+//! would have no effect with the other flags given (a flag that silently
+//! does nothing is a misconfiguration found in production).
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args as _, CommandFactory, FromArgMatches};
+
+use super::args::{Cli, Command, ServeArgs, StoreKind};
+
+/// Why the command line was refused, with the text to print.
+#[derive(Debug)]
+pub enum CliError {
+    /// `--help` or `--version`: print and exit 0.
+    Display(String),
+    /// Bad flags: print and exit 64.
+    Invalid(String),
+}
+
+/// Parses `argv` (the program name first); environment variables fill in
+/// flags not given.
+///
+/// # Errors
+///
+/// [`CliError`] with the message to print.
+pub fn parse<I, T>(argv: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    let matches = match Cli::command().try_get_matches_from(&argv) {
+        Ok(matches) => matches,
+        Err(error) => return Err(explain(error, &argv)),
+    };
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| explain(e, &argv))?;
+    if let (Command::Serve(args), Some(("serve", serve))) = (&cli.command, matches.subcommand())
+        && let Some(conflict) = conflicts(args, serve).into_iter().next()
+    {
+        return Err(CliError::Invalid(format!("error: {conflict}")));
+    }
+    Ok(cli)
+}
+
+/// What a flag needs to have an effect.
+#[derive(Debug, Clone, Copy)]
+enum Needs {
+    /// One of these stores.
+    Store(&'static [StoreKind], &'static str),
+    /// Another flag (set, or true).
+    Flag(bool, &'static str),
+}
+
+const REDIS: &[StoreKind] = &[StoreKind::Redis];
+const SHARED: &[StoreKind] = &[StoreKind::Redis, StoreKind::RedisCluster];
+const SHARED_STORES: &str = "--store redis or redis-cluster";
+
+/// Every flag of `serve` that has no effect with the others given.
+pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
+    let given = |id: &str| {
+        matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let rules: [(&str, Needs); 16] = [
+        ("redis_url", Needs::Store(REDIS, "--store redis")),
+        ("redis_pool_size", Needs::Store(REDIS, "--store redis")),
+        (
+            "redis_cluster_nodes",
+            Needs::Store(&[StoreKind::RedisCluster], "--store redis-cluster"),
+        ),
+        ("redis_connect_timeout", Needs::Store(SHARED, SHARED_STORES)),
+        ("redis_ca_cert", Needs::Store(SHARED, SHARED_STORES)),
+        ("redis_client_cert", Needs::Store(SHARED, SHARED_STORES)),
+        ("redis_client_key", Needs::Store(SHARED, SHARED_STORES)),
+        ("store_timeout", Needs::Store(SHARED, SHARED_STORES)),
+        ("breaker_failures", Needs::Store(SHARED, SHARED_STORES)),
+        ("breaker_cooldown", Needs::Store(SHARED, SHARED_STORES)),
+        ("expiration_jitter_max", Needs::Store(SHARED, SHARED_STORES)),
+        (
+            "memory_max_keys",
+            Needs::Store(&[StoreKind::Memory], "--store memory"),
+        ),
+        (
+            "otlp_sample_ratio",
+            Needs::Flag(args.otlp_endpoint.is_some(), "--otlp-endpoint"),
+        ),
+        (
+            "limit_header",
+            Needs::Flag(args.response_headers, "--response-headers"),
+        ),
+        (
+            "remaining_header",
+            Needs::Flag(args.response_headers, "--response-headers"),
+        ),
+        (
+            "reset_header",
+            Needs::Flag(args.response_headers, "--response-headers"),
+        ),
+    ];
+    let store = if given("store") {
+        format!("{} {}", name(matches, "store"), store_name(args.store))
+    } else {
+        format!("--store {} (the default)", store_name(args.store))
+    };
+    rules
+        .into_iter()
+        .filter(|(id, _)| given(id))
+        .filter_map(|(id, needs)| match needs {
+            Needs::Store(stores, _) if stores.contains(&args.store) => None,
+            Needs::Flag(true, _) => None,
+            Needs::Store(_, applies) => Some(format!(
+                "{} has no effect with {store}; it applies to {applies}",
+                name(matches, id)
+            )),
+            Needs::Flag(false, flag) => Some(format!(
+                "{} has no effect without {flag}",
+                name(matches, id)
+            )),
+        })
+        .collect()
+}
+
+/// How the user named the flag `id`: `--flag`, or the variable that set it.
+fn name(matches: &ArgMatches, id: &str) -> String {
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let Some(arg) = command.get_arguments().find(|a| a.get_id() == id) else {
+        return id.to_owned();
+    };
+    let long = format!("--{}", arg.get_long().unwrap_or(id));
+    match (matches.value_source(id), arg.get_env()) {
+        (Some(ValueSource::EnvVariable), Some(env)) => {
+            format!("{} ({long})", env.to_string_lossy())
+        }
+        _ => long,
+    }
+}
+
+fn store_name(store: StoreKind) -> &'static str {
+    match store {
+        StoreKind::Memory => "memory",
+        StoreKind::Redis => "redis",
+        StoreKind::RedisCluster => "redis-cluster",
+    }
+}
+
+/// clap's error, plus the environment variable that held the bad value
+/// when it did not come from the command line.
+fn explain(error: clap::Error, argv: &[std::ffi::OsString]) -> CliError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = error.render().to_string();
+    if !error.use_stderr() {
+        return CliError::Display(text);
+    }
+    if !matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return CliError::Invalid(text);
+    }
+    let Some(ContextValue::String(shown)) = error.get(ContextKind::InvalidArg) else {
+        return CliError::Invalid(text);
+    };
+    let long = shown
+        .split([' ', '='])
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let on_command_line = argv.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+    });
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let env = command
+        .get_arguments()
+        .find(|a| a.get_long().is_some_and(|l| format!("--{l}") == long))
+        .and_then(|a| a.get_env())
+        .map(|env| env.to_string_lossy().into_owned());
+    match env {
+        Some(env) if !on_command_line => CliError::Invalid(format!(
+            "{}\n(the value came from the environment variable {env})\n",
+            text.trim_end()
+        )),
+        _ => CliError::Invalid(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(args: &[&str]) -> String {
+        let argv = ["ratekeeper", "serve", "--config", "rules.yaml"]
+            .iter()
+            .chain(args);
+        match parse(argv) {
+            Err(CliError::Invalid(text)) => text,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_without_effect_are_refused_naming_both() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--redis-url", "redis://r:6379"],
+                "--redis-url has no effect with --store memory (the default); it applies to --store redis",
+            ),
+            (
+                &["--store", "redis", "--redis-cluster-nodes", "a:7000"],
+                "--redis-cluster-nodes has no effect with --store redis; it applies to --store redis-cluster",
+            ),
+            (
+                &[
+                    "--store",
+                    "redis-cluster",
+                    "--redis-cluster-nodes",
+                    "a:7000",
+                    "--redis-url",
+                    "redis://x:1",
+                ],
+                "--redis-url has no effect with --store redis-cluster; it applies to --store redis",
+            ),
+            (
+                &["--otlp-sample-ratio", "0.5"],
+                "--otlp-sample-ratio has no effect without --otlp-endpoint",
+            ),
+            (
+                &["--store", "redis", "--memory-max-keys", "10"],
+                "--memory-max-keys has no effect with --store redis; it applies to --store memory",
+            ),
+            (
+                &["--breaker-failures", "5"],
+                "--breaker-failures has no effect with --store memory (the default)",
+            ),
+            (
+                &["--expiration-jitter-max", "5s"],
+                "--expiration-jitter-max has no effect with --store memory (the default)",
+            ),
+            (
+                &["--reset-header", "X-Reset"],
+                "--reset-header has no effect without --response-headers",
+            ),
+        ];
+        for (args, expected) in cases {
+            let text = refused(args);
+            assert!(text.contains(expected), "{args:?}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn flags_with_effect_are_accepted() {
+        for args in [
+            &[
+                "--store",
+                "redis",
+                "--redis-url",
+                "redis://r:6379",
+                "--redis-pool-size",
+                "2",
+            ][..],
+            &[
+                "--store",
+                "redis-cluster",
+                "--redis-cluster-nodes",
+                "a:7000,b:7001",
+            ],
+            &["--response-headers", "--reset-header", "X-Reset"],
+            &["--memory-max-keys", "10"],
+        ] {
+            let argv = ["ratekeeper", "serve", "--config", "r.yaml"]
+                .iter()
+                .chain(args);
+            assert!(parse(argv).is_ok(), "{args:?}");
+        }
+    }
+}
