@@ -59,11 +59,12 @@ pub fn denies(outcome: &Outcome, enforced: bool) -> bool {
 }
 
 /// Read and write access to counter states, for the duration of one batch.
-pub trait StateView {
+/// `'k` is the lifetime of the batch's keys, so a view may keep them.
+pub trait StateView<'k> {
     /// The live state at `key`, or `None` when absent or expired.
-    fn load(&mut self, key: &[u8]) -> Option<Stored>;
+    fn load(&mut self, key: &'k [u8]) -> Option<Stored>;
     /// Replaces the state at `key`; `None` removes it.
-    fn store(&mut self, key: &[u8], stored: Option<Stored>);
+    fn store(&mut self, key: &'k [u8], stored: Option<Stored>);
 }
 
 /// Applies `hits` to `view` at `now_ms` and returns one outcome per hit.
@@ -75,9 +76,9 @@ pub trait StateView {
 /// a [`Mode::DryRun`]), every write is undone and each outcome's `remaining`
 /// and `reset_after_ms` describe the counter as it stands, since nothing was
 /// taken; `allowed` and `retry_after_ms` still describe this request's hits.
-pub fn apply_batch(
-    view: &mut impl StateView,
-    hits: &[BatchHit<'_>],
+pub fn apply_batch<'k>(
+    view: &mut impl StateView<'k>,
+    hits: &[BatchHit<'k>],
     mode: Mode,
     now_ms: u64,
 ) -> Vec<Outcome> {
@@ -117,7 +118,7 @@ struct Pass<'k> {
 /// Evaluates every hit in order, writing as it goes; hit `i` counts its hits
 /// when `counts(i)`, else it is judged with 0 hits.
 fn pass<'k>(
-    view: &mut impl StateView,
+    view: &mut impl StateView<'k>,
     hits: &[BatchHit<'k>],
     counts: impl Fn(usize) -> bool,
     now_ms: u64,
@@ -153,7 +154,7 @@ fn pass<'k>(
     done
 }
 
-fn rollback(view: &mut impl StateView, undo: Vec<(&[u8], Option<Stored>)>) {
+fn rollback<'k>(view: &mut impl StateView<'k>, undo: Vec<(&'k [u8], Option<Stored>)>) {
     for (key, before) in undo.into_iter().rev() {
         view.store(key, before);
     }
@@ -184,7 +185,7 @@ mod tests {
     #[derive(Default)]
     struct MapView(HashMap<Vec<u8>, Stored>);
 
-    impl StateView for MapView {
+    impl StateView<'_> for MapView {
         fn load(&mut self, key: &[u8]) -> Option<Stored> {
             self.0.get(key).copied()
         }

@@ -4,15 +4,30 @@
 //! ascending shard order, so two batches can never deadlock) and runs
 //! [`apply_batch`] while holding them. The locks are std [`Mutex`]es because
 //! nothing awaits while one is held, and a batch touches a handful of keys.
+//! A batch's writes are staged and applied when it ends, and only those that
+//! change a counter: a dry run, a denied all-or-nothing request or a check
+//! that adds nothing inserts (and so evicts) nothing.
 //!
-//! Bounded: entries carry the instant their window ends; each shard drops
-//! expired entries at most once per [`SWEEP_INTERVAL_MS`] when it is written,
-//! and a shard never holds more than its share of `max_keys`. When live keys
-//! exceed the cap, the eighth of the shard closest to expiry is dropped (those
-//! counters restart), which keeps memory bounded under a flood of distinct
-//! descriptor values at the price of exactness for the dropped keys.
+//! Bounded, and safe when full: entries carry the instant their state
+//! expires; each shard drops expired entries at most once per
+//! [`SWEEP_INTERVAL_MS`] when it is written, and never holds more than its
+//! share of `max_keys`. The shard of a key comes from a hash keyed with a
+//! random seed per store, so no caller can aim a flood at one shard. When a
+//! shard is full, making room drops, in this order:
+//!
+//! 1. expired entries;
+//! 2. counters below [`NEAR_LIMIT`] of their capacity, least used first;
+//! 3. only then counters at or near their limit, the most recently created
+//!    first.
+//!
+//! So a flood of new keys can never reset a counter at or near its limit
+//! while its shard holds anything expired or less used, nor before every
+//! near-limit counter created after it: resetting a client held at its limit
+//! takes filling its (unknown) shard with near-limit counters newer than its
+//! own — in effect, the whole store.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -20,7 +35,6 @@ use async_trait::async_trait;
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome, StateView, Stored, apply_batch};
 use crate::clock::Clock;
-use crate::rules::key::fnv1a;
 
 /// Number of independently locked shards.
 const SHARDS: usize = 64;
@@ -34,6 +48,10 @@ const EVICT_FRACTION: usize = 8;
 /// Default cap on live keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
+/// Share of its capacity at which a counter counts as near its limit and is
+/// protected from eviction (as upstream's `NEAR_LIMIT_RATIO`), out of 255.
+pub const NEAR_LIMIT: u8 = 204;
+
 /// The in-process counter store.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
@@ -43,21 +61,44 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Inner {
     shards: Vec<Mutex<Shard>>,
+    /// Keyed with a random seed: which keys share a shard is not knowable
+    /// from outside.
+    router: RandomState,
     max_keys_per_shard: usize,
     clock: Arc<dyn Clock>,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
-    entries: HashMap<Box<[u8]>, Stored>,
+    entries: HashMap<Box<[u8]>, Entry>,
     next_sweep_ms: u64,
+    /// Creation order of entries, for eviction among near-limit counters.
+    created: u64,
 }
 
-/// The shards one batch holds, with the key-to-shard routing.
-struct LockedView<'a> {
+/// One counter: its state, how close to its limit it stood when last
+/// written, and when it was created.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    stored: Stored,
+    /// Used share of its capacity at the last write, 0–255.
+    pressure: u8,
+    created: u64,
+}
+
+/// The shards one batch holds, with its staged writes.
+struct LockedView<'a, 'k> {
     guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+    router: &'a RandomState,
     now_ms: u64,
-    max_keys_per_shard: usize,
+    /// Per key touched: the state before the batch and the state now.
+    staged: Vec<Staged<'k>>,
+}
+
+struct Staged<'k> {
+    key: &'k [u8],
+    before: Option<Stored>,
+    now: Option<Stored>,
 }
 
 // === impl MemoryStore ===
@@ -69,6 +110,7 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                router: RandomState::new(),
                 max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
                 clock,
             }),
@@ -89,8 +131,9 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn lock_for(&self, hits: &[BatchHit<'_>]) -> LockedView<'_> {
-        let mut indices: Vec<usize> = hits.iter().map(|h| shard_of(h.key)).collect();
+    fn lock_for<'k>(&self, hits: &[BatchHit<'k>]) -> LockedView<'_, 'k> {
+        let router = &self.inner.router;
+        let mut indices: Vec<usize> = hits.iter().map(|h| shard_of(router, h.key)).collect();
         indices.sort_unstable();
         indices.dedup();
         LockedView {
@@ -98,8 +141,9 @@ impl MemoryStore {
                 .into_iter()
                 .map(|i| (i, lock(&self.inner.shards[i])))
                 .collect(),
+            router,
             now_ms: self.inner.clock.now_ms(),
-            max_keys_per_shard: self.inner.max_keys_per_shard,
+            staged: Vec::with_capacity(hits.len()),
         }
     }
 }
@@ -109,7 +153,9 @@ impl CounterStore for MemoryStore {
     async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
         let mut view = self.lock_for(hits);
         let now_ms = view.now_ms;
-        Ok(apply_batch(&mut view, hits, mode, now_ms))
+        let outcomes = apply_batch(&mut view, hits, mode, now_ms);
+        view.commit(hits, &outcomes, self.inner.max_keys_per_shard);
+        Ok(outcomes)
     }
 
     async fn ping(&self) -> Result<Option<String>, StoreError> {
@@ -123,88 +169,162 @@ impl CounterStore for MemoryStore {
 
 // === impl LockedView ===
 
-impl LockedView<'_> {
+impl LockedView<'_, '_> {
     fn shard(&mut self, key: &[u8]) -> &mut Shard {
-        let index = shard_of(key);
+        let index = shard_of(self.router, key);
         let at = self
             .guards
             .binary_search_by_key(&index, |(i, _)| *i)
             .unwrap_or_else(|_| unreachable!("every key of the batch had its shard locked"));
         &mut self.guards[at].1
     }
+
+    /// Applies the staged writes that change a counter, making room for new
+    /// keys first.
+    fn commit(&mut self, hits: &[BatchHit<'_>], outcomes: &[Outcome], cap: usize) {
+        let now_ms = self.now_ms;
+        let staged = std::mem::take(&mut self.staged);
+        let router = self.router;
+        for (index, shard) in &mut self.guards {
+            let new_keys = staged
+                .iter()
+                .filter(|s| s.before.is_none() && s.now.is_some())
+                .filter(|s| shard_of(router, s.key) == *index)
+                .count();
+            if new_keys > 0 {
+                shard.make_room(now_ms, cap, new_keys);
+            }
+        }
+        for write in staged.iter().filter(|s| s.before != s.now) {
+            let pressure = pressure(hits, outcomes, write.key);
+            let shard = self.shard(write.key);
+            match write.now {
+                None => {
+                    shard.entries.remove(write.key);
+                }
+                Some(stored) => shard.upsert(write.key, stored, pressure),
+            }
+        }
+    }
 }
 
-impl StateView for LockedView<'_> {
-    fn load(&mut self, key: &[u8]) -> Option<Stored> {
+impl<'k> StateView<'k> for LockedView<'_, 'k> {
+    fn load(&mut self, key: &'k [u8]) -> Option<Stored> {
+        if let Some(staged) = self.staged.iter().find(|s| s.key == key) {
+            return staged.now;
+        }
         let now_ms = self.now_ms;
         self.shard(key)
             .entries
             .get(key)
+            .map(|e| e.stored)
             .filter(|s| s.expires_at_ms > now_ms)
-            .copied()
     }
 
-    fn store(&mut self, key: &[u8], stored: Option<Stored>) {
-        let now_ms = self.now_ms;
-        let cap = self.max_keys_per_shard;
-        let shard = self.shard(key);
-        match stored {
-            None => {
-                shard.entries.remove(key);
-            }
-            Some(stored) => {
-                if let Some(slot) = shard.entries.get_mut(key) {
-                    *slot = stored;
-                    return;
-                }
-                shard.make_room(now_ms, cap);
-                shard.entries.insert(key.into(), stored);
-            }
+    fn store(&mut self, key: &'k [u8], stored: Option<Stored>) {
+        if let Some(staged) = self.staged.iter_mut().find(|s| s.key == key) {
+            staged.now = stored;
+            return;
         }
+        let before = self.load(key);
+        self.staged.push(Staged {
+            key,
+            before,
+            now: stored,
+        });
     }
 }
 
 // === impl Shard ===
 
 impl Shard {
-    /// Sweeps expired entries when due, and evicts while the shard is full.
-    fn make_room(&mut self, now_ms: u64, cap: usize) {
-        if now_ms >= self.next_sweep_ms || self.entries.len() >= cap {
-            self.entries.retain(|_, s| s.expires_at_ms > now_ms);
+    fn upsert(&mut self, key: &[u8], stored: Stored, pressure: u8) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.stored = stored;
+            entry.pressure = pressure;
+            return;
+        }
+        self.created += 1;
+        self.entries.insert(
+            key.into(),
+            Entry {
+                stored,
+                pressure,
+                created: self.created,
+            },
+        );
+    }
+
+    /// Sweeps expired entries when due, and evicts while the shard has no
+    /// room for `new_keys` more.
+    fn make_room(&mut self, now_ms: u64, cap: usize, new_keys: usize) {
+        let full = || self.entries.len() + new_keys > cap;
+        if now_ms >= self.next_sweep_ms || full() {
+            self.entries.retain(|_, e| e.stored.expires_at_ms > now_ms);
             self.next_sweep_ms = now_ms + SWEEP_INTERVAL_MS;
         }
-        if self.entries.len() >= cap {
-            self.evict_closest_to_expiry(self.entries.len() / EVICT_FRACTION + 1);
+        if self.entries.len() + new_keys > cap {
+            let count =
+                (self.entries.len() + new_keys - cap).max(self.entries.len() / EVICT_FRACTION + 1);
+            self.evict(count);
             tracing::debug!(
                 cap,
-                "memory store shard full; dropped the counters closest to expiry"
+                "memory store shard full; dropped its least used counters"
             );
         }
     }
 
-    /// Drops `count` entries, those that expire first. One pass over the
-    /// shard frees many slots, so a shard kept full by a flood of new keys
-    /// pays the scan once per `cap / EVICT_FRACTION` inserts, not per insert.
-    fn evict_closest_to_expiry(&mut self, count: usize) {
-        let mut expiries: Vec<u64> = self.entries.values().map(|s| s.expires_at_ms).collect();
-        let count = count.min(expiries.len());
+    /// Drops `count` entries, lowest [`eviction_rank`] first. One pass over
+    /// the shard frees many slots, so a shard kept full by a flood of new
+    /// keys pays the scan once per `cap / EVICT_FRACTION` inserts, not per
+    /// insert.
+    fn evict(&mut self, count: usize) {
+        let mut ranks: Vec<u64> = self.entries.values().map(eviction_rank).collect();
+        let count = count.min(ranks.len());
         if count == 0 {
             return;
         }
-        let threshold = *expiries.select_nth_unstable(count - 1).1;
+        let threshold = *ranks.select_nth_unstable(count - 1).1;
         let mut evicted = 0;
-        self.entries.retain(|_, s| {
-            let evict = evicted < count && s.expires_at_ms <= threshold;
+        self.entries.retain(|_, e| {
+            let evict = evicted < count && eviction_rank(e) <= threshold;
             evicted += usize::from(evict);
             !evict
         });
     }
 }
 
-fn shard_of(key: &[u8]) -> usize {
-    // Keys start with a hash tag, but hashing the whole key is cheap and keeps
-    // shards even for any key layout.
-    (fnv1a(key) % SHARDS as u64) as usize
+/// Eviction order, lowest first: counters below the near-limit share by how
+/// much they use, then near-limit counters newest first.
+fn eviction_rank(entry: &Entry) -> u64 {
+    if entry.pressure < NEAR_LIMIT {
+        u64::from(entry.pressure)
+    } else {
+        u64::MAX - entry.created
+    }
+}
+
+/// How much of its capacity the counter at `key` uses after this batch,
+/// from the last outcome for it: 0 (nothing) to 255 (at or over the limit).
+fn pressure(hits: &[BatchHit<'_>], outcomes: &[Outcome], key: &[u8]) -> u8 {
+    let Some((hit, outcome)) = hits
+        .iter()
+        .zip(outcomes)
+        .rev()
+        .find(|(hit, _)| hit.key == key)
+    else {
+        return u8::MAX;
+    };
+    let capacity = hit.quota.burst.max(hit.quota.limit);
+    if capacity == 0 || !outcome.allowed {
+        return u8::MAX;
+    }
+    let used = capacity.saturating_sub(outcome.remaining);
+    u8::try_from(u128::from(used) * 255 / u128::from(capacity)).unwrap_or(u8::MAX)
+}
+
+fn shard_of(router: &RandomState, key: &[u8]) -> usize {
+    (router.hash_one(key) % SHARDS as u64) as usize
 }
 
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -221,18 +341,22 @@ mod tests {
     use crate::algorithm::{AlgorithmKind, Quota};
     use crate::clock::ManualClock;
 
-    fn hit(key: &[u8], hits: u64) -> BatchHit<'_> {
+    fn hit(key: &[u8], limit: u64, window_ms: u64, hits: u64) -> BatchHit<'_> {
         BatchHit {
             key,
             algorithm: AlgorithmKind::FixedWindow,
             quota: Quota {
-                limit: 2,
-                window_ms: 1_000,
-                burst: 2,
+                limit,
+                window_ms,
+                burst: limit,
             },
             hits,
             enforced: true,
         }
+    }
+
+    async fn allowed(store: &MemoryStore, hit: BatchHit<'_>, mode: Mode) -> bool {
+        store.apply(&[hit], mode).await.unwrap()[0].allowed
     }
 
     #[tokio::test]
@@ -241,20 +365,14 @@ mod tests {
         let store = MemoryStore::new(1_000, clock.clone());
         for i in 0..200u32 {
             let key = i.to_be_bytes();
-            store
-                .apply(&[hit(&key, 1)], Mode::Independent)
-                .await
-                .unwrap();
+            allowed(&store, hit(&key, 2, 1_000, 1), Mode::Independent).await;
         }
         assert_eq!(store.len(), 200);
         // Two seconds later every window has ended; writes sweep their shard.
         clock.advance(2 * SWEEP_INTERVAL_MS);
         for i in 1_000..1_200u32 {
             let key = i.to_be_bytes();
-            store
-                .apply(&[hit(&key, 1)], Mode::Independent)
-                .await
-                .unwrap();
+            allowed(&store, hit(&key, 2, 1_000, 1), Mode::Independent).await;
         }
         assert!(store.len() <= 200 + SHARDS, "len {}", store.len());
     }
@@ -265,10 +383,7 @@ mod tests {
         let store = MemoryStore::new(640, clock);
         for i in 0..20_000u32 {
             let key = i.to_be_bytes();
-            store
-                .apply(&[hit(&key, 1)], Mode::Independent)
-                .await
-                .unwrap();
+            allowed(&store, hit(&key, 2, 1_000, 1), Mode::Independent).await;
         }
         assert!(store.len() <= 640, "len {}", store.len());
     }
@@ -277,31 +392,72 @@ mod tests {
     async fn counts_across_calls_and_resets_with_the_window() {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let store = MemoryStore::new(1_000, clock.clone());
-        let allowed = |o: Vec<Outcome>| o[0].allowed;
-        assert!(allowed(
-            store
-                .apply(&[hit(b"k", 1)], Mode::AllOrNothing)
-                .await
-                .unwrap()
-        ));
-        assert!(allowed(
-            store
-                .apply(&[hit(b"k", 1)], Mode::AllOrNothing)
-                .await
-                .unwrap()
-        ));
-        assert!(!allowed(
-            store
-                .apply(&[hit(b"k", 1)], Mode::AllOrNothing)
-                .await
-                .unwrap()
-        ));
+        let once = || hit(b"k", 2, 1_000, 1);
+        assert!(allowed(&store, once(), Mode::AllOrNothing).await);
+        assert!(allowed(&store, once(), Mode::AllOrNothing).await);
+        assert!(!allowed(&store, once(), Mode::AllOrNothing).await);
         clock.advance(1_000);
-        assert!(allowed(
-            store
-                .apply(&[hit(b"k", 1)], Mode::AllOrNothing)
-                .await
-                .unwrap()
-        ));
+        assert!(allowed(&store, once(), Mode::AllOrNothing).await);
+    }
+
+    /// The attack a review found: fill a full store with keys (here both
+    /// barely used ones and ones at their own limit, created after the
+    /// victim's, with windows far longer) so that making room evicts the
+    /// victim's counter and gives it a fresh limit. The victim stays denied.
+    #[tokio::test]
+    async fn a_victim_at_its_limit_stays_denied_while_a_flood_fills_the_store() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store = MemoryStore::new(640, clock.clone());
+        let victim = || hit(b"victim", 5, 60_000, 1);
+        for _ in 0..5 {
+            assert!(allowed(&store, victim(), Mode::AllOrNothing).await);
+        }
+        assert!(!allowed(&store, victim(), Mode::AllOrNothing).await);
+        for i in 0..20_000u32 {
+            let key = i.to_be_bytes();
+            // Barely used: one hit of a hundred.
+            allowed(&store, hit(&key, 100, 86_400_000, 1), Mode::Independent).await;
+            // At their own limit, a day long.
+            let key = (i + 1_000_000).to_be_bytes();
+            allowed(&store, hit(&key, 1, 86_400_000, 1), Mode::Independent).await;
+            if i % 1_000 == 0 {
+                assert!(
+                    !allowed(&store, victim(), Mode::AllOrNothing).await,
+                    "reset after {i}"
+                );
+            }
+        }
+        assert!(!allowed(&store, victim(), Mode::AllOrNothing).await);
+        assert!(store.len() <= 640, "len {}", store.len());
+        // Its window over, the victim counts afresh as anyone does.
+        clock.advance(60_000);
+        assert!(allowed(&store, victim(), Mode::AllOrNothing).await);
+    }
+
+    #[tokio::test]
+    async fn requests_that_consume_nothing_insert_nothing() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store = MemoryStore::new(640, clock);
+        for i in 0..1_000u32 {
+            let key = i.to_be_bytes();
+            // A dry run, a check of 0 hits, a request denied as a whole.
+            allowed(&store, hit(&key, 5, 60_000, 1), Mode::DryRun).await;
+            allowed(&store, hit(&key, 5, 60_000, 0), Mode::Independent).await;
+            let denied = [hit(&key, 5, 60_000, 1), hit(b"zero", 0, 60_000, 1)];
+            let outcomes = store.apply(&denied, Mode::AllOrNothing).await.unwrap();
+            assert!(!outcomes[1].allowed);
+        }
+        assert!(store.is_empty(), "len {}", store.len());
+    }
+
+    #[test]
+    fn each_store_places_keys_on_its_own_shards() {
+        let (a, b) = (RandomState::new(), RandomState::new());
+        let keys: Vec<[u8; 4]> = (0..100u32).map(u32::to_be_bytes).collect();
+        let placement = |router: &RandomState| -> Vec<usize> {
+            keys.iter().map(|k| shard_of(router, k)).collect()
+        };
+        // 100 keys landing on the same 64 shards twice by chance: 64^-100.
+        assert_ne!(placement(&a), placement(&b));
     }
 }
