@@ -314,6 +314,7 @@ async fn run(
             loaded: snapshot,
         })
         .with_drain_delay(args.drain_delay)
+        .with_max_detailed_series(args.max_detailed_metric_series)
         .with_failure_policy(args.failure_policy)
         .with_shutdown_timeout(args.shutdown_timeout);
     server

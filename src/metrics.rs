@@ -4,7 +4,11 @@
 //! state), rendered by the admin port's `/metrics`. Labels are `surface`,
 //! `domain` (configured domains only; anything else is `unknown`), `decision`,
 //! `rule` (the rule's path in the config — never a runtime value unless the
-//! rule sets `detailed_metric`) and `backend`.
+//! rule sets `detailed_metric`) and `backend`. Per-value series are capped
+//! ([`DEFAULT_MAX_DETAILED_SERIES`] distinct values in all): past the cap a
+//! value is counted under its rule's own path and in
+//! `ratelimit_detailed_metric_folded_total`, so callers cannot grow memory
+//! or `/metrics` by sending new values.
 //!
 //! | metric | type | labels | meaning |
 //! |---|---|---|---|
@@ -20,8 +24,10 @@
 //! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
 //! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
 //! | `ratelimit_over_limit_cache_hits_total` | counter | domain | descriptors denied from the over-limit cache, without a store call |
+//! | `ratelimit_detailed_metric_folded_total` | counter | domain | descriptors of `detailed_metric` rules counted under the rule's path because the per-value series cap was reached |
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::metrics::{Counter, Key, Label, Level, Metadata, Recorder, SharedString, Unit};
@@ -59,6 +65,11 @@ pub const CONFIG_RELOADS_TOTAL: &str = "ratelimit_config_reloads_total";
 pub const DEGRADED_TOTAL: &str = "ratelimit_degraded_total";
 /// Descriptors denied from the over-limit cache.
 pub const OVER_LIMIT_CACHE_HITS_TOTAL: &str = "ratelimit_over_limit_cache_hits_total";
+/// Descriptors of detailed rules folded into their rule's series.
+pub const DETAILED_METRIC_FOLDED_TOTAL: &str = "ratelimit_detailed_metric_folded_total";
+
+/// Default cap on distinct per-value (`detailed_metric`) rule labels.
+pub const DEFAULT_MAX_DETAILED_SERIES: usize = 1_000;
 
 /// Share of a limit above which allowed hits count as near the limit (as
 /// envoyproxy/ratelimit's default `NEAR_LIMIT_RATIO`).
@@ -113,6 +124,10 @@ pub struct Metrics {
 struct Inner {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// The per-value labels admitted so far, at most `max_detailed`; a std
+    /// mutex, held for one set operation.
+    detailed: Mutex<HashSet<String>>,
+    max_detailed: usize,
 }
 
 // === impl Metrics ===
@@ -120,6 +135,11 @@ struct Inner {
 impl Metrics {
     /// A fresh registry with every metric described.
     pub fn new() -> Self {
+        Self::with_max_detailed_series(DEFAULT_MAX_DETAILED_SERIES)
+    }
+
+    /// A fresh registry keeping at most `max` per-value rule labels.
+    pub fn with_max_detailed_series(max: usize) -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full(STORAGE_DURATION_SECONDS.to_owned()),
@@ -178,9 +198,19 @@ impl Metrics {
             None,
             "Descriptors denied from the over-limit cache without a store call.",
         );
+        describe(
+            DETAILED_METRIC_FOLDED_TOTAL,
+            None,
+            "Descriptors of detailed_metric rules counted under the rule's path: the per-value series cap was reached.",
+        );
         let handle = recorder.handle();
         Self {
-            inner: Arc::new(Inner { recorder, handle }),
+            inner: Arc::new(Inner {
+                recorder,
+                handle,
+                detailed: Mutex::default(),
+                max_detailed: max,
+            }),
         }
     }
 
@@ -219,7 +249,7 @@ impl Metrics {
         outcome: &Outcome,
     ) {
         let rule_label = if rule.detailed_metric {
-            detailed_path(domain, entries)
+            self.detailed_label(domain, rule, entries)
         } else {
             rule.path.clone()
         };
@@ -288,6 +318,30 @@ impl Metrics {
         };
         self.counter(CONFIG_RELOADS_TOTAL, vec![Label::new("result", result)])
             .increment(1);
+    }
+
+    /// The per-value label, while the cap allows a new one; else the
+    /// rule's own path, counted as folded.
+    fn detailed_label(&self, domain: &str, rule: &Rule, entries: &[EntryRef<'_>]) -> String {
+        let label = detailed_path(domain, entries);
+        let admitted = {
+            let mut admitted = self
+                .inner
+                .detailed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            admitted.contains(&label)
+                || (admitted.len() < self.inner.max_detailed && admitted.insert(label.clone()))
+        };
+        if admitted {
+            return label;
+        }
+        self.counter(
+            DETAILED_METRIC_FOLDED_TOTAL,
+            vec![Label::new("domain", domain.to_owned())],
+        )
+        .increment(1);
+        rule.path.clone()
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {

@@ -162,6 +162,15 @@ impl Server {
         self
     }
 
+    /// Keeps at most `max` per-value (`detailed_metric`) rule labels;
+    /// values past it are counted under their rule's path.
+    pub fn with_max_detailed_series(mut self, max: usize) -> Self {
+        self.limiter = self
+            .limiter
+            .with_metrics(crate::metrics::Metrics::with_max_detailed_series(max));
+        self
+    }
+
     /// Sets what to answer when the store fails (default: `UNAVAILABLE`).
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
         self.limiter = self.limiter.with_failure_policy(policy);

@@ -373,3 +373,48 @@ fn dashboard_queries_only_exported_metrics() {
     }
     assert!(queried >= 10, "{queried}");
 }
+
+/// `detailed_metric` puts runtime values into labels; a flood of new values
+/// must not grow the series (or `/metrics`) without bound. Past the cap,
+/// values are counted under the rule's path, and the folding is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detailed_metric_series_are_bounded_under_a_flood_of_values() {
+    let h = Harness::start(Backend::Memory, RULES).await;
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), h.store.store.clone()).with_max_detailed_series(50),
+    )
+    .await;
+    let mut client = server.client().await;
+    for i in 0..2_000 {
+        let value = format!("flood-{i}");
+        client
+            .should_allow(allow_request("obs", &[&[("vip", &value)]], 1))
+            .await
+            .unwrap();
+    }
+    let body = scrape(&server).await;
+    let series = body
+        .lines()
+        .filter(|l| l.starts_with("ratelimit_rule_hits_total{") && l.contains("obs.vip"))
+        .count();
+    assert_eq!(series, 51, "50 values and the rule's own path");
+    assert_eq!(
+        sample(
+            &body,
+            "ratelimit_rule_hits_total",
+            &[("domain", "obs"), ("rule", "obs.vip")]
+        ),
+        Some(1_950.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "ratelimit_detailed_metric_folded_total",
+            &[("domain", "obs")]
+        ),
+        Some(1_950.0),
+        "{body}"
+    );
+    assert!(body.len() < 64 * 1024, "/metrics is {} bytes", body.len());
+}

@@ -257,6 +257,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_OTLP_SAMPLE_RATIO", default_value_t = 1.0)]
     pub otlp_sample_ratio: f64,
 
+    /// Most distinct per-value metric labels kept for `detailed_metric`
+    /// rules, over all of them; further values are counted under their
+    /// rule's own path (and in ratelimit_detailed_metric_folded_total).
+    #[arg(long, env = "RATEKEEPER_MAX_DETAILED_METRIC_SERIES", default_value_t = crate::metrics::DEFAULT_MAX_DETAILED_SERIES)]
+    pub max_detailed_metric_series: usize,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -141,6 +141,12 @@ impl Limiter {
         self
     }
 
+    /// Records into `metrics` (e.g. with another per-value series cap).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Sets what to answer when the store fails.
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
         self.degraded = self.degraded.with_policy(policy);
