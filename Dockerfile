@@ -9,7 +9,7 @@
 #
 # and run it with the example rules baked in at /etc/ratekeeper/config.yaml:
 #
-#   docker run --rm -p 8081:8081 -p 8080:8080 ratekeeper:latest
+#   docker run --rm -p 8081:8081 -p 9090:9090 ratekeeper:latest
 #
 # or with your own rules directory mounted over /etc/ratekeeper.
 
@@ -54,22 +54,23 @@ COPY --from=builder /out/ratekeeper /usr/local/bin/ratekeeper
 # the directory /etc/ratekeeper replaces them (deploy/kubernetes).
 COPY examples/config.yaml /etc/ratekeeper/config.yaml
 
-# Both listeners on every interface: the binary's default admin address is
-# loopback, which nothing outside the container (probes, Prometheus) reaches.
+# gRPC and the metrics-only port on every interface. The admin port
+# (/readyz, /rules — which lists whitelisted values and file paths) keeps the
+# binary's loopback default: probes use gRPC health and /healthz on 9090.
 ENV RATEKEEPER_GRPC_ADDR=0.0.0.0:8081 \
-    RATEKEEPER_ADMIN_ADDR=0.0.0.0:8080
+    RATEKEEPER_METRICS_ADDR=0.0.0.0:9090
 
-# gRPC (ratekeeper.v1, Envoy RLS v3, grpc.health.v1); admin HTTP (/healthz,
-# /readyz, /metrics, /rules).
-EXPOSE 8081 8080
+# gRPC (ratekeeper.v1, Envoy RLS v3, grpc.health.v1); metrics HTTP
+# (/metrics, /healthz).
+EXPOSE 8081 9090
 
 # distroless's "nonroot", numerically, so that Kubernetes' runAsNonRoot can
 # verify it without a runAsUser.
 USER 65532:65532
 
 # No HEALTHCHECK: the image has no shell or curl to run one. Use the
-# orchestrator's probes instead: HTTP GET /healthz (liveness) and /readyz
-# (readiness) on the admin port, or grpc.health.v1 on 8081.
+# orchestrator's probes instead: grpc.health.v1 on 8081 (readiness) and HTTP
+# GET /healthz on 9090 (liveness).
 
 # ratekeeper is PID 1 and handles SIGTERM itself: readiness turns false,
 # it serves for --drain-delay, drains in-flight calls, exits 0.

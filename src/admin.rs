@@ -32,6 +32,16 @@ pub struct AdminState {
     pub readiness: Readiness,
 }
 
+/// The metrics-only routes (`--metrics-addr`): `/metrics` and `/healthz`,
+/// nothing that reveals rules, store errors or file paths, so this port can
+/// be opened to a scraper while the admin port stays on loopback.
+pub fn metrics_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(state))
+}
+
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
     Router::new()

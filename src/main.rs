@@ -269,6 +269,14 @@ async fn run(
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
     tracing::info!(
         grpc = %grpc.local_addr()?,
         admin = %admin.local_addr()?,
@@ -322,6 +330,7 @@ async fn run(
             Listeners {
                 grpc,
                 admin: Some(admin),
+                metrics,
             },
             ratekeeper::shutdown::signal(),
         )

@@ -29,6 +29,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Admin HTTP, if wanted.
     pub admin: Option<TcpListener>,
+    /// Metrics only (`/metrics`, `/healthz`), if wanted.
+    pub metrics: Option<TcpListener>,
 }
 
 /// TLS for the gRPC listener, as PEM.
@@ -287,14 +289,28 @@ impl Server {
                 .await;
             }
         };
-        let admin = async {
-            match listeners.admin {
-                Some(listener) => axum::serve(listener, admin::router(admin_state.clone()))
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .await
-                    .map_err(|e| Error::Internal(format!("admin server: {e}"))),
-                None => Ok(()),
+        let http = |listener: Option<TcpListener>, router: axum::Router, name: &'static str| {
+            let stop = stopped(stop_rx.clone());
+            async move {
+                match listener {
+                    Some(listener) => axum::serve(listener, router)
+                        .with_graceful_shutdown(stop)
+                        .await
+                        .map_err(|e| Error::Internal(format!("{name} server: {e}"))),
+                    None => Ok(()),
+                }
             }
+        };
+        let admin = async {
+            let (admin, metrics) = tokio::join!(
+                http(listeners.admin, admin::router(admin_state.clone()), "admin"),
+                http(
+                    listeners.metrics,
+                    admin::metrics_router(admin_state.clone()),
+                    "metrics"
+                ),
+            );
+            admin.and(metrics)
         };
         let servers = async {
             let (grpc, admin, (), ()) = tokio::join!(grpc, admin, reloading, monitoring);

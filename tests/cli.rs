@@ -233,6 +233,34 @@ fn serve_refuses_flags_without_effect_naming_both() {
     );
 }
 
+/// `--metrics-addr` opens a port with `/metrics` and `/healthz` only: what a
+/// scraper needs, nothing of the rules or the store.
+#[tokio::test]
+async fn the_metrics_port_serves_metrics_and_liveness_only() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut serve = Serve::start(EXAMPLE, &["--metrics-addr", &addr]);
+    let mut client = serve.client().await;
+    client
+        .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
+        .await
+        .unwrap();
+    let socket: std::net::SocketAddr = addr.parse().unwrap();
+    let metrics = common::http_get(socket, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("ratelimit_requests_total{"), "{metrics}");
+    assert!(
+        common::http_get(socket, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    for private in ["/rules", "/readyz"] {
+        let answer = common::http_get(socket, private).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{private}: {answer}");
+    }
+    serve.terminate().await;
+}
+
 /// Boolean variables take the usual spellings.
 #[tokio::test]
 async fn boolean_variables_take_the_usual_spellings() {

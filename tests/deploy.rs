@@ -95,3 +95,61 @@ async fn envoys_descriptors_get_the_intended_limits() {
     assert_eq!(reply.statuses[0].code(), Code::Ok);
     assert!(reply.statuses[0].current_limit.is_none(), "whitelisted");
 }
+
+/// The example deployment publishes no admin surface: the Service carries
+/// only gRPC, the admin port stays on loopback, probes and Prometheus use
+/// the gRPC and metrics-only ports; and its Redis does not evict the live
+/// counters nearest their window's end first.
+#[test]
+fn the_example_deployment_keeps_the_admin_port_private() {
+    let docs = |path| -> Vec<serde_yaml_ng::Value> {
+        deploy_file(path)
+            .split("\n---")
+            .map(|doc| serde_yaml_ng::from_str(doc).unwrap())
+            .collect()
+    };
+    for service in docs("kubernetes/service.yaml") {
+        let ports: Vec<&str> = service["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(ports, ["grpc"], "{service:?}");
+    }
+    let deployment = &docs("kubernetes/deployment.yaml")[0];
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let env = |name: &str| {
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        env("RATEKEEPER_ADMIN_ADDR").as_deref(),
+        Some("127.0.0.1:8080")
+    );
+    assert_eq!(
+        env("RATEKEEPER_METRICS_ADDR").as_deref(),
+        Some("0.0.0.0:9090")
+    );
+    assert_eq!(container["readinessProbe"]["grpc"]["port"], 8081);
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "metrics");
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], "9090");
+
+    let redis = &docs("kubernetes/redis.yaml")[0];
+    let args: Vec<&str> = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let policy = args
+        .iter()
+        .position(|a| *a == "--maxmemory-policy")
+        .map(|i| args[i + 1]);
+    assert_eq!(policy, Some("volatile-lfu"));
+}

@@ -91,6 +91,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
 
+    /// Metrics-only HTTP listen address (`/metrics`, `/healthz`), for a
+    /// scraper on the network while the admin port stays on loopback. Off
+    /// when unset.
+    #[arg(long, env = "RATEKEEPER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Counter store.
     #[arg(long, env = "RATEKEEPER_STORE", value_enum, default_value_t = StoreKind::Memory)]
     pub store: StoreKind,

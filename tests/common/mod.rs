@@ -344,6 +344,7 @@ impl TestServer {
             Listeners {
                 grpc,
                 admin: Some(admin),
+                metrics: None,
             },
             async {
                 let _ = rx.await;
