@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
-use ratekeeper::clock::SystemClock;
+use ratekeeper::clock::{Clock, ManualClock, SystemClock};
 use ratekeeper::config::{
     CliError, Command, ConfigSnapshot, ServeArgs, StoreKind, load_rules, read_snapshot,
 };
@@ -187,6 +187,15 @@ fn tls_settings(args: &ServeArgs) -> anyhow::Result<Option<TlsSettings>> {
     Ok(Some(settings))
 }
 
+/// The clock decisions read: the system's, or the frozen one of
+/// `--test-frozen-clock-ms`.
+fn clock(args: &ServeArgs) -> Arc<dyn Clock> {
+    match args.test_frozen_clock_ms {
+        Some(ms) => Arc::new(ManualClock::new(ms)),
+        None => Arc::new(SystemClock),
+    }
+}
+
 fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
     // A shared store fails as a whole: the breaker stops waiting on it.
     let with_breaker = |store: Arc<dyn CounterStore>| -> Arc<dyn CounterStore> {
@@ -197,10 +206,7 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
         ))
     };
     Ok(match args.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(
-            args.memory_max_keys,
-            Arc::new(SystemClock),
-        )),
+        StoreKind::Memory => Arc::new(MemoryStore::new(args.memory_max_keys, clock(args))),
         StoreKind::Redis => {
             let redis = RedisStore::new(&RedisSettings {
                 url: args.redis_url.clone(),
@@ -211,6 +217,10 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 expiry_jitter: args.expiration_jitter_max,
             })
             .context("--redis-url")?;
+            let redis = match args.test_frozen_clock_ms {
+                Some(_) => redis.with_clock(clock(args)),
+                None => redis,
+            };
             with_breaker(Arc::new(redis))
         }
         StoreKind::RedisCluster => {
@@ -235,6 +245,10 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 expiry_jitter: args.expiration_jitter_max,
             })
             .context("--redis-cluster-nodes")?;
+            let cluster = match args.test_frozen_clock_ms {
+                Some(_) => cluster.with_clock(clock(args)),
+                None => cluster,
+            };
             with_breaker(Arc::new(cluster))
         }
     })
@@ -284,11 +298,11 @@ async fn run(
         config = %args.config.display(),
         "ratekeeper serving"
     );
-    let mut server = Server::new(rules, store);
+    let mut server = Server::new(rules, store).with_clock(clock(&args));
     if args.over_limit_cache_size > 0 {
         server = server.with_over_limit_cache(OverLimitCache::new(
             args.over_limit_cache_size,
-            Arc::new(SystemClock),
+            clock(&args),
         ));
     }
     if let Some(tls) = tls {

@@ -173,6 +173,13 @@ impl Server {
         self
     }
 
+    /// Reads time from `clock` for the `local` failure policy's counters
+    /// (tests move it by hand).
+    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.limiter = self.limiter.with_clock(clock);
+        self
+    }
+
     /// Sets what to answer when the store fails (default: `UNAVAILABLE`).
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
         self.limiter = self.limiter.with_failure_policy(policy);

@@ -261,6 +261,31 @@ async fn the_metrics_port_serves_metrics_and_liveness_only() {
     serve.terminate().await;
 }
 
+/// The test-only frozen clock is what multi-process tests count on: every
+/// answer is computed at that instant (40 s into a minute: 20 s to reset).
+#[tokio::test]
+async fn the_frozen_test_clock_fixes_every_answers_time() {
+    let mut serve = Serve::start(EXAMPLE, &["--test-frozen-clock-ms", "1700000020000"]);
+    let mut client = serve.client().await;
+    for _ in 0..3 {
+        let result = client
+            .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .remove(0);
+        assert_eq!(
+            result.reset_after,
+            Some(prost_types::Duration {
+                seconds: 20,
+                nanos: 0
+            })
+        );
+    }
+    serve.terminate().await;
+}
+
 /// Boolean variables take the usual spellings.
 #[tokio::test]
 async fn boolean_variables_take_the_usual_spellings() {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{RedisServer, TestServer, allow_request, http_get, redis_store, rules};
 use ratekeeper::Server;
+use ratekeeper::clock::ManualClock;
 use ratekeeper::limiter::FailurePolicy;
 use ratekeeper::proto::ratekeeper::v1::ShouldAllowResponse;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
@@ -45,7 +46,13 @@ async fn call(
 
 async fn start(redis: &RedisServer, policy: FailurePolicy) -> TestServer {
     let store = Arc::new(redis_store(&redis.url(), DEADLINE));
-    TestServer::start(Server::new(rules(&[RULES]), store).with_failure_policy(policy)).await
+    // The local fallback counts on a fixed time: no window boundary passes.
+    TestServer::start(
+        Server::new(rules(&[RULES]), store)
+            .with_failure_policy(policy)
+            .with_clock(Arc::new(ManualClock::new(common::T0))),
+    )
+    .await
 }
 
 /// Kills Redis after one good call, then makes calls and returns their
@@ -210,7 +217,9 @@ async fn per_rule_policies_override_the_service_policy() {
     let mut redis = RedisServer::start();
     let store = Arc::new(redis_store(&redis.url(), DEADLINE));
     let server = TestServer::start(
-        Server::new(rules(&[PER_RULE]), store).with_failure_policy(FailurePolicy::Error),
+        Server::new(rules(&[PER_RULE]), store)
+            .with_failure_policy(FailurePolicy::Error)
+            .with_clock(Arc::new(ManualClock::new(common::T0))),
     )
     .await;
     let mut client = server.client().await;

@@ -65,6 +65,9 @@ async fn a_million_distinct_values_keep_memory_bounded() {
             CACHE_SIZE,
             "--max-descriptors",
             "1000",
+            // Counted then denied by an hourly limit: no boundary may pass.
+            "--test-frozen-clock-ms",
+            "1700000020000",
         ],
     );
     let client = serve.client().await;

@@ -25,7 +25,9 @@ descriptors:
 
 /// Exactness, not latency, is under test: debug builds of six processes and
 /// their callers share two cores, so store calls get a generous deadline
-/// (`--store-timeout 1s` below).
+/// (`--store-timeout 1s` below). Every instance reads the same frozen time,
+/// so no window boundary can pass mid-count.
+const FROZEN: &str = "1700000020000";
 const CALLERS_PER_INSTANCE: usize = 16;
 const CALLS_PER_CALLER: usize = 25;
 
@@ -36,8 +38,9 @@ async fn allowed_across_three(store_flags: &[&str]) -> (u64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rules.yaml");
     std::fs::write(&config, RULES).unwrap();
+    let flags = [store_flags, &["--test-frozen-clock-ms", FROZEN]].concat();
     let mut instances: Vec<Serve> = (0..3)
-        .map(|_| Serve::start(config.to_str().unwrap(), store_flags))
+        .map(|_| Serve::start(config.to_str().unwrap(), &flags))
         .collect();
     let mut clients = Vec::new();
     for instance in &mut instances {

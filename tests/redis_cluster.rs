@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::cluster::RedisCluster;
 use common::{TestServer, allow_request, rules};
 use ratekeeper::Server;
+use ratekeeper::clock::ManualClock;
 use ratekeeper::limiter::FailurePolicy;
 use ratekeeper::proto::ratekeeper::v1::ShouldAllowRequest;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
@@ -36,6 +37,8 @@ const DEADLINE: Duration = Duration::from_millis(200);
 /// Scheduling slack on a loaded 2-core machine; far below "stuck".
 const MARGIN: Duration = Duration::from_millis(500);
 
+/// A store on `cluster` at a fixed time, so exact counts cannot be cut by
+/// a window boundary.
 fn store(cluster: &RedisCluster) -> RedisClusterStore {
     RedisClusterStore::new(&RedisClusterSettings {
         nodes: cluster.urls(),
@@ -45,6 +48,7 @@ fn store(cluster: &RedisCluster) -> RedisClusterStore {
         expiry_jitter: Duration::ZERO,
     })
     .unwrap()
+    .with_clock(Arc::new(ManualClock::new(common::T0)))
 }
 
 fn users(request: &[&str]) -> ShouldAllowRequest {

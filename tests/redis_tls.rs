@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::pki::{Pki, ca, pki};
 use common::{RedisServer, TestServer, allow_request, rules};
 use ratekeeper::Server;
+use ratekeeper::clock::ManualClock;
 use ratekeeper::store::RedisStore;
 use ratekeeper::store::redis::{RedisSettings, RedisTls};
 
@@ -45,6 +46,8 @@ fn store(url: &str, tls: RedisTls) -> RedisStore {
 
 /// The answers to three calls on a limit of 2, or the first error's code.
 async fn three_calls(store: RedisStore) -> Result<Vec<bool>, tonic::Code> {
+    // A fixed time: no window boundary can pass between the calls.
+    let store = store.with_clock(Arc::new(ManualClock::new(common::T0)));
     let server = TestServer::start(Server::new(rules(&[RULES]), Arc::new(store))).await;
     let mut client = server.client().await;
     let mut answers = Vec::new();

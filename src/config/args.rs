@@ -269,6 +269,14 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_MAX_DETAILED_METRIC_SERIES", default_value_t = crate::metrics::DEFAULT_MAX_DETAILED_SERIES)]
     pub max_detailed_metric_series: usize,
 
+    /// Tests only: every decision reads this fixed time (Unix ms) instead of
+    /// the clock — the memory store, the local fallback, the over-limit
+    /// cache and the Redis scripts — so a multi-process test can count
+    /// exactly without a window boundary passing. Never in production:
+    /// windows would never end.
+    #[arg(long, env = "RATEKEEPER_TEST_FROZEN_CLOCK_MS", hide = true)]
+    pub test_frozen_clock_ms: Option<u64>,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
