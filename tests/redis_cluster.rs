@@ -34,8 +34,8 @@ descriptors:
 "#;
 
 const DEADLINE: Duration = Duration::from_millis(200);
-/// Scheduling slack on a loaded 2-core machine; far below "stuck".
-const MARGIN: Duration = Duration::from_millis(500);
+/// Slack for a slow, loaded 2-core machine; far below anything that hangs.
+const MARGIN: Duration = Duration::from_secs(2);
 
 /// A store on `cluster` at a fixed time, so exact counts cannot be cut by
 /// a window boundary.

@@ -63,7 +63,7 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         )
     };
-    let rules: [(&str, Needs); 16] = [
+    let rules: [(&str, Needs); 17] = [
         ("redis_url", Needs::Store(REDIS, "--store redis")),
         ("redis_pool_size", Needs::Store(REDIS, "--store redis")),
         (
@@ -75,6 +75,7 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
         ("redis_client_cert", Needs::Store(SHARED, SHARED_STORES)),
         ("redis_client_key", Needs::Store(SHARED, SHARED_STORES)),
         ("store_timeout", Needs::Store(SHARED, SHARED_STORES)),
+        ("failure_policy", Needs::Store(SHARED, SHARED_STORES)),
         ("breaker_failures", Needs::Store(SHARED, SHARED_STORES)),
         ("breaker_cooldown", Needs::Store(SHARED, SHARED_STORES)),
         ("expiration_jitter_max", Needs::Store(SHARED, SHARED_STORES)),
@@ -229,6 +230,10 @@ mod tests {
             (
                 &["--store", "redis", "--memory-max-keys", "10"],
                 "--memory-max-keys has no effect with --store redis; it applies to --store memory",
+            ),
+            (
+                &["--failure-policy", "allow"],
+                "--failure-policy has no effect with --store memory (the default)",
             ),
             (
                 &["--breaker-failures", "5"],
