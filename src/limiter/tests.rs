@@ -176,18 +176,25 @@ async fn a_reply_the_request_cannot_use_is_answered_by_policy_for_that_request()
     assert_eq!(store.calls(), 2);
 }
 
-#[tokio::test]
-async fn the_over_limit_cache_denies_only_under_the_limit_it_saw() {
+/// A limiter on the memory store with an over-limit cache, where `user=a`
+/// (limit 2) has been sent 3 times in `mode`: denied and cached.
+async fn over_limit_for_user_a(mode: Mode) -> Limiter {
     let clock = Arc::new(ManualClock::new(T));
     let store = Arc::new(MemoryStore::new(100, clock.clone()));
     let limiter =
-        Limiter::new(rules(), store).with_over_limit_cache(OverLimitCache::new(100, clock.clone()));
+        Limiter::new(rules(), store).with_over_limit_cache(OverLimitCache::new(100, clock));
     for _ in 0..3 {
         limiter
-            .check(&request(&[("user", "a")], Mode::Independent))
+            .check(&request(&[("user", "a")], mode))
             .await
             .unwrap();
     }
+    limiter
+}
+
+#[tokio::test]
+async fn the_over_limit_cache_denies_only_under_the_limit_it_saw() {
+    let limiter = over_limit_for_user_a(Mode::Independent).await;
     let mut with_override = request(&[("user", "a")], Mode::Independent);
     with_override.descriptors[0].limit_override = Some(Limit::fixed(1_000, Unit::Minute));
     let decision = limiter.check(&with_override).await.unwrap();
@@ -209,16 +216,7 @@ async fn the_over_limit_cache_denies_only_under_the_limit_it_saw() {
 
 #[tokio::test]
 async fn a_cached_denial_keeps_an_all_or_nothing_request_from_the_others() {
-    let clock = Arc::new(ManualClock::new(T));
-    let store = Arc::new(MemoryStore::new(100, clock.clone()));
-    let limiter =
-        Limiter::new(rules(), store).with_over_limit_cache(OverLimitCache::new(100, clock.clone()));
-    for _ in 0..3 {
-        limiter
-            .check(&request(&[("user", "a")], Mode::AllOrNothing))
-            .await
-            .unwrap();
-    }
+    let limiter = over_limit_for_user_a(Mode::AllOrNothing).await;
     for _ in 0..3 {
         let decision = limiter
             .check(&request(

@@ -213,20 +213,26 @@ mod tests {
         breaker.apply(&[HIT], Mode::Independent).await
     }
 
-    #[tokio::test]
-    async fn opens_after_consecutive_store_failures_and_probes_after_the_cooldown() {
+    /// A store that times out `n` times, then answers; and the breaker
+    /// opened by the first three of those failures.
+    async fn opened_by_timeouts(
+        n: usize,
+    ) -> (CircuitBreaker, Arc<ScriptedStore>, Arc<ManualClock>) {
         let timeout = Reply::Fail(StoreError::Timeout(Duration::from_millis(10)));
-        let (breaker, store, clock) = breaker(
-            ScriptedStore::new(Reply::Allow(0))
-                .then(timeout.clone())
-                .then(timeout.clone())
-                .then(timeout.clone())
-                .then(timeout),
-        );
+        let store = (0..n).fold(ScriptedStore::new(Reply::Allow(0)), |store, _| {
+            store.then(timeout.clone())
+        });
+        let (breaker, store, clock) = breaker(store);
         for _ in 0..3 {
             assert!(call(&breaker).await.is_err());
         }
         assert!(breaker.is_open());
+        (breaker, store, clock)
+    }
+
+    #[tokio::test]
+    async fn opens_after_consecutive_store_failures_and_probes_after_the_cooldown() {
+        let (breaker, store, clock) = opened_by_timeouts(4).await;
         assert!(matches!(call(&breaker).await, Err(StoreError::CircuitOpen)));
         assert_eq!(store.calls(), 3, "an open breaker does not call the store");
         clock.advance(200);
@@ -277,17 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_successful_ping_closes_it() {
-        let timeout = Reply::Fail(StoreError::Timeout(Duration::from_millis(10)));
-        let (breaker, _, _) = breaker(
-            ScriptedStore::new(Reply::Allow(0))
-                .then(timeout.clone())
-                .then(timeout.clone())
-                .then(timeout),
-        );
-        for _ in 0..3 {
-            assert!(call(&breaker).await.is_err());
-        }
-        assert!(breaker.is_open());
+        let (breaker, _, _) = opened_by_timeouts(3).await;
         breaker.ping().await.unwrap();
         assert!(!breaker.is_open());
     }
