@@ -340,3 +340,31 @@ async fn resharding_under_load_never_admits_past_a_limit() {
     );
     assert!(masters_with_keys(&cluster).contains(&to));
 }
+
+/// One dead master takes a third of the slots away until its replica takes
+/// over, not the instance: with the `error` policy it stays ready
+/// throughout, since most requests are still decided, and every instance
+/// going unready at once would drop them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_master_leaves_the_instance_ready() {
+    let mut cluster = RedisCluster::start();
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), Arc::new(store(&cluster)))
+            .with_failure_policy(FailurePolicy::Error)
+            .with_readiness_interval(Duration::from_millis(50)),
+    )
+    .await;
+    let ready = common::http_get(server.admin_addr, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let master = cluster.masters()[0];
+    cluster.kill(master);
+    let killed = Instant::now();
+    let mut probes = 0;
+    while killed.elapsed() < Duration::from_secs(4) {
+        let ready = common::http_get(server.admin_addr, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    println!("cluster master killed: ready in all {probes} looks over 4 s");
+}
