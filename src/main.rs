@@ -13,6 +13,7 @@ use ratekeeper::config::{
 };
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
+use ratekeeper::store::redis::sentinel::SentinelSettings;
 use ratekeeper::store::redis::{RedisSettings, RedisTls};
 use ratekeeper::store::redis_cluster::RedisClusterSettings;
 use ratekeeper::store::{
@@ -208,15 +209,27 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
     Ok(match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(args.memory_max_keys, clock(args))),
         StoreKind::Redis => {
-            let redis = RedisStore::new(&RedisSettings {
-                url: args.redis_url.clone(),
-                pool_size: args.redis_pool_size,
-                timeout: args.store_timeout,
-                connect_timeout: args.redis_connect_timeout,
-                tls: redis_tls(args)?,
-                expiry_jitter: args.expiration_jitter_max,
-            })
-            .context("--redis-url")?;
+            let redis = RedisStore::new(&redis_settings(args)?).context("--redis-url")?;
+            let redis = match args.test_frozen_clock_ms {
+                Some(_) => redis.with_clock(clock(args)),
+                None => redis,
+            };
+            with_breaker(Arc::new(redis))
+        }
+        StoreKind::RedisSentinel => {
+            let sentinels = SentinelSettings {
+                nodes: args
+                    .redis_sentinel_nodes
+                    .iter()
+                    .map(|node| node.trim().to_owned())
+                    .filter(|node| !node.is_empty())
+                    .collect(),
+                master_name: args.redis_sentinel_master.clone().unwrap_or_default(),
+                master_username: args.redis_sentinel_master_username.clone(),
+                master_password: args.redis_sentinel_master_password.clone(),
+            };
+            let redis = RedisStore::with_sentinels(&redis_settings(args)?, &sentinels)
+                .context("--redis-sentinel-nodes / --redis-sentinel-master")?;
             let redis = match args.test_frozen_clock_ms {
                 Some(_) => redis.with_clock(clock(args)),
                 None => redis,
@@ -251,6 +264,18 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
             };
             with_breaker(Arc::new(cluster))
         }
+    })
+}
+
+/// The settings every Redis store shares, from the flags.
+fn redis_settings(args: &ServeArgs) -> anyhow::Result<RedisSettings> {
+    Ok(RedisSettings {
+        url: args.redis_url.clone(),
+        pool_size: args.redis_pool_size,
+        timeout: args.store_timeout,
+        connect_timeout: args.redis_connect_timeout,
+        tls: redis_tls(args)?,
+        expiry_jitter: args.expiration_jitter_max,
     })
 }
 

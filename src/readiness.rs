@@ -29,6 +29,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::limiter::Limiter;
 
+/// How soon an unready instance checks the store again.
+const UNREADY_RECHECK: Duration = Duration::from_millis(100);
+
 /// gRPC health service names kept in step with readiness (besides `""`):
 /// our two services and `ratelimit`, the name envoyproxy/ratelimit reports.
 pub const HEALTH_NAMES: [&str; 4] = [
@@ -150,9 +153,17 @@ impl Readiness {
     ) {
         tokio::pin!(stop);
         loop {
+            // While not ready, look again soon: an instance starting next to
+            // a far Redis, or one the store just came back to, is ready as
+            // soon as the store answers, not an interval later.
+            let wait = if self.check().is_ok() {
+                interval
+            } else {
+                interval.min(UNREADY_RECHECK)
+            };
             tokio::select! {
                 () = &mut stop => return,
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(wait) => {}
             }
             self.probe(&limiter, &health).await;
         }

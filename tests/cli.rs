@@ -573,3 +573,50 @@ async fn serve_traces_only_the_sampled_share() {
         "{traces:?}"
     );
 }
+
+/// `--store redis-sentinel` counts in the master the sentinels name; a
+/// missing master name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_counts_in_the_master_the_sentinels_name() {
+    let set = common::sentinel::SentinelSet::start();
+    let nodes = set.nodes();
+    let mut serve = Serve::start(
+        EXAMPLE,
+        &[
+            "--store",
+            "redis-sentinel",
+            "--redis-sentinel-nodes",
+            &nodes,
+            "--redis-sentinel-master",
+            common::sentinel::MASTER,
+        ],
+    );
+    let mut client = serve.client().await;
+    let response = client
+        .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.allowed);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("rk3:*")
+        .query(&mut set.primary.connection())
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    serve.terminate().await;
+    assert_refused(
+        &[
+            "--config",
+            EXAMPLE,
+            "--store",
+            "redis-sentinel",
+            "--redis-sentinel-nodes",
+            &nodes,
+        ],
+        "no sentinel master name given",
+    );
+    assert_refused(
+        &["--config", EXAMPLE, "--redis-sentinel-master", "mymaster"],
+        "--redis-sentinel-master has no effect with --store memory (the default)",
+    );
+}

@@ -22,8 +22,10 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Default number of shared, pipelined Redis connections. Redis executes
 /// commands one at a time, so a few pipelined connections saturate it.
 pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
-/// Default store deadline: well under Envoy's 20 ms rate limit timeout.
-pub const DEFAULT_STORE_TIMEOUT: &str = "10ms";
+/// Default store deadline: room for a Redis a few milliseconds away (6 ms
+/// round trip plus jitter), and still under Envoy's 20 ms rate limit
+/// timeout, so a failure-policy answer reaches Envoy before it gives up.
+pub const DEFAULT_STORE_TIMEOUT: &str = "15ms";
 /// Default deadline for opening a Redis connection.
 pub const DEFAULT_REDIS_CONNECT_TIMEOUT: &str = "1s";
 /// Default cap on live counters in the memory store.
@@ -65,6 +67,9 @@ pub enum StoreKind {
     Redis,
     /// In a Redis Cluster (`--redis-cluster-nodes`): shared by every instance.
     RedisCluster,
+    /// In the Redis master that Redis Sentinel names (`--redis-sentinel-nodes`,
+    /// `--redis-sentinel-master`), following its failovers.
+    RedisSentinel,
 }
 
 /// Log output format.
@@ -109,6 +114,25 @@ pub struct ServeArgs {
     /// host:port or redis://[user:password@]host:port (rediss:// for TLS).
     #[arg(long, env = "RATEKEEPER_REDIS_CLUSTER_NODES", value_delimiter = ',')]
     pub redis_cluster_nodes: Vec<String>,
+
+    /// Sentinels for `--store redis-sentinel`, comma-separated: host:port or
+    /// redis://[user:password@]host:port (the sentinels' own credentials;
+    /// rediss:// for TLS to the sentinels and the master).
+    #[arg(long, env = "RATEKEEPER_REDIS_SENTINEL_NODES", value_delimiter = ',')]
+    pub redis_sentinel_nodes: Vec<String>,
+
+    /// The master's name as the sentinels know it (`--store redis-sentinel`).
+    #[arg(long, env = "RATEKEEPER_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// ACL user for the master the sentinels name, if it needs one.
+    #[arg(long, env = "RATEKEEPER_REDIS_SENTINEL_MASTER_USERNAME")]
+    pub redis_sentinel_master_username: Option<String>,
+
+    /// Password for the master the sentinels name, if it needs one (prefer
+    /// the environment variable to the flag: flags show in `ps`).
+    #[arg(long, env = "RATEKEEPER_REDIS_SENTINEL_MASTER_PASSWORD")]
+    pub redis_sentinel_master_password: Option<String>,
 
     /// PEM CA certificate to trust for a rediss:// URL instead of the public
     /// roots (a private CA).
@@ -345,7 +369,7 @@ mod tests {
         assert_eq!(args.grpc_addr.port(), 8081);
         assert!(args.admin_addr.ip().is_loopback());
         assert_eq!(args.store, StoreKind::Memory);
-        assert_eq!(args.store_timeout, Duration::from_millis(10));
+        assert_eq!(args.store_timeout, Duration::from_millis(15));
     }
 
     #[test]

@@ -52,8 +52,14 @@ enum Needs {
 }
 
 const REDIS: &[StoreKind] = &[StoreKind::Redis];
-const SHARED: &[StoreKind] = &[StoreKind::Redis, StoreKind::RedisCluster];
-const SHARED_STORES: &str = "--store redis or redis-cluster";
+const SENTINEL: &[StoreKind] = &[StoreKind::RedisSentinel];
+const LANES: &[StoreKind] = &[StoreKind::Redis, StoreKind::RedisSentinel];
+const SHARED: &[StoreKind] = &[
+    StoreKind::Redis,
+    StoreKind::RedisCluster,
+    StoreKind::RedisSentinel,
+];
+const SHARED_STORES: &str = "--store redis, redis-cluster or redis-sentinel";
 
 /// Every flag of `serve` that has no effect with the others given.
 pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
@@ -63,9 +69,28 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         )
     };
-    let rules: [(&str, Needs); 17] = [
+    let rules: [(&str, Needs); 21] = [
         ("redis_url", Needs::Store(REDIS, "--store redis")),
-        ("redis_pool_size", Needs::Store(REDIS, "--store redis")),
+        (
+            "redis_pool_size",
+            Needs::Store(LANES, "--store redis or redis-sentinel"),
+        ),
+        (
+            "redis_sentinel_nodes",
+            Needs::Store(SENTINEL, "--store redis-sentinel"),
+        ),
+        (
+            "redis_sentinel_master",
+            Needs::Store(SENTINEL, "--store redis-sentinel"),
+        ),
+        (
+            "redis_sentinel_master_username",
+            Needs::Store(SENTINEL, "--store redis-sentinel"),
+        ),
+        (
+            "redis_sentinel_master_password",
+            Needs::Store(SENTINEL, "--store redis-sentinel"),
+        ),
         (
             "redis_cluster_nodes",
             Needs::Store(&[StoreKind::RedisCluster], "--store redis-cluster"),
@@ -143,6 +168,7 @@ fn store_name(store: StoreKind) -> &'static str {
         StoreKind::Memory => "memory",
         StoreKind::Redis => "redis",
         StoreKind::RedisCluster => "redis-cluster",
+        StoreKind::RedisSentinel => "redis-sentinel",
     }
 }
 

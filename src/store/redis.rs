@@ -5,23 +5,33 @@
 //! concatenated), which reads, decides, writes and sets the expiry of every
 //! key in one atomic step with Redis's own clock, so any number of ratekeeper
 //! instances share one exact limit. Concurrent requests share a few pipelined
-//! connections ([`connections`]), so a decision is one request to Redis and
-//! concurrent decisions share round trips. The whole call — connecting if
-//! needed, the script — runs under one deadline, so a dead or frozen Redis
-//! costs a request at most that long.
+//! connections ([`node`], [`lane`]), so a decision is one request to Redis
+//! and concurrent decisions share round trips. Each call runs under one
+//! deadline, so a dead, frozen or silent Redis costs a request at most that
+//! long; connecting runs in the background ([`lane`] has the lifecycle:
+//! connections are retired on I/O errors, "wrong server" answers and
+//! silence, and replaced with backoff).
+//!
+//! The Redis is one fixed address (a URL; behind a DNS name or a virtual IP
+//! that may move to a new primary), or the master a set of sentinels name
+//! ([`sentinel`]).
 
-mod connections;
+pub(crate) mod connect;
+pub(crate) mod lane;
+pub(crate) mod node;
+pub mod sentinel;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
-use connections::Connections;
+use connect::FixedConnector;
+use lane::{Connect, LaneSettings};
+use node::Node;
 
 /// The batch script: shared prelude, every algorithm, then the driver.
 pub(super) const BATCH_SCRIPT: &str = concat!(
@@ -46,11 +56,11 @@ const INJECTED_TIME_GRACE_MS: u64 = 600_000;
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     pub url: String,
-    /// Number of shared, pipelined connections.
+    /// Number of shared, pipelined connections (lanes).
     pub pool_size: usize,
     /// Deadline of one store call, including waiting for a connection.
     pub timeout: Duration,
-    /// Deadline for opening one new connection.
+    /// Deadline for opening one new connection, in the background.
     pub connect_timeout: Duration,
     /// Certificates for a `rediss://` URL; `None` trusts the public web PKI
     /// roots and sends no client certificate.
@@ -66,7 +76,7 @@ impl RedisSettings {
         Self {
             url: url.into(),
             pool_size: 4,
-            timeout: Duration::from_millis(10),
+            timeout: Duration::from_millis(15),
             connect_timeout: Duration::from_secs(1),
             tls: None,
             expiry_jitter: Duration::ZERO,
@@ -152,67 +162,83 @@ impl std::fmt::Debug for RedisTls {
 /// The Redis counter store.
 #[derive(Clone)]
 pub struct RedisStore {
-    connections: Arc<Connections>,
+    node: Arc<Node>,
     script: Arc<redis::Script>,
     timeout: Duration,
     /// Production reads Redis `TIME`; tests inject a clock to drive the
     /// script exactly like the Rust twin.
     time: ScriptTime,
+    /// Follows the sentinels' failovers, when the master is found by them.
+    _sentinel: Option<Arc<sentinel::Follower>>,
+}
+
+/// How long a silent connection is given to answer a `PING` after one of
+/// its calls missed the deadline: long enough for a slow Redis, short
+/// enough to replace a dead socket well within a second.
+pub fn stall_timeout(store_timeout: Duration) -> Duration {
+    (store_timeout * 5).max(Duration::from_millis(250))
 }
 
 // === impl RedisStore ===
 
 impl RedisStore {
-    /// A store for `settings`. Does not connect: the first call (or
-    /// [`CounterStore::ping`]) does, so the service can start before Redis.
+    /// A store for `settings`. Connections are made in the background from
+    /// now on (so the service can start before Redis, and the first
+    /// requests need not wait for a connect).
     ///
     /// # Errors
     ///
-    /// [`StoreError::Connection`] when the URL cannot be parsed or the pool
-    /// cannot be built.
+    /// [`StoreError::Connection`] when the URL or the certificates cannot
+    /// be used.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
-        if !settings.url.contains("://") {
-            // envoyproxy/ratelimit's REDIS_URL is host:port; this is a URL.
-            return Err(StoreError::Connection(format!(
-                "invalid redis url '{}': it needs a scheme, e.g. redis://{} (rediss:// for TLS)",
-                settings.url, settings.url
-            )));
-        }
-        let invalid =
-            |e: redis::RedisError| StoreError::Connection(format!("invalid redis url: {e}"));
-        let client = match &settings.tls {
-            None => redis::Client::open(settings.url.as_str()).map_err(invalid)?,
-            Some(tls) => {
-                if !settings.url.starts_with("rediss://") {
-                    return Err(StoreError::Connection(
-                        "TLS certificates given, but the redis url is not rediss://".to_owned(),
-                    ));
-                }
-                redis::Client::build_with_tls(settings.url.as_str(), tls.certificates()).map_err(
-                    |e| StoreError::Connection(format!("invalid redis TLS certificates: {e}")),
-                )?
-            }
-        };
-        // The connection info carries the TLS parameters built above.
-        let manager = Manager::new(client.get_connection_info().clone()).map_err(invalid)?;
-        let slots = settings.pool_size.max(1);
-        let mut pool = PoolConfig::new(slots);
-        pool.timeouts = Timeouts {
-            wait: Some(settings.timeout),
-            create: Some(settings.connect_timeout),
-            recycle: Some(settings.timeout),
-        };
-        let pool = Pool::builder(manager)
-            .config(pool)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Connection(e.to_string()))?;
+        let info = connection_info(&settings.url, settings.tls.as_ref())?;
+        let script = Arc::new(redis::Script::new(BATCH_SCRIPT));
+        let connector = Arc::new(FixedConnector {
+            info,
+            script: script.clone(),
+        });
+        Ok(Self::with_connector(settings, connector, script, None))
+    }
+
+    /// A store on the master the sentinels of `sentinels` name.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Connection`] when an address or the certificates cannot
+    /// be used.
+    pub fn with_sentinels(
+        settings: &RedisSettings,
+        sentinels: &sentinel::SentinelSettings,
+    ) -> Result<Self, StoreError> {
+        let script = Arc::new(redis::Script::new(BATCH_SCRIPT));
+        let (connector, follower) =
+            sentinel::SentinelConnector::new(sentinels, settings, script.clone())?;
+        let store = Self::with_connector(settings, Arc::new(connector), script, None);
+        let follower = follower.follow(store.node.clone());
         Ok(Self {
-            connections: Arc::new(Connections::new(pool, slots)),
-            script: Arc::new(redis::Script::new(BATCH_SCRIPT)),
+            _sentinel: Some(follower),
+            ..store
+        })
+    }
+
+    fn with_connector(
+        settings: &RedisSettings,
+        connector: Arc<dyn Connect>,
+        script: Arc<redis::Script>,
+        follower: Option<Arc<sentinel::Follower>>,
+    ) -> Self {
+        let lanes = LaneSettings::new(
+            connector,
+            settings.connect_timeout,
+            stall_timeout(settings.timeout),
+        );
+        Self {
+            node: Arc::new(Node::new(settings.pool_size.max(1), lanes)),
+            script,
             timeout: settings.timeout,
             time: ScriptTime::with_jitter(settings.expiry_jitter),
-        })
+            _sentinel: follower,
+        }
     }
 
     /// Makes the script use `clock` instead of Redis `TIME` (tests only:
@@ -222,33 +248,61 @@ impl RedisStore {
         self
     }
 
-    async fn run<T>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        super::within(self.timeout, call).await
-    }
-
-    /// Runs `call` on a shared connection, marking it broken on I/O errors.
-    async fn with_connection<T, F>(
+    /// Runs `call` on a lane's connection under the store deadline; the
+    /// lane learns how it ended.
+    async fn on_connection<T, F>(
         &self,
         call: impl FnOnce(redis::aio::MultiplexedConnection) -> F,
     ) -> Result<T, StoreError>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let shared = self.connections.get().await?;
-        call(shared.connection()).await.map_err(|e| {
-            shared.observe(&e);
-            store_error(&e)
+        super::within(self.timeout, async {
+            let lane = self.node.call().await?;
+            let result = call(lane.connection()).await;
+            lane.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
         })
+        .await
     }
+}
+
+/// The connection info for `url`, with `tls`'s certificates.
+///
+/// # Errors
+///
+/// [`StoreError::Connection`] for an unusable URL or certificates.
+pub(crate) fn connection_info(
+    url: &str,
+    tls: Option<&RedisTls>,
+) -> Result<redis::ConnectionInfo, StoreError> {
+    if !url.contains("://") {
+        // envoyproxy/ratelimit's REDIS_URL is host:port; this is a URL.
+        return Err(StoreError::Connection(format!(
+            "invalid redis url '{url}': it needs a scheme, e.g. redis://{url} (rediss:// for TLS)"
+        )));
+    }
+    let invalid = |e: redis::RedisError| StoreError::Connection(format!("invalid redis url: {e}"));
+    let client = match tls {
+        None => redis::Client::open(url).map_err(invalid)?,
+        Some(tls) => {
+            if !url.starts_with("rediss://") {
+                return Err(StoreError::Connection(
+                    "TLS certificates given, but the redis url is not rediss://".to_owned(),
+                ));
+            }
+            redis::Client::build_with_tls(url, tls.certificates()).map_err(|e| {
+                StoreError::Connection(format!("invalid redis TLS certificates: {e}"))
+            })?
+        }
+    };
+    Ok(client.get_connection_info().clone())
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("connections", &self.connections)
+            .field("live_connections", &self.node.live_lanes())
             .field("timeout", &self.timeout)
             .field("time", &self.time)
             .finish()
@@ -263,20 +317,18 @@ impl CounterStore for RedisStore {
         }
         let invocation = invocation(&self.script, hits, mode, &self.time);
         let reply: Vec<i64> = self
-            .run(self.with_connection(|mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            }))
+            .on_connection(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
         parse_reply(&reply, hits.len())
     }
 
     async fn ping(&self) -> Result<Option<String>, StoreError> {
-        self.run(self.with_connection(|mut conn| async move {
+        self.on_connection(|mut conn| async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
                 .map(|_| None)
-        }))
+        })
         .await
     }
 

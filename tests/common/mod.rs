@@ -3,8 +3,10 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod cluster;
+pub mod fault_proxy;
 pub mod pki;
 pub mod process;
+pub mod sentinel;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -41,6 +43,9 @@ pub struct RedisServer {
     extra_args: Vec<String>,
     /// Serves TLS only, on `port`.
     tls: bool,
+    /// Its working directory: a replica's full sync writes `dump.rdb`
+    /// there, which a later server started in the same place would load.
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -61,6 +66,7 @@ impl RedisServer {
             port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             tls: false,
+            dir: tempfile::tempdir().unwrap(),
         };
         server.restart();
         server
@@ -90,6 +96,7 @@ impl RedisServer {
             port,
             extra_args: args,
             tls: true,
+            dir: tempfile::tempdir().unwrap(),
         };
         server.restart();
         server
@@ -141,6 +148,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--dir", self.dir.path().to_str().unwrap()])
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

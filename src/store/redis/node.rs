@@ -1,0 +1,73 @@
+//! One Redis endpoint — a single server, the master the sentinels name, or
+//! one master of a cluster — as a few [`Lane`]s that concurrent requests
+//! share round-robin, pipelined.
+//!
+//! A request takes the next lane with a live connection; only when none has
+//! one does it wait (within its deadline) for its lane's connect. So one
+//! lane being replaced never stalls the others, and a decision is exactly
+//! one request to Redis.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::lane::{Call, Lane, LaneSettings};
+use crate::store::StoreError;
+
+/// The lanes of one endpoint.
+#[derive(Debug)]
+pub(crate) struct Node {
+    lanes: Box<[Arc<Lane>]>,
+    next: AtomicUsize,
+}
+
+impl Node {
+    /// `count` lanes, starting to connect in the background at once.
+    pub(crate) fn new(count: usize, settings: LaneSettings) -> Self {
+        let settings = Arc::new(settings);
+        let lanes: Box<[Arc<Lane>]> = (0..count.max(1))
+            .map(|_| Lane::new(settings.clone()))
+            .collect();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            for lane in &lanes {
+                lane.warm();
+            }
+        }
+        Self {
+            lanes,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A call on the next lane with a live connection, or else on the next
+    /// lane once it has connected (callers bound the wait).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Connection`] when that lane backs off after failed
+    /// connects.
+    pub(crate) async fn call(&self) -> Result<Call<'_>, StoreError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let count = self.lanes.len();
+        let chosen = (0..count)
+            .map(|i| &self.lanes[(start + i) % count])
+            .find(|lane| lane.is_live())
+            .unwrap_or(&self.lanes[start % count]);
+        // Empty lanes start connecting now rather than on their turn.
+        for lane in self.lanes.iter() {
+            lane.warm();
+        }
+        chosen.call().await
+    }
+
+    /// Lanes with a live connection now.
+    pub(crate) fn live_lanes(&self) -> usize {
+        self.lanes.iter().filter(|lane| lane.is_live()).count()
+    }
+
+    /// Replaces every connection (the endpoint now means another server).
+    pub(crate) fn retire_all(&self, why: &str) {
+        for lane in self.lanes.iter() {
+            lane.retire_current(why);
+        }
+    }
+}
