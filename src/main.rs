@@ -252,6 +252,7 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 .collect();
             let cluster = RedisClusterStore::new(&RedisClusterSettings {
                 nodes,
+                pool_size: args.redis_pool_size,
                 timeout: args.store_timeout,
                 connect_timeout: args.redis_connect_timeout,
                 tls: redis_tls(args)?,
@@ -302,6 +303,8 @@ async fn run(
     store: Arc<dyn CounterStore>,
     tls: Option<TlsSettings>,
 ) -> anyhow::Result<()> {
+    // Before any port is bound: a SIGTERM from here on is a clean shutdown.
+    let shutdown = ratekeeper::shutdown::signal();
     let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("binding --grpc-addr {}", args.grpc_addr))?;
@@ -371,7 +374,7 @@ async fn run(
                 admin: Some(admin),
                 metrics,
             },
-            ratekeeper::shutdown::signal(),
+            shutdown,
         )
         .await?;
     tracing::info!("ratekeeper stopped");

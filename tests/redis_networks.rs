@@ -42,6 +42,10 @@ const MARGIN: Duration = Duration::from_secs(1);
 /// No single call may take longer than the deadline plus this.
 const CALL_SLACK: Duration = Duration::from_millis(500);
 
+/// The tests of this file measure latency-bound recovery: one at a time, so
+/// they do not slow each other down on a small machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The store as `serve --store redis` builds it: default settings, breaker.
 fn store(settings: RedisSettings) -> Arc<dyn CounterStore> {
     Arc::new(CircuitBreaker::new(
@@ -118,11 +122,13 @@ struct Report {
 }
 
 fn report(samples: &[Sample], fault: Instant) -> Report {
-    let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= fault).collect();
+    // A call still in flight when the fault hit belongs to "after".
+    let ended_before = |s: &&Sample| s.at + s.took < fault;
+    let after: Vec<&Sample> = samples.iter().filter(|s| !ended_before(s)).collect();
     let first = samples[0].at;
     let failed_before: Vec<_> = samples
         .iter()
-        .filter(|s| s.at < fault && !s.ok)
+        .filter(|s| ended_before(s) && !s.ok)
         .map(|s| (s.at - first, s.took))
         .collect();
     assert!(
@@ -140,7 +146,7 @@ fn report(samples: &[Sample], fault: Instant) -> Report {
         recovered_after: after
             .iter()
             .filter(|s| !s.ok)
-            .map(|s| (s.at + s.took).duration_since(fault))
+            .map(|s| (s.at + s.took).saturating_duration_since(fault))
             .max()
             .unwrap_or_default(),
         slowest: samples.iter().map(|s| s.took).max().unwrap_or_default(),
@@ -166,6 +172,20 @@ impl Report {
     }
 }
 
+/// How long after `started` the server's `/readyz` first said ready.
+async fn until_ready(server: &TestServer, started: Instant) -> Duration {
+    loop {
+        if http_get(server.admin_addr, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The remaining count of `user=tally` after taking `cost` more.
 async fn tally(client: &mut RateLimiterClient<Channel>, cost: u64) -> u64 {
     client
@@ -179,6 +199,7 @@ async fn tally(client: &mut RateLimiterClient<Channel>, cost: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_connections_are_replaced_within_a_second() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into());
     let server = serve(store(RedisSettings::new(proxy.url()))).await;
@@ -197,6 +218,7 @@ async fn half_open_connections_are_replaced_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_behind_the_endpoint_is_followed_within_a_second() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let old = RedisServer::start();
     let new = RedisServer::start_with(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
     let proxy = FaultProxy::start(([127, 0, 0, 1], old.port).into());
@@ -238,21 +260,13 @@ async fn a_failover_behind_the_endpoint_is_followed_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_3_ms_away_is_ready_within_a_second_and_fails_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into());
     proxy.set_delay(Duration::from_millis(3));
     let started = Instant::now();
     let server = serve(store(RedisSettings::new(proxy.url()))).await;
-    let ready_after = loop {
-        if http_get(server.admin_addr, "/readyz")
-            .await
-            .starts_with("HTTP/1.1 200")
-        {
-            break started.elapsed();
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "never ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let ready_after = until_ready(&server, started).await;
     let steady = Steady::start(server.client().await);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let samples = steady.finish().await;
@@ -268,6 +282,7 @@ async fn a_redis_3_ms_away_is_ready_within_a_second_and_fails_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed_within_a_second() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let set = SentinelSet::start();
     let redis = RedisStore::with_sentinels(
         &RedisSettings::new("redis://unused"),
@@ -312,4 +327,89 @@ async fn a_sentinel_failover_is_followed_within_a_second() {
         counted - 1,
         "the count went on"
     );
+}
+
+/// The cluster store as `serve --store redis-cluster` builds it.
+fn cluster_store(cluster: &common::cluster::RedisCluster) -> Arc<dyn CounterStore> {
+    use ratekeeper::store::RedisClusterStore;
+    use ratekeeper::store::redis_cluster::RedisClusterSettings;
+    Arc::new(CircuitBreaker::new(
+        Arc::new(
+            RedisClusterStore::new(&RedisClusterSettings {
+                nodes: cluster.urls(),
+                pool_size: 4,
+                timeout: DEADLINE,
+                connect_timeout: Duration::from_secs(1),
+                tls: None,
+                expiry_jitter: Duration::ZERO,
+            })
+            .unwrap(),
+        ),
+        3,
+        Duration::from_millis(200),
+    ))
+}
+
+/// The port (as announced: its proxy's) of the master that serves the
+/// steady client's key.
+fn steady_master(cluster: &common::cluster::RedisCluster) -> u16 {
+    let keys: Vec<Vec<u8>> = cluster
+        .ports
+        .iter()
+        .flat_map(|port| cluster.keys_on(*port))
+        .filter(|k| k.windows(6).any(|w| w == b"steady"))
+        .collect();
+    cluster.master_of(&keys[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_to_one_cluster_master_are_replaced_within_a_second() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = common::cluster::RedisCluster::start_behind_proxies();
+    let server = serve(cluster_store(&cluster)).await;
+    // One call puts the key in place; then find its master (blocking
+    // fixture calls, made before the steady client runs).
+    let mut client = server.client().await;
+    client
+        .should_allow(allow_request("net", &[&[("user", "steady")]], 1))
+        .await
+        .unwrap();
+    let announced = steady_master(&cluster);
+    let steady = Steady::start(client);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let proxy = cluster
+        .proxies
+        .iter()
+        .find(|p| p.port == announced)
+        .expect("the master is reached through its proxy");
+
+    let fault = Instant::now();
+    proxy.silence_open_connections();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let samples = steady.finish().await;
+    let report = report(&samples, fault);
+    report.check("half-open connections to one cluster master");
+    assert!(report.failed > 0, "the fault was never felt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_3_ms_away_is_ready_within_a_second_and_fails_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = common::cluster::RedisCluster::start_behind_proxies();
+    for proxy in &cluster.proxies {
+        proxy.set_delay(Duration::from_millis(3));
+    }
+    let started = Instant::now();
+    let server = serve(cluster_store(&cluster)).await;
+    let ready_after = until_ready(&server, started).await;
+    let steady = Steady::start(server.client().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let samples = steady.finish().await;
+    let failed = samples.iter().filter(|s| !s.ok).count();
+    println!(
+        "redis cluster 3 ms away: ready {ready_after:?} after start; {failed} of {} calls failed",
+        samples.len()
+    );
+    assert!(ready_after < TARGET + MARGIN, "ready after {ready_after:?}");
+    assert_eq!(failed, 0, "calls failed at a steady rate");
 }

@@ -53,7 +53,6 @@ enum Needs {
 
 const REDIS: &[StoreKind] = &[StoreKind::Redis];
 const SENTINEL: &[StoreKind] = &[StoreKind::RedisSentinel];
-const LANES: &[StoreKind] = &[StoreKind::Redis, StoreKind::RedisSentinel];
 const SHARED: &[StoreKind] = &[
     StoreKind::Redis,
     StoreKind::RedisCluster,
@@ -71,10 +70,7 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
     };
     let rules: [(&str, Needs); 21] = [
         ("redis_url", Needs::Store(REDIS, "--store redis")),
-        (
-            "redis_pool_size",
-            Needs::Store(LANES, "--store redis or redis-sentinel"),
-        ),
+        ("redis_pool_size", Needs::Store(SHARED, SHARED_STORES)),
         (
             "redis_sentinel_nodes",
             Needs::Store(SENTINEL, "--store redis-sentinel"),

@@ -6,9 +6,17 @@
 //! key of a slot atomically. A request whose descriptors share a slot costs
 //! one script call; one spread over N slots costs N calls sent at once, so
 //! its latency is that of the slowest node, not the sum (envoyproxy/ratelimit
-//! pays N serial round trips). MOVED/ASK redirections, topology refreshes and
-//! failover are the cluster client's (redis-rs); the whole call, retries
-//! included, runs under the store deadline.
+//! pays N serial round trips).
+//!
+//! Each master is a [`Node`] of its own — lanes with the same lifecycle as
+//! the single-node store (background connects, retired on I/O errors, on
+//! `READONLY` after a failover, on silence) — so one slow, silent or dead
+//! master costs only its own slots, never a reconnect to the whole cluster.
+//! The slot map ([`topology`]) comes from `CLUSTER SLOTS`, refreshed in the
+//! background when a node fails or redirects; `MOVED` re-routes the call
+//! (and updates the map at once), `ASK` retries on the importing node after
+//! `ASKING`, `TRYAGAIN` and `CLUSTERDOWN` are retried, all within the
+//! call's deadline.
 //!
 //! Decisions within a slot are atomic, as on a single Redis. Across slots:
 //! - `Independent` (Envoy) and dry runs are exact, each slot on its own;
@@ -21,19 +29,24 @@
 //! - upstream's stop-increment mode likewise judges first, then counts only
 //!   the over-limit descriptors when there are any.
 
+mod topology;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use futures_util::future::try_join_all;
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot};
+use futures_util::future::{join_all, try_join_all};
 
 use super::redis::{BATCH_SCRIPT, RedisTls, ScriptTime, invocation, parse_reply, store_error};
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
+use topology::{Cluster, Redirect, slot};
+
+/// Attempts of one slot's call across redirections and retries (all within
+/// the deadline).
+const MAX_ATTEMPTS: usize = 5;
+/// Pause before retrying a slot the cluster says to try again.
+const RETRY_PAUSE: Duration = Duration::from_millis(2);
 
 /// How to reach a Redis Cluster.
 #[derive(Debug, Clone)]
@@ -41,9 +54,11 @@ pub struct RedisClusterSettings {
     /// Seed nodes, `redis://[user:password@]host:port` or `rediss://…`;
     /// the rest of the cluster is discovered from them.
     pub nodes: Vec<String>,
-    /// Deadline of one store call, retries and redirections included.
+    /// Connections (lanes) per master.
+    pub pool_size: usize,
+    /// Deadline of one store call, redirections and retries included.
     pub timeout: Duration,
-    /// Deadline for opening one node connection.
+    /// Deadline for opening one node connection, in the background.
     pub connect_timeout: Duration,
     /// Certificates for `rediss://` nodes.
     pub tls: Option<RedisTls>,
@@ -54,20 +69,15 @@ pub struct RedisClusterSettings {
 /// The Redis Cluster counter store.
 #[derive(Clone)]
 pub struct RedisClusterStore {
-    client: ClusterClient,
-    /// One multiplexed cluster connection shared by every request (it holds
-    /// a connection per node and routes each call by slot); made on first
-    /// use, and again after a failure to connect.
-    connection: Arc<ArcSwapOption<ClusterConnection>>,
-    connecting: Arc<tokio::sync::Mutex<()>>,
+    cluster: Arc<Cluster>,
     script: Arc<redis::Script>,
     timeout: Duration,
     time: ScriptTime,
 }
 
 impl RedisClusterStore {
-    /// A store for the cluster the seed `settings.nodes` belong to. Nothing
-    /// connects until the first call.
+    /// A store for the cluster the seed `settings.nodes` belong to. The slot
+    /// map is fetched in the background from now on.
     ///
     /// # Errors
     ///
@@ -78,30 +88,24 @@ impl RedisClusterStore {
                 "no Redis Cluster nodes given".to_owned(),
             ));
         }
-        let mut builder = ClusterClient::builder(settings.nodes.clone())
-            .connection_timeout(settings.connect_timeout)
-            .response_timeout(settings.timeout)
-            // Redirections and failover are retried within the deadline,
-            // which bounds the whole call anyway.
-            .retries(3)
-            .min_retry_wait(5)
-            .max_retry_wait(settings.timeout.as_millis().try_into().unwrap_or(u64::MAX));
-        if let Some(tls) = &settings.tls {
-            if !settings.nodes.iter().all(|n| n.starts_with("rediss://")) {
-                return Err(StoreError::Connection(
-                    "TLS certificates given, but the cluster nodes are not rediss://".to_owned(),
-                ));
-            }
-            builder = builder.certs(tls.certificates());
+        if settings.tls.is_some() && !settings.nodes.iter().all(|n| n.starts_with("rediss://")) {
+            return Err(StoreError::Connection(
+                "TLS certificates given, but the cluster nodes are not rediss://".to_owned(),
+            ));
         }
-        let client = builder
-            .build()
-            .map_err(|e| StoreError::Connection(format!("invalid redis cluster nodes: {e}")))?;
+        let seeds = settings
+            .nodes
+            .iter()
+            .map(|node| {
+                super::redis::connection_info(node, settings.tls.as_ref()).map_err(|e| {
+                    StoreError::Connection(format!("invalid redis cluster nodes: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let script = Arc::new(redis::Script::new(BATCH_SCRIPT));
         Ok(Self {
-            client,
-            connection: Arc::default(),
-            connecting: Arc::default(),
-            script: Arc::new(redis::Script::new(BATCH_SCRIPT)),
+            cluster: Cluster::new(seeds, settings, script.clone()),
+            script,
             timeout: settings.timeout,
             time: ScriptTime::with_jitter(settings.expiry_jitter),
         })
@@ -113,52 +117,65 @@ impl RedisClusterStore {
         self
     }
 
-    async fn connection(&self) -> Result<Arc<ClusterConnection>, StoreError> {
-        if let Some(connection) = self.connection.load_full() {
-            return Ok(connection);
+    /// One script call for hits that all live on one slot, following
+    /// redirections.
+    async fn eval(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
+        let slot = slot(hits[0].key);
+        let mut node = self.cluster.master_of(slot).await?;
+        let mut asking = false;
+        let mut last = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let call = node.call().await?;
+            let invocation = invocation(&self.script, hits, mode, &self.time);
+            let mut conn = call.connection();
+            let result: redis::RedisResult<Vec<i64>> = if asking {
+                // ASKING holds for the next command on this connection only;
+                // pipelined with it, nothing can come between.
+                redis::pipe()
+                    .cmd("ASKING")
+                    .ignore()
+                    .invoke_script(&invocation)
+                    .query_async::<(Vec<i64>,)>(&mut conn)
+                    .await
+                    .map(|(reply,)| reply)
+            } else {
+                invocation.invoke_async(&mut conn).await
+            };
+            let redirect = result.as_ref().err().and_then(Redirect::of);
+            // A redirection says nothing bad about the connection.
+            call.end(result.as_ref().err().filter(|_| redirect.is_none()));
+            match (result, redirect) {
+                (Ok(reply), _) => return parse_reply(&reply, hits.len()),
+                (Err(_), Some(Redirect::Moved { slot, address })) => {
+                    node = self.cluster.moved(slot, &address);
+                    asking = false;
+                }
+                (Err(_), Some(Redirect::Ask { address })) => {
+                    node = self.cluster.node(&address);
+                    asking = true;
+                }
+                (Err(error), Some(Redirect::TryAgain)) => {
+                    self.cluster.request_refresh();
+                    last = Some(store_error(&error));
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    node = self.cluster.master_of(slot).await?;
+                }
+                (Err(error), None) => {
+                    // A failing master may have failed over: look again.
+                    self.cluster.request_refresh();
+                    return Err(store_error(&error));
+                }
+            }
         }
-        let _connecting = self.connecting.lock().await;
-        if let Some(connection) = self.connection.load_full() {
-            return Ok(connection);
-        }
-        let connection = Arc::new(
-            self.client
-                .get_async_connection()
-                .await
-                .map_err(|e| StoreError::Connection(e.to_string()))?,
-        );
-        self.connection.store(Some(connection.clone()));
-        Ok(connection)
-    }
-
-    /// Drops `failed` as the shared connection (unless already replaced), so
-    /// the next call connects afresh and rediscovers the topology: after a
-    /// failover, a connection that keeps a dead master's address would
-    /// otherwise spend every call's deadline on it.
-    fn discard(&self, failed: &Arc<ClusterConnection>) {
-        self.connection
-            .compare_and_swap(failed, None::<Arc<ClusterConnection>>);
-    }
-
-    /// One script call for hits that all live on one slot.
-    async fn eval(
-        &self,
-        mut connection: ClusterConnection,
-        hits: &[BatchHit<'_>],
-        mode: Mode,
-    ) -> Result<Vec<Outcome>, StoreError> {
-        let reply: Vec<i64> = invocation(&self.script, hits, mode, &self.time)
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|e| store_error(&e))?;
-        parse_reply(&reply, hits.len())
+        Err(last.unwrap_or_else(|| {
+            StoreError::Backend(format!("slot {slot}: redirected {MAX_ATTEMPTS} times"))
+        }))
     }
 
     /// Runs every slot's group at once, each in its mode; the outcomes come
     /// back in the order of `hits`.
     async fn eval_groups(
         &self,
-        connection: &ClusterConnection,
         hits: &[BatchHit<'_>],
         groups: &[SlotGroup],
         modes: impl Fn(&SlotGroup) -> Mode,
@@ -166,8 +183,7 @@ impl RedisClusterStore {
         let calls = groups.iter().map(|group| {
             let group_hits: Vec<BatchHit<'_>> = group.indexes.iter().map(|&i| hits[i]).collect();
             let mode = modes(group);
-            let connection = connection.clone();
-            async move { self.eval(connection, &group_hits, mode).await }
+            async move { self.eval(&group_hits, mode).await }
         });
         let replies = try_join_all(calls).await?;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; hits.len()];
@@ -182,44 +198,15 @@ impl RedisClusterStore {
             .ok_or_else(|| StoreError::Protocol("a slot returned too few outcomes".to_owned()))
     }
 
-    /// Runs `call` on the shared connection under the store deadline. When
-    /// it fails or misses the deadline, the connection is dropped so the
-    /// next call connects afresh (see [`Self::discard`]).
-    async fn on_connection<T>(
-        &self,
-        call: impl AsyncFnOnce(ClusterConnection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut used = None;
-        let result = super::within(self.timeout, async {
-            let connection = self.connection().await?;
-            used = Some(connection.clone());
-            call((*connection).clone()).await
-        })
-        .await;
-        if let (Err(_), Some(connection)) = (&result, &used) {
-            self.discard(connection);
-        }
-        result
-    }
-
-    async fn decide(
-        &self,
-        connection: ClusterConnection,
-        hits: &[BatchHit<'_>],
-        mode: Mode,
-    ) -> Result<Vec<Outcome>, StoreError> {
+    async fn decide(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
         let groups = group_by_slot(hits);
         if let [_] = groups.as_slice() {
-            return self.eval(connection, hits, mode).await;
+            return self.eval(hits, mode).await;
         }
         match mode {
-            Mode::Independent | Mode::DryRun => {
-                self.eval_groups(&connection, hits, &groups, |_| mode).await
-            }
+            Mode::Independent | Mode::DryRun => self.eval_groups(hits, &groups, |_| mode).await,
             Mode::AllOrNothing => {
-                let judged = self
-                    .eval_groups(&connection, hits, &groups, |_| Mode::DryRun)
-                    .await?;
+                let judged = self.eval_groups(hits, &groups, |_| Mode::DryRun).await?;
                 let admitted = !hits
                     .iter()
                     .zip(&judged)
@@ -227,22 +214,18 @@ impl RedisClusterStore {
                 if !admitted {
                     return Ok(judged);
                 }
-                self.eval_groups(&connection, hits, &groups, |_| Mode::AllOrNothing)
+                self.eval_groups(hits, &groups, |_| Mode::AllOrNothing)
                     .await
             }
             Mode::StopIncrementWhenOverLimit => {
-                let judged = self
-                    .eval_groups(&connection, hits, &groups, |_| Mode::DryRun)
-                    .await?;
+                let judged = self.eval_groups(hits, &groups, |_| Mode::DryRun).await?;
                 let over: Vec<bool> = judged.iter().map(|o| !o.allowed).collect();
                 if !over.contains(&true) {
-                    return self
-                        .eval_groups(&connection, hits, &groups, |_| Mode::Independent)
-                        .await;
+                    return self.eval_groups(hits, &groups, |_| Mode::Independent).await;
                 }
                 // Only the over-limit descriptors count: their slots decide
                 // again by stop-increment, the others are only judged.
-                self.eval_groups(&connection, hits, &groups, |group| {
+                self.eval_groups(hits, &groups, |group| {
                     if group.indexes.iter().any(|&i| over[i]) {
                         Mode::StopIncrementWhenOverLimit
                     } else {
@@ -258,7 +241,7 @@ impl RedisClusterStore {
 impl std::fmt::Debug for RedisClusterStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisClusterStore")
-            .field("connected", &self.connection.load().is_some())
+            .field("cluster", &self.cluster)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -270,42 +253,49 @@ impl CounterStore for RedisClusterStore {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        self.on_connection(async |connection| self.decide(connection, hits, mode).await)
-            .await
+        super::within(self.timeout, self.decide(hits, mode)).await
     }
 
-    /// Pings every master: ready while any answers (the slots of a dead
-    /// master fail until failover, the rest are decided), with the failure
-    /// as the degraded detail.
+    /// Pings every master at once: ready while any answers (the slots of a
+    /// dead master fail until its replica takes over, the rest are
+    /// decided), with the masters that do not answer as the degraded detail.
     async fn ping(&self) -> Result<Option<String>, StoreError> {
-        let masters =
-            |policy| RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(policy)));
-        let connection = super::within(self.timeout, self.connection()).await?;
-        let mut every = (*connection).clone();
-        let all = super::within(self.timeout, async {
-            every
-                .route_command(redis::cmd("PING"), masters(ResponsePolicy::AllSucceeded))
-                .await
-                .map_err(|e| store_error(&e))
-        })
-        .await;
-        let Err(partial) = all else {
+        let masters = super::within(self.timeout, self.cluster.masters()).await?;
+        let pings = masters.iter().map(|(address, node)| async move {
+            let result = super::within(self.timeout, async {
+                let call = node.call().await?;
+                let result = redis::cmd("PING")
+                    .query_async::<String>(&mut call.connection())
+                    .await;
+                call.end(result.as_ref().err());
+                result.map_err(|e| store_error(&e))
+            })
+            .await;
+            (address, result)
+        });
+        let results = join_all(pings).await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|(address, result)| {
+                result.as_ref().err().map(|e| format!("{address}: {e}"))
+            })
+            .collect();
+        if failed.is_empty() {
             return Ok(None);
-        };
-        let mut any = (*connection).clone();
-        let some = super::within(self.timeout, async {
-            any.route_command(redis::cmd("PING"), masters(ResponsePolicy::OneSucceeded))
-                .await
-                .map_err(|e| store_error(&e))
-        })
-        .await;
-        match some {
-            Ok(_) => Ok(Some(format!("not every master answers: {partial}"))),
-            Err(error) => {
-                self.discard(&connection);
-                Err(error)
-            }
         }
+        self.cluster.request_refresh();
+        if failed.len() == results.len() {
+            return Err(StoreError::Connection(format!(
+                "no cluster master answers: {}",
+                failed.join("; ")
+            )));
+        }
+        Ok(Some(format!(
+            "{} of {} masters do not answer: {}",
+            failed.len(),
+            results.len(),
+            failed.join("; ")
+        )))
     }
 
     fn backend(&self) -> &'static str {
@@ -316,7 +306,7 @@ impl CounterStore for RedisClusterStore {
 /// The hits of one request that live on one slot, by index.
 #[derive(Debug)]
 struct SlotGroup {
-    slot: Slot,
+    slot: u16,
     indexes: Vec<usize>,
 }
 
@@ -325,7 +315,7 @@ struct SlotGroup {
 fn group_by_slot(hits: &[BatchHit<'_>]) -> Vec<SlotGroup> {
     let mut groups: Vec<SlotGroup> = Vec::new();
     for (i, hit) in hits.iter().enumerate() {
-        let slot = Slot::for_key(hit.key);
+        let slot = slot(hit.key);
         match groups.iter_mut().find(|group| group.slot == slot) {
             Some(group) => group.indexes.push(i),
             None => groups.push(SlotGroup {
@@ -372,10 +362,11 @@ mod tests {
         assert_eq!(groups, [vec![0, 2], vec![1, 3], vec![4]]);
     }
 
-    #[test]
-    fn settings_are_validated() {
+    #[tokio::test]
+    async fn settings_are_validated() {
         let settings = |nodes: &[&str], tls: Option<RedisTls>| RedisClusterSettings {
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            pool_size: 1,
             timeout: Duration::from_millis(10),
             connect_timeout: Duration::from_millis(10),
             tls,

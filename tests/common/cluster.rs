@@ -5,12 +5,17 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::fault_proxy::FaultProxy;
 use super::free_port;
 
 /// The cluster; `nodes[i]` runs on `ports[i]`.
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Option<Child>>,
+    /// With [`RedisCluster::start_behind_proxies`], the fault proxy in front
+    /// of each node (`proxies[i]` for `ports[i]`); the nodes announce the
+    /// proxies' ports to clients, so clients connect through them.
+    pub proxies: Vec<FaultProxy>,
     _dir: tempfile::TempDir,
 }
 
@@ -21,24 +26,54 @@ const NODE_TIMEOUT_MS: u64 = 1_000;
 impl RedisCluster {
     /// Starts 3 masters and 3 replicas and waits until every slot is served.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// As [`RedisCluster::start`], with a fault proxy in front of every node
+    /// that clients reach it through (the cluster bus stays direct).
+    pub fn start_behind_proxies() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(proxied: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let proxies: Vec<FaultProxy> = if proxied {
+            ports
+                .iter()
+                .map(|port| FaultProxy::start(([127, 0, 0, 1], *port).into()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let children = ports
             .iter()
-            .map(|port| {
+            .enumerate()
+            .map(|(i, port)| {
                 // The cluster bus port defaults to port + 10000, which a
                 // parallel test could pick too: take a free one instead.
                 let bus_port = free_port();
+                let announce: Vec<String> = match proxies.get(i) {
+                    Some(proxy) => vec![
+                        "--cluster-announce-port".into(),
+                        proxy.port.to_string(),
+                        "--cluster-announce-bus-port".into(),
+                        bus_port.to_string(),
+                    ],
+                    None => Vec::new(),
+                };
                 let child = Command::new("redis-server")
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                     .args(["--cluster-enabled", "yes"])
                     .args(["--cluster-port", &bus_port.to_string()])
                     .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                    .args(["--dbfilename", &format!("dump-{port}.rdb")])
                     .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
                     // A replica takes over however long its link was down.
                     .args(["--cluster-replica-validity-factor", "0"])
                     .args(["--dir", dir.path().to_str().unwrap()])
                     .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                    .args(&announce)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
@@ -49,6 +84,7 @@ impl RedisCluster {
         let cluster = RedisCluster {
             ports,
             children,
+            proxies,
             _dir: dir,
         };
         for port in &cluster.ports {
@@ -245,6 +281,12 @@ impl RedisCluster {
             .args(["--cluster-yes"])
             .output()
             .unwrap()
+    }
+
+    /// The proxy of the node on `port`.
+    pub fn proxy_of(&self, port: u16) -> &FaultProxy {
+        let i = self.ports.iter().position(|p| *p == port).unwrap();
+        &self.proxies[i]
     }
 
     /// Ports of the live masters.
