@@ -214,6 +214,14 @@ async fn half_open_connections_are_replaced_within_a_second() {
     report.check("half-open connections");
     assert!(report.failed > 0, "the fault was never felt");
     assert!(proxy.accepted() > 4, "the connections were replaced");
+    // The breaker opened (calls answered without waiting) and closed again
+    // (the last calls were answered by Redis).
+    let metrics = http_get(server.admin_addr, "/metrics").await;
+    assert!(
+        metrics
+            .contains(r#"ratelimit_storage_errors_total{backend="redis",reason="circuit_open"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
