@@ -94,11 +94,28 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The async runtime: one thread when the process may use one CPU (or
+/// `--worker-threads 1`), where a current-thread runtime has no cross-thread
+/// wakeups or work stealing to pay for; else a multi-thread runtime.
+fn runtime(args: &ServeArgs) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = args.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(&args) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the async runtime: {error}");

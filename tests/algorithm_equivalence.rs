@@ -55,8 +55,10 @@ impl Rng {
     }
 }
 
-/// One counter of the sequence: a key with its current rule.
+/// One counter of the sequence: a key (named after its algorithm and window,
+/// as production keys are) with its current rule.
 struct Counter {
+    id: usize,
     key: Vec<u8>,
     algorithm: AlgorithmKind,
     quota: Quota,
@@ -94,7 +96,8 @@ fn counters(rng: &mut Rng, kinds: &[AlgorithmKind]) -> Vec<Counter> {
             let algorithm = kinds[i % kinds.len()];
             let window_ms = WINDOWS[rng.below(WINDOWS.len() as u64) as usize];
             Counter {
-                key: format!("equivalence:{i}").into_bytes(),
+                id: i,
+                key: counter_key(i, algorithm, window_ms),
                 algorithm,
                 quota: rule(rng, algorithm, window_ms),
             }
@@ -102,8 +105,12 @@ fn counters(rng: &mut Rng, kinds: &[AlgorithmKind]) -> Vec<Counter> {
         .collect()
 }
 
+fn counter_key(id: usize, algorithm: AlgorithmKind, window_ms: u64) -> Vec<u8> {
+    format!("equivalence:{id}|{}|{window_ms}", algorithm.tag()).into_bytes()
+}
+
 /// Changes a counter's rule under its live key: usually only the limit (what
-/// a reload does), sometimes the window or the algorithm too.
+/// a reload does), sometimes the window or the algorithm too (a new key).
 fn change_rule(rng: &mut Rng, counter: &mut Counter, kinds: &[AlgorithmKind]) {
     if rng.one_in(4) {
         counter.algorithm = kinds[rng.below(kinds.len() as u64) as usize];
@@ -114,6 +121,7 @@ fn change_rule(rng: &mut Rng, counter: &mut Counter, kinds: &[AlgorithmKind]) {
         counter.quota.window_ms
     };
     counter.quota = rule(rng, counter.algorithm, window_ms);
+    counter.key = counter_key(counter.id, counter.algorithm, window_ms);
 }
 
 async fn run_sequence(kinds: &[AlgorithmKind]) {

@@ -599,7 +599,7 @@ async fn serve_counts_in_the_master_the_sentinels_name() {
         .into_inner();
     assert!(response.allowed);
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("rk3:*")
+        .arg("rk4:*")
         .query(&mut set.primary.connection())
         .unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");

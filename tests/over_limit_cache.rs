@@ -24,13 +24,13 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 100}
 "#;
 
-fn evalsha_calls(redis: &RedisServer) -> u64 {
+fn decision_calls(redis: &RedisServer) -> u64 {
     let info: String = ::redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut redis.connection())
         .unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .find_map(|l| l.strip_prefix("cmdstat_fcall:calls="))
         .and_then(|rest| rest.split(',').next())
         .map_or(0, |n| n.parse().unwrap())
 }
@@ -71,12 +71,12 @@ async fn repeat_offenders_are_denied_without_a_round_trip() {
     assert_eq!(call("a").await, (Code::Ok, 20));
     assert_eq!(call("a").await, (Code::Ok, 20));
     assert_eq!(call("a").await, (Code::OverLimit, 20));
-    let before = evalsha_calls(&redis);
+    let before = decision_calls(&redis);
     for _ in 0..5 {
         assert_eq!(call("a").await, (Code::OverLimit, 20));
     }
     assert_eq!(
-        evalsha_calls(&redis),
+        decision_calls(&redis),
         before,
         "cached denials went to Redis"
     );
@@ -91,7 +91,7 @@ async fn repeat_offenders_are_denied_without_a_round_trip() {
     // At the known reset time Redis decides again, and allows.
     clock.advance(20_000);
     assert_eq!(call("a").await, (Code::Ok, 60));
-    assert_eq!(evalsha_calls(&redis), before + 2);
+    assert_eq!(decision_calls(&redis), before + 2);
 }
 
 /// In an all-or-nothing request, a cached denial denies the request and the

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::RedisCluster;
+use common::coalescing::{Phase, decisions_keep_their_semantics};
 use common::{TestServer, allow_request, rules};
 use ratekeeper::Server;
 use ratekeeper::clock::ManualClock;
@@ -67,7 +68,7 @@ fn masters_with_keys(cluster: &RedisCluster) -> HashSet<u16> {
             cluster
                 .keys_on(**port)
                 .iter()
-                .any(|k| k.starts_with(b"rk3:"))
+                .any(|k| k.starts_with(b"rk4:"))
         })
         .map(|port| cluster.master_of(&cluster.keys_on(*port)[0]))
         .collect()
@@ -181,7 +182,7 @@ async fn master_failover_under_load_is_answered_by_policy_and_recovers() {
         .ports
         .iter()
         .flat_map(|port| cluster.keys_on(*port))
-        .find(|k| k.starts_with(b"rk3:"))
+        .find(|k| k.starts_with(b"rk4:"))
         .unwrap();
     let master = cluster.master_of(&key);
 
@@ -372,4 +373,28 @@ async fn one_dead_master_leaves_the_instance_ready() {
         "cluster master killed: ready in all {looks} looks over 4 s, {degraded} saying degraded"
     );
     assert!(degraded > 0, "the dead master was never reported");
+}
+
+/// Coalescing on a cluster: 64 concurrent decisions on one slot, held
+/// until all are queued, reach the slot's master as at most two calls per
+/// connection, and each keeps its own mode and answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_calls_keep_each_decisions_semantics() {
+    let cluster = RedisCluster::start();
+    let store = store(&cluster);
+    let key = |name: &str| format!("{{coalesce}}:{name}|fw|60000").into_bytes();
+    let master = cluster.master_of(&key("hot"));
+    let fcalls = AtomicU64::new(0);
+    decisions_keep_their_semantics(&store, key, |phase| match phase {
+        Phase::Queueing => {
+            cluster.reset_stats();
+            cluster.hold(true);
+        }
+        Phase::Queued => cluster.hold(false),
+        Phase::Answered => fcalls.store(cluster.calls(master, "fcall"), Ordering::Relaxed),
+    })
+    .await;
+    let fcalls = fcalls.into_inner();
+    // `store` has two connections to each master.
+    assert!((1..=4).contains(&fcalls), "{fcalls} calls for 64 decisions");
 }

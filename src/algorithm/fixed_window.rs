@@ -1,14 +1,18 @@
 //! Fixed windows aligned to the Unix epoch, as envoyproxy/ratelimit counts.
 //!
-//! State: `[window_start_ms, count, 0]`. A state from an older window counts
-//! as empty; one from a later window (the clock stepped back) keeps its
-//! count (see `align` in the parent module). `count + hits > limit` is over limit;
-//! equality is allowed (the N-th hit of an N-per-window limit passes with 0
-//! left). Rejected hits still count, as in the reference implementation, so
-//! a client hammering a denied key stays denied for the rest of the window.
-//! A count above a lowered limit simply denies until the window ends.
+//! State: the counts of the latest window and the one before it (see
+//! `window_counts` in the parent module), so a clock that steps back into
+//! the previous window finds that window's own count. `count + hits >
+//! limit` is over limit; equality is allowed (the N-th hit of an N-per-window
+//! limit passes with 0 left). Rejected hits still count, as in the reference
+//! implementation, so a client hammering a denied key stays denied for the
+//! rest of the window. A count above a lowered limit simply denies until the
+//! window ends.
 
-use super::{Algorithm, COUNT_CAP, Evaluation, Outcome, Quota, State, Stored, StoredWindow, align};
+use super::{
+    Algorithm, COUNT_CAP, Evaluation, Outcome, Quota, State, Stored, window_counts,
+    with_window_count,
+};
 
 /// The fixed window algorithm.
 #[derive(Debug, Clone, Copy, Default)]
@@ -16,17 +20,18 @@ pub struct FixedWindow;
 
 impl Algorithm for FixedWindow {
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation {
-        let window = align(now_ms, quota.window_ms, state[0]);
-        let count = match window.stored {
-            StoredWindow::Current => state[1].min(COUNT_CAP),
-            StoredWindow::Previous | StoredWindow::Older => 0,
-        };
+        let w = quota.window_ms;
+        let start = now_ms - now_ms % w;
+        let (count, _) = window_counts(state, start, w);
         let after = count.saturating_add(hits).min(COUNT_CAP);
         let allowed = after <= quota.limit;
-        let reset_after_ms = window.until_end;
+        let reset_after_ms = start + w - now_ms;
+        let written = with_window_count(state, start, w, after);
         let stored = Stored {
-            state: [window.start, after, 0],
-            expires_at_ms: window.start + quota.window_ms,
+            state: written,
+            // The latest window's end: the previous count matters only to
+            // a clock that steps back, while the key lives.
+            expires_at_ms: written[0] + w,
         };
         Evaluation {
             outcome: Outcome {
@@ -137,14 +142,14 @@ mod tests {
     }
 
     #[test]
-    fn a_backward_clock_step_keeps_the_count() {
-        // The window starting at t is used up; the clock then steps back
-        // 1 ms, into the previous window.
+    fn a_backward_clock_step_finds_that_windows_own_count() {
+        // Window [t - 60 s, t) is used up, then [t, t + 60 s); the clock
+        // then steps back 1 ms, into the first: still used up.
         let t = 1_700_000_040_000;
-        let got = run(&MINUTE, &[(t, 3), (t - 1, 1), (t - 1, 0), (t, 1)]);
-        assert_eq!(got[0], (true, 0, 60_000, None));
-        assert_eq!(got[1], (false, 0, 60_001, Some(60_001)));
-        assert_eq!(got[2], (false, 0, 60_001, Some(60_001)));
+        let got = run(&MINUTE, &[(t - 1_000, 3), (t, 3), (t - 1, 1), (t, 1)]);
+        assert_eq!(got[0], (true, 0, 1_000, None));
+        assert_eq!(got[1], (true, 0, 60_000, None));
+        assert_eq!(got[2], (false, 0, 1, Some(1)));
         assert_eq!(got[3], (false, 0, 60_000, Some(60_000)));
     }
 

@@ -106,63 +106,43 @@ pub trait Algorithm: Send + Sync + fmt::Debug {
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation;
 }
 
-/// Where the window a stored state was written for stands, seen from now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StoredWindow {
-    /// The state belongs to the window being evaluated.
-    Current,
-    /// The state belongs to the window just before it.
-    Previous,
-    /// The state is older (or absent): it counts nothing.
-    Older,
-}
-
-/// The window a window algorithm evaluates in (see [`align`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Aligned {
-    /// Start of the window, Unix ms.
-    pub start: u64,
-    /// Milliseconds of that window already elapsed at the evaluation.
-    pub elapsed: u64,
-    /// Milliseconds from the real now to the window's end.
-    pub until_end: u64,
-    /// Where the stored state's window stands.
-    pub stored: StoredWindow,
-}
-
-/// Aligns `now_ms` to its epoch-aligned window and places the stored
-/// window (starting at `stored_start`) relative to it.
+/// The window algorithms keep the counts of two windows:
+/// `[latest_start, latest_count, previous_count]`, the count of the window
+/// starting at `latest_start` and of the one before it. Seen from the
+/// window starting at `n` (length `w`), these are its own count and its
+/// predecessor's.
 ///
-/// A stored window later than now's comes from a clock that has since
-/// stepped back (NTP, or a failover to a Redis whose clock is behind).
-/// Treating it as empty would wipe the count and admit up to twice the
-/// limit, so a window up to one window ahead is treated conservatively: now
-/// is evaluated as the start of that window, with its counts kept (so a
-/// step back of up to one window never loses a hit, and holds a counter for
-/// at most two windows). A window further ahead counts as empty, so a clock
-/// that once ran far ahead cannot hold counters for as long as it was wrong.
-pub(crate) fn align(now_ms: u64, window_ms: u64, stored_start: u64) -> Aligned {
-    let start = now_ms - now_ms % window_ms;
-    if stored_start > start && stored_start - start <= window_ms {
-        return Aligned {
-            start: stored_start,
-            elapsed: 0,
-            until_end: stored_start + window_ms - now_ms,
-            stored: StoredWindow::Current,
-        };
-    }
-    let stored = if stored_start == start {
-        StoredWindow::Current
-    } else if stored_start.saturating_add(window_ms) == start {
-        StoredWindow::Previous
+/// A window one before the latest is the previous one: a clock that stepped
+/// back (NTP, or a failover to a Redis whose clock is behind) finds that
+/// window's own count, so no hit is ever lost and no window admits more than
+/// its limit by its own clock. A window further back, or further ahead than
+/// the next, counts nothing. (In Redis the same state is a hash with one
+/// field per window start.)
+pub(crate) fn window_counts(state: State, n: u64, w: u64) -> (u64, u64) {
+    let [latest, count, previous] = state;
+    if n == latest {
+        (count, previous)
+    } else if n == latest.saturating_add(w) {
+        (0, count)
+    } else if latest >= w && n == latest - w {
+        (previous, 0)
     } else {
-        StoredWindow::Older
-    };
-    Aligned {
-        start,
-        elapsed: now_ms - start,
-        until_end: start + window_ms - now_ms,
-        stored,
+        (0, 0)
+    }
+}
+
+/// The state of [`window_counts`] after the window starting at `n` counts
+/// `count`.
+pub(crate) fn with_window_count(state: State, n: u64, w: u64, count: u64) -> State {
+    let [latest, latest_count, previous] = state;
+    if n == latest {
+        [latest, count, previous]
+    } else if n == latest.saturating_add(w) {
+        [n, count, latest_count]
+    } else if latest >= w && n == latest - w {
+        [latest, latest_count, count]
+    } else {
+        [n, count, 0]
     }
 }
 

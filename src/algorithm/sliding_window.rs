@@ -8,10 +8,13 @@
 //!
 //! All arithmetic is exact in integers scaled by the window length (hits ×
 //! ms); the loader keeps `limit × window_ms` ≤ 2^53 so the Lua twin computes
-//! the same numbers with doubles. State: `[window_start_ms, current, previous]`.
-//! Rejected hits do not count.
+//! the same numbers with doubles. State: the counts of the latest window and
+//! the one before it (see `window_counts` in the parent module). Rejected
+//! hits do not count.
 
-use super::{Algorithm, Evaluation, Outcome, Quota, State, Stored, StoredWindow, align};
+use super::{
+    Algorithm, Evaluation, Outcome, Quota, State, Stored, window_counts, with_window_count,
+};
 
 /// The sliding window algorithm.
 #[derive(Debug, Clone, Copy, Default)]
@@ -20,18 +23,16 @@ pub struct SlidingWindow;
 impl Algorithm for SlidingWindow {
     fn evaluate(&self, quota: &Quota, state: State, hits: u64, now_ms: u64) -> Evaluation {
         let w = quota.window_ms;
-        let window = align(now_ms, w, state[0]);
-        let (current, previous) = match window.stored {
-            StoredWindow::Current => (state[1], state[2]),
-            StoredWindow::Previous => (0, state[1]),
-            StoredWindow::Older => (0, 0),
-        };
+        let start = now_ms - now_ms % w;
+        let elapsed = now_ms - start;
+        let until_end = start + w - now_ms;
+        let (current, previous) = window_counts(state, start, w);
 
         // Counts from an older rule may exceed today's limit; saturating
         // arithmetic keeps them denying without overflow.
         let capacity = quota.limit.saturating_mul(w);
         let used = previous
-            .saturating_mul(w - window.elapsed)
+            .saturating_mul(w - elapsed)
             .saturating_add(current.saturating_mul(w));
         let need = hits.saturating_mul(w);
         let allowed = used.saturating_add(need) <= capacity;
@@ -47,24 +48,25 @@ impl Algorithm for SlidingWindow {
             // Admitted once the previous window's share has faded enough,
             // still inside this window.
             let spare = (quota.limit - current - hits) * w;
-            Some(window.until_end - spare / previous)
+            Some(until_end - spare / previous)
         } else {
             // Only after the boundary, when this window's count becomes the
             // fading previous one.
             let spare = (quota.limit - hits) * w;
             let into_next = w.saturating_sub(spare / current);
-            Some(window.until_end + into_next)
+            Some(until_end + into_next)
         };
 
         // The state matters until every counted hit has faded out.
         let expires_at_ms = |current: u64| {
             if current > 0 {
-                window.start + 2 * w
+                start + 2 * w
             } else {
-                window.start + w
+                start + w
             }
         };
         let counted = current.saturating_add(hits);
+        let written = with_window_count(state, start, w, counted);
         Evaluation {
             outcome: Outcome {
                 allowed,
@@ -73,8 +75,9 @@ impl Algorithm for SlidingWindow {
                 retry_after_ms,
             },
             admitted: Stored {
-                state: [window.start, counted, previous],
-                expires_at_ms: expires_at_ms(counted),
+                state: written,
+                // The latest window's counts fade out a window after it.
+                expires_at_ms: written[0] + 2 * w,
             },
             rejected: None,
         }
@@ -159,19 +162,20 @@ mod tests {
     }
 
     #[test]
-    fn a_backward_clock_step_keeps_both_counts() {
+    fn a_backward_clock_step_finds_that_windows_own_count() {
         let mut state = [0; 3];
         assert!(run(&Q, &mut state, T + 9_000, 6).allowed);
         assert!(run(&Q, &mut state, T + 10_000, 4).allowed);
-        // Back 1 ms into the first window: judged as at the start of the
-        // second, where 6 + 4 = 10 weigh fully.
-        let o = run(&Q, &mut state, T + 9_999, 1);
-        assert!(!o.allowed);
+        // Back 1 ms into the first window: its own 6 (and nothing before
+        // it) weigh; 4 more fit, a fifth does not.
+        let o = run(&Q, &mut state, T + 9_999, 4);
+        assert!(o.allowed, "{o:?}");
         assert_eq!(o.remaining, 0);
-        // At the second window's start 6 × 10 000 + 4 × 10 000 + 1 × 10 000
-        // first fits at e = 1 667 (6 × 8 333 ≤ 50 000); one ms of it is
-        // the step.
-        assert_eq!(o.retry_after_ms, Some(1 + 1_667));
+        assert!(!run(&Q, &mut state, T + 9_999, 1).allowed);
+        // Forward again: the second window counts its 4, with the first's
+        // 10 fading.
+        let o = run(&Q, &mut state, T + 10_000, 1);
+        assert!(!o.allowed);
     }
 
     #[test]

@@ -301,6 +301,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_TEST_FROZEN_CLOCK_MS", hide = true)]
     pub test_frozen_clock_ms: Option<u64>,
 
+    /// Threads serving requests (default: the CPUs this process may use).
+    /// With one, the runtime is single-threaded, which on one CPU serves
+    /// more than a multi-threaded one.
+    #[arg(long, env = "RATEKEEPER_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
     /// Log format.
     #[arg(long, env = "RATEKEEPER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -7,11 +7,11 @@
 //! uniquely and two different descriptors never share a key, whatever bytes
 //! their values hold.
 //!
-//! Layout: `rk3:{<tag>}:d<len>:<domain>n<count>` then per entry
+//! Layout: `rk4:{<tag>}:d<len>:<domain>n<count>` then per entry
 //! `k<len>:<key>` followed by `v<len>:<value>` (the runtime value) or
 //! `p<len>:<pattern>` (a `share_threshold` wildcard), then `|<algorithm>|<window ms>`.
-//! `rk3` versions the layout and the state format (`rk1` kept a hash, `rk2`
-//! a state without its expiry).
+//! `rk4` versions the layout and the state format (`rk1` kept a hash, `rk2`
+//! and `rk3` packed strings; `rk4` keeps window counts as hash fields).
 //! `<tag>` is a 64-bit FNV-1a hash of the rest in hex; inside braces it is
 //! the Redis Cluster hash tag, so all state of one descriptor lives on one
 //! slot, and it never contains a brace itself.
@@ -20,7 +20,7 @@ use super::Rule;
 use super::matcher::EntryRef;
 
 /// Prefix of every key; bump the version when the layout changes.
-pub const KEY_PREFIX: &str = "rk3:";
+pub const KEY_PREFIX: &str = "rk4:";
 
 /// Builds the storage key of `rule`'s counter for one request descriptor.
 ///
@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn keys_are_versioned_and_hash_tagged() {
         let key = String::from_utf8(key("dom", &[("user", "alice")])).unwrap();
-        assert!(key.starts_with("rk3:{"), "{key}");
+        assert!(key.starts_with("rk4:{"), "{key}");
         let tag_end = key.find('}').unwrap();
         assert_eq!(tag_end, 5 + 16, "{key}");
         assert!(key.ends_with("|fw|60000"), "{key}");

@@ -1,27 +1,30 @@
-//! The shared store: counters in Redis, one Lua script call per request.
+//! The shared store: counters in Redis, decided by one function call.
 //!
-//! Every hit of a request goes into one `EVALSHA` of the batch script
-//! (`redis/prelude.lua`, the algorithm files and `redis/batch.lua`,
-//! concatenated), which reads, decides, writes and sets the expiry of every
-//! key in one atomic step with Redis's own clock, so any number of ratekeeper
-//! instances share one exact limit. Concurrent requests share a few pipelined
-//! connections ([`node`], [`lane`]), so a decision is one request to Redis
-//! and concurrent decisions share round trips. Each call runs under one
-//! deadline, so a dead, frozen or silent Redis costs a request at most that
-//! long; connecting runs in the background ([`lane`] has the lifecycle:
-//! connections are retired on I/O errors, "wrong server" answers and
-//! silence, and replaced with backoff).
+//! The decision code (`redis/ratekeeper.lua`) is loaded once per connection
+//! as a function library (`FCALL`; a script with `EVALSHA` where functions
+//! are unavailable) and reads, decides, writes and sets the expiry of every
+//! key of a request in one atomic step with Redis's own clock, so any
+//! number of ratekeeper instances share one exact limit. Requests share a
+//! few pipelined connections ([`node`], [`lane`]), and the decisions waiting
+//! for a connection go out together in one call ([`coalesce`]), each with
+//! its own atomicity and answer: a decision is at most one request to Redis,
+//! and under load many share one. The answers' details come from the Rust
+//! algorithms ([`decide`]). Each decision runs under one deadline, so a
+//! dead, frozen or silent Redis costs a request at most that long;
+//! connecting runs in the background ([`lane`] has the lifecycle).
 //!
 //! The Redis is one fixed address (a URL; behind a DNS name or a virtual IP
 //! that may move to a new primary), or the master a set of sentinels name
 //! ([`sentinel`]).
 
+pub(crate) mod coalesce;
 pub(crate) mod connect;
+pub(crate) mod decide;
 pub(crate) mod lane;
 pub(crate) mod node;
 pub mod sentinel;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,21 +32,11 @@ use async_trait::async_trait;
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
+use coalesce::{Batching, Job};
 use connect::FixedConnector;
+use decide::{Code, Encoded};
 use lane::{Connect, LaneSettings};
 use node::Node;
-
-/// The batch script: shared prelude, every algorithm, then the driver.
-pub(super) const BATCH_SCRIPT: &str = concat!(
-    include_str!("redis/prelude.lua"),
-    include_str!("redis/fixed_window.lua"),
-    include_str!("redis/sliding_window.lua"),
-    include_str!("redis/token_bucket.lua"),
-    include_str!("redis/batch.lua"),
-);
-
-/// Integers the script returns per hit (see `redis/batch.lua`).
-const REPLY_PER_HIT: usize = 4;
 
 /// Keys written while time is injected (tests) stay in Redis this long past
 /// their state's expiry: the virtual clock need not keep pace with Redis's
@@ -84,29 +77,30 @@ impl RedisSettings {
     }
 }
 
-/// What the batch script is told about time: the time to use (tests only;
-/// production reads Redis `TIME`) and what to add to each key's TTL.
+/// What the decision code is told about time: the time to use (tests only;
+/// production reads Redis `TIME`) and what to add to each key's TTL. The
+/// clock is set once, after the connections that share this are made.
 #[derive(Debug, Clone, Default)]
-pub(super) struct ScriptTime {
-    clock: Option<Arc<dyn Clock>>,
+pub(crate) struct ScriptTime {
+    clock: Arc<OnceLock<Arc<dyn Clock>>>,
     jitter_max_ms: u64,
 }
 
 impl ScriptTime {
-    pub(super) fn with_jitter(jitter: Duration) -> Self {
+    pub(crate) fn with_jitter(jitter: Duration) -> Self {
         Self {
-            clock: None,
+            clock: Arc::default(),
             jitter_max_ms: u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
-    pub(super) fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = Some(clock);
-        self
+    /// Drives the code with `clock` from now on (tests only).
+    pub(crate) fn set_clock(&self, clock: Arc<dyn Clock>) {
+        let _ = self.clock.set(clock);
     }
 
     fn now_ms(&self) -> Option<u64> {
-        self.clock.as_ref().map(|clock| clock.now_ms())
+        self.clock.get().map(|clock| clock.now_ms())
     }
 
     fn ttl_extra_ms(&self) -> u64 {
@@ -114,7 +108,7 @@ impl ScriptTime {
             0 => 0,
             max => fastrand::u64(0..max),
         };
-        let grace = if self.clock.is_some() {
+        let grace = if self.clock.get().is_some() {
             INJECTED_TIME_GRACE_MS
         } else {
             0
@@ -163,18 +157,15 @@ impl std::fmt::Debug for RedisTls {
 #[derive(Clone)]
 pub struct RedisStore {
     node: Arc<Node>,
-    script: Arc<redis::Script>,
+    batching: Arc<Batching>,
     timeout: Duration,
-    /// Production reads Redis `TIME`; tests inject a clock to drive the
-    /// script exactly like the Rust twin.
-    time: ScriptTime,
     /// Follows the sentinels' failovers, when the master is found by them.
     _sentinel: Option<Arc<sentinel::Follower>>,
 }
 
-/// How long a silent connection is given to answer a `PING` after one of
-/// its calls missed the deadline: long enough for a slow Redis, short
-/// enough to replace a dead socket well within a second.
+/// How long a connection's call may go unanswered before it counts as
+/// silent and is replaced: long enough for a slow Redis, short enough to
+/// replace a dead socket well within a second.
 pub fn stall_timeout(store_timeout: Duration) -> Duration {
     (store_timeout * 5).max(Duration::from_millis(250))
 }
@@ -192,12 +183,12 @@ impl RedisStore {
     /// be used.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let info = connection_info(&settings.url, settings.tls.as_ref())?;
-        let script = Arc::new(redis::Script::new(BATCH_SCRIPT));
+        let batching = batching(settings);
         let connector = Arc::new(FixedConnector {
             info,
-            script: script.clone(),
+            code: batching.code.clone(),
         });
-        Ok(Self::with_connector(settings, connector, script, None))
+        Ok(Self::with_connector(settings, connector, batching))
     }
 
     /// A store on the master the sentinels of `sentinels` name.
@@ -210,10 +201,10 @@ impl RedisStore {
         settings: &RedisSettings,
         sentinels: &sentinel::SentinelSettings,
     ) -> Result<Self, StoreError> {
-        let script = Arc::new(redis::Script::new(BATCH_SCRIPT));
+        let batching = batching(settings);
         let (connector, follower) =
-            sentinel::SentinelConnector::new(sentinels, settings, script.clone())?;
-        let store = Self::with_connector(settings, Arc::new(connector), script, None);
+            sentinel::SentinelConnector::new(sentinels, settings, batching.code.clone())?;
+        let store = Self::with_connector(settings, Arc::new(connector), batching);
         let follower = follower.follow(store.node.clone());
         Ok(Self {
             _sentinel: Some(follower),
@@ -224,47 +215,60 @@ impl RedisStore {
     fn with_connector(
         settings: &RedisSettings,
         connector: Arc<dyn Connect>,
-        script: Arc<redis::Script>,
-        follower: Option<Arc<sentinel::Follower>>,
+        batching: Arc<Batching>,
     ) -> Self {
-        let lanes = LaneSettings::new(
-            connector,
-            settings.connect_timeout,
-            stall_timeout(settings.timeout),
-        );
+        let lanes = LaneSettings::new(connector, batching.clone(), settings.connect_timeout);
         Self {
             node: Arc::new(Node::new(settings.pool_size.max(1), lanes)),
-            script,
+            batching,
             timeout: settings.timeout,
-            time: ScriptTime::with_jitter(settings.expiry_jitter),
-            _sentinel: follower,
+            _sentinel: None,
         }
     }
 
-    /// Makes the script use `clock` instead of Redis `TIME` (tests only:
+    /// Makes the code use `clock` instead of Redis `TIME` (tests only:
     /// instances with different clocks would disagree on windows).
-    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.time = self.time.with_clock(clock);
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
+        self.batching.time.set_clock(clock);
         self
     }
+}
 
-    /// Runs `call` on a lane's connection under the store deadline; the
-    /// lane learns how it ended.
-    async fn on_connection<T, F>(
-        &self,
-        call: impl FnOnce(redis::aio::MultiplexedConnection) -> F,
-    ) -> Result<T, StoreError>
-    where
-        F: Future<Output = redis::RedisResult<T>>,
-    {
-        super::within(self.timeout, async {
-            let lane = self.node.call().await?;
-            let result = call(lane.connection()).await;
-            lane.end(result.as_ref().err());
-            result.map_err(|e| store_error(&e))
-        })
-        .await
-    }
+/// The batching every lane of a store shares.
+fn batching(settings: &RedisSettings) -> Arc<Batching> {
+    Arc::new(Batching {
+        code: Arc::new(Code::new()),
+        time: ScriptTime::with_jitter(settings.expiry_jitter),
+        stall_timeout: stall_timeout(settings.timeout),
+    })
+}
+
+/// Decides `hits` with one queued decision on `node`: the outcomes, once
+/// the call carrying it answers.
+pub(super) async fn decide_on(
+    node: &Node,
+    slot: u16,
+    hits: &[BatchHit<'_>],
+    mode: Mode,
+) -> Result<Vec<Outcome>, redis::RedisError> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    node.submit(Job {
+        decision: Encoded::new(hits, mode),
+        slot,
+        answer,
+    })
+    .await
+    .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "no connection", e.to_string())))?;
+    let (now, found) = answered.await.map_err(|_| {
+        redis::RedisError::from((redis::ErrorKind::Io, "the connection was replaced"))
+    })??;
+    decide::outcomes(hits, mode, now, &found).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unusable reply",
+            e.to_string(),
+        ))
+    })
 }
 
 /// The connection info for `url`, with `tls`'s certificates.
@@ -304,7 +308,6 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("live_connections", &self.node.live_lanes())
             .field("timeout", &self.timeout)
-            .field("time", &self.time)
             .finish()
     }
 }
@@ -315,19 +318,22 @@ impl CounterStore for RedisStore {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        let invocation = invocation(&self.script, hits, mode, &self.time);
-        let reply: Vec<i64> = self
-            .on_connection(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
-        parse_reply(&reply, hits.len())
+        super::within(self.timeout, async {
+            decide_on(&self.node, 0, hits, mode)
+                .await
+                .map_err(|e| store_error(&e))
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<Option<String>, StoreError> {
-        self.on_connection(|mut conn| async move {
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map(|_| None)
+        super::within(self.timeout, async {
+            let call = self.node.call().await?;
+            let result = redis::cmd("PING")
+                .query_async::<String>(&mut call.connection())
+                .await;
+            call.end(result.as_ref().err());
+            result.map(|_| None).map_err(|e| store_error(&e))
         })
         .await
     }
@@ -335,37 +341,6 @@ impl CounterStore for RedisStore {
     fn backend(&self) -> &'static str {
         "redis"
     }
-}
-
-/// The batch script's call for `hits`: their keys, then the mode, the time
-/// (empty: Redis's own clock), the TTL extra and six arguments per hit (see
-/// `batch.lua`).
-pub(super) fn invocation<'s>(
-    script: &'s redis::Script,
-    hits: &[BatchHit<'_>],
-    mode: Mode,
-    time: &ScriptTime,
-) -> redis::ScriptInvocation<'s> {
-    let mut invocation = script.prepare_invoke();
-    for hit in hits {
-        invocation.key(hit.key);
-    }
-    invocation.arg(mode_id(mode));
-    match time.now_ms() {
-        Some(now_ms) => invocation.arg(now_ms),
-        None => invocation.arg(""),
-    };
-    invocation.arg(time.ttl_extra_ms());
-    for hit in hits {
-        invocation
-            .arg(hit.algorithm.script_id())
-            .arg(hit.quota.limit)
-            .arg(hit.quota.window_ms)
-            .arg(hit.quota.burst)
-            .arg(hit.hits)
-            .arg(u8::from(hit.enforced));
-    }
-    invocation
 }
 
 /// What a Redis error says about the store. The script's own runtime
@@ -394,43 +369,6 @@ pub(super) fn store_error(error: &redis::RedisError) -> StoreError {
     }
 }
 
-fn mode_id(mode: Mode) -> u8 {
-    match mode {
-        Mode::Independent => 0,
-        Mode::AllOrNothing => 1,
-        Mode::DryRun => 2,
-        Mode::StopIncrementWhenOverLimit => 3,
-    }
-}
-
-pub(super) fn parse_reply(reply: &[i64], hits: usize) -> Result<Vec<Outcome>, StoreError> {
-    const FIELDS: usize = REPLY_PER_HIT;
-    if reply.len() != hits * FIELDS {
-        return Err(StoreError::Protocol(format!(
-            "expected {} integers, got {}",
-            hits * FIELDS,
-            reply.len()
-        )));
-    }
-    let non_negative =
-        |v: i64| u64::try_from(v).map_err(|_| StoreError::Protocol(format!("negative value {v}")));
-    reply
-        .chunks_exact(FIELDS)
-        .map(|f| {
-            Ok(Outcome {
-                allowed: f[0] == 1,
-                remaining: non_negative(f[1])?,
-                reset_after_ms: non_negative(f[2])?,
-                retry_after_ms: if f[3] < 0 {
-                    None
-                } else {
-                    Some(non_negative(f[3])?)
-                },
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,14 +394,5 @@ mod tests {
         for url in ["", "http://127.0.0.1", "redis://"] {
             assert!(store_for(url).is_err(), "{url}");
         }
-    }
-
-    #[test]
-    fn replies_are_checked() {
-        assert!(parse_reply(&[1, 2, 3], 1).is_err());
-        assert!(parse_reply(&[1, -2, 3, -1], 1).is_err());
-        let outcomes = parse_reply(&[1, 2, 3, -1, 0, 0, 5, 5], 2).unwrap();
-        assert_eq!(outcomes[1].retry_after_ms, Some(5));
-        assert!(outcomes[0].allowed && !outcomes[1].allowed);
     }
 }

@@ -37,7 +37,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 
-use super::redis::{BATCH_SCRIPT, RedisTls, ScriptTime, invocation, parse_reply, store_error};
+use super::redis::coalesce::Batching;
+use super::redis::decide::{Code, Encoded, outcomes};
+use super::redis::node::Node;
+use super::redis::{RedisTls, ScriptTime, decide_on, stall_timeout, store_error};
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use topology::{Cluster, Redirect, slot};
@@ -70,9 +73,8 @@ pub struct RedisClusterSettings {
 #[derive(Clone)]
 pub struct RedisClusterStore {
     cluster: Arc<Cluster>,
-    script: Arc<redis::Script>,
+    batching: Arc<Batching>,
     timeout: Duration,
-    time: ScriptTime,
 }
 
 impl RedisClusterStore {
@@ -102,65 +104,58 @@ impl RedisClusterStore {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let script = Arc::new(redis::Script::new(BATCH_SCRIPT));
-        Ok(Self {
-            cluster: Cluster::new(seeds, settings, script.clone()),
-            script,
-            timeout: settings.timeout,
+        let batching = Arc::new(Batching {
+            code: Arc::new(Code::new()),
             time: ScriptTime::with_jitter(settings.expiry_jitter),
+            stall_timeout: stall_timeout(settings.timeout),
+        });
+        Ok(Self {
+            cluster: Cluster::new(seeds, settings, batching.clone()),
+            batching,
+            timeout: settings.timeout,
         })
     }
 
     /// Makes the script use `clock` instead of Redis `TIME` (tests only).
-    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
-        self.time = self.time.with_clock(clock);
+    pub fn with_clock(self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.batching.time.set_clock(clock);
         self
     }
 
-    /// One script call for hits that all live on one slot, following
-    /// redirections.
+    /// One decision for hits that all live on one slot (coalesced with
+    /// others for that slot), following redirections.
     async fn eval(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
         let slot = slot(hits[0].key);
         let mut node = self.cluster.master_of(slot).await?;
         let mut asking = false;
         let mut last = None;
         for _ in 0..MAX_ATTEMPTS {
-            let call = node.call().await?;
-            let invocation = invocation(&self.script, hits, mode, &self.time);
-            let mut conn = call.connection();
-            let result: redis::RedisResult<Vec<i64>> = if asking {
-                // ASKING holds for the next command on this connection only;
-                // pipelined with it, nothing can come between.
-                redis::pipe()
-                    .cmd("ASKING")
-                    .ignore()
-                    .invoke_script(&invocation)
-                    .query_async::<(Vec<i64>,)>(&mut conn)
-                    .await
-                    .map(|(reply,)| reply)
+            let result = if asking {
+                self.asking(&node, hits, mode).await
             } else {
-                invocation.invoke_async(&mut conn).await
+                decide_on(&node, slot, hits, mode).await
             };
-            let redirect = result.as_ref().err().and_then(Redirect::of);
-            // A redirection says nothing bad about the connection.
-            call.end(result.as_ref().err().filter(|_| redirect.is_none()));
-            match (result, redirect) {
-                (Ok(reply), _) => return parse_reply(&reply, hits.len()),
-                (Err(_), Some(Redirect::Moved { slot, address })) => {
+            let error = match result {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(error) => error,
+            };
+            match Redirect::of(&error) {
+                Some(Redirect::Moved { slot, address }) => {
                     node = self.cluster.moved(slot, &address);
                     asking = false;
                 }
-                (Err(_), Some(Redirect::Ask { address })) => {
+                Some(Redirect::Ask { address }) => {
                     node = self.cluster.node(&address);
                     asking = true;
                 }
-                (Err(error), Some(Redirect::TryAgain)) => {
+                Some(Redirect::TryAgain) => {
                     self.cluster.request_refresh();
                     last = Some(store_error(&error));
                     tokio::time::sleep(RETRY_PAUSE).await;
                     node = self.cluster.master_of(slot).await?;
+                    asking = false;
                 }
-                (Err(error), None) => {
+                None => {
                     // A failing master may have failed over: look again.
                     self.cluster.request_refresh();
                     return Err(store_error(&error));
@@ -170,6 +165,45 @@ impl RedisClusterStore {
         Err(last.unwrap_or_else(|| {
             StoreError::Backend(format!("slot {slot}: redirected {MAX_ATTEMPTS} times"))
         }))
+    }
+
+    /// The decision on the node a slot is migrating to, after `ASKING`:
+    /// a direct call (ASKING holds for the next command on its connection
+    /// only; pipelined with it, nothing comes between).
+    async fn asking(
+        &self,
+        node: &Node,
+        hits: &[BatchHit<'_>],
+        mode: Mode,
+    ) -> Result<Vec<Outcome>, redis::RedisError> {
+        let call = node.call().await.map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no connection", e.to_string()))
+        })?;
+        let decision = Encoded::new(hits, mode);
+        let cmd = self.batching.code.call(
+            call.runner(),
+            &self.batching.time,
+            std::iter::once(&decision),
+        );
+        let result = redis::pipe()
+            .cmd("ASKING")
+            .ignore()
+            .add_command(cmd)
+            .query_async::<(Vec<i64>,)>(&mut call.connection())
+            .await
+            .map(|(reply,)| reply);
+        call.end(result.as_ref().err().filter(|e| Redirect::of(e).is_none()));
+        let reply = result?;
+        let (now, found) = reply.split_first().ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "empty reply"))
+        })?;
+        outcomes(hits, mode, *now, found).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unusable reply",
+                e.to_string(),
+            ))
+        })
     }
 
     /// Runs every slot's group at once, each in its mode; the outcomes come
@@ -349,11 +383,11 @@ mod tests {
     #[test]
     fn keys_group_by_their_hash_tag_in_order() {
         let hits = [
-            hit(b"rk3:{aaaa}:x"),
-            hit(b"rk3:{bbbb}:x"),
-            hit(b"rk3:{aaaa}:y"),
-            hit(b"rk3:{bbbb}:y"),
-            hit(b"rk3:{cccc}:x"),
+            hit(b"rk4:{aaaa}:x"),
+            hit(b"rk4:{bbbb}:x"),
+            hit(b"rk4:{aaaa}:y"),
+            hit(b"rk4:{bbbb}:y"),
+            hit(b"rk4:{cccc}:x"),
         ];
         let groups: Vec<Vec<usize>> = group_by_slot(&hits)
             .into_iter()

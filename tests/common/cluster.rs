@@ -185,6 +185,44 @@ impl RedisCluster {
         }
     }
 
+    /// Freezes (SIGSTOP, `true`) or thaws (SIGCONT, `false`) every live
+    /// node: connections stay open, nothing answers while frozen.
+    pub fn hold(&self, frozen: bool) {
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        for child in self.children.iter().flatten() {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {signal} {}", child.id());
+        }
+    }
+
+    /// Calls of `command` that the node on `port` has served since its
+    /// statistics were last reset.
+    pub fn calls(&self, port: u16, command: &str) -> u64 {
+        let mut connection = node_connection(port).unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut connection)
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.trim().parse().unwrap())
+    }
+
+    /// Resets every live node's statistics.
+    pub fn reset_stats(&self) {
+        for port in self.live_ports() {
+            let mut connection = node_connection(port).unwrap();
+            redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query::<()>(&mut connection)
+                .unwrap();
+        }
+    }
+
     /// Polls until every live node reports `cluster_state:ok` (bounded).
     pub fn wait_until_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;

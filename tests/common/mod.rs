@@ -3,6 +3,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod cluster;
+pub mod coalescing;
 pub mod fault_proxy;
 pub mod pki;
 pub mod process;

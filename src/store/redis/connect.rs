@@ -1,18 +1,19 @@
 //! Making one Redis connection: where to (a URL, or the address the
 //! sentinels name), how (`TCP_NODELAY`, TCP keepalive and a user timeout
-//! on every socket, TLS, AUTH), and what it needs before serving (the batch
-//! script loaded, so no request pays for an `EVAL`). Lanes
+//! on every socket, TLS, AUTH), and what it needs before serving (the code
+//! loaded as a function library, or as a script where functions are not
+//! available; so no request pays for defining it). Lanes
 //! ([`super::lane`]) own the connections; there is no checkout pool.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{ConnectionAddr, ConnectionInfo};
 
-use super::lane::Connect;
+use super::decide::{Code, Runner};
+use super::lane::{Connect, Connected};
 use super::store_error;
 use crate::store::StoreError;
 
@@ -57,27 +58,34 @@ pub(crate) fn retarget(info: &ConnectionInfo, host: &str, port: u16) -> Connecti
     info.clone().set_addr(addr)
 }
 
-/// Opens a connection to `info` and loads `script` on it.
+/// Opens a connection to `info` and loads `code` on it.
 ///
 /// # Errors
 ///
 /// [`StoreError`] as the connect or the load failed.
-pub(crate) async fn open(
-    info: &ConnectionInfo,
-    script: &redis::Script,
-) -> Result<MultiplexedConnection, StoreError> {
+pub(crate) async fn open(info: &ConnectionInfo, code: &Code) -> Result<Connected, StoreError> {
     let info = info.clone().set_tcp_settings(tcp_settings());
     let client = redis::Client::open(info).map_err(|e| store_error(&e))?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| store_error(&e))?;
-    script
-        .prepare_invoke()
-        .load_async(&mut conn)
-        .await
-        .map_err(|e| store_error(&e))?;
-    Ok(conn)
+    let runner = code.load(&mut conn).await.map_err(|e| store_error(&e))?;
+    if runner == Runner::Script {
+        report_script_fallback();
+    }
+    Ok(Connected { conn, runner })
+}
+
+/// Says once per process that Redis runs the code as a script.
+fn report_script_fallback() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "redis functions are unavailable (Redis before 7, or an ACL without FUNCTION): \
+             running the decision code with EVALSHA instead of FCALL"
+        );
+    }
 }
 
 /// Connects to one configured address; its host name is resolved anew on
@@ -85,12 +93,12 @@ pub(crate) async fn open(
 #[derive(Debug)]
 pub(crate) struct FixedConnector {
     pub info: ConnectionInfo,
-    pub script: Arc<redis::Script>,
+    pub code: Arc<Code>,
 }
 
 #[async_trait]
 impl Connect for FixedConnector {
-    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
-        open(&self.info, &self.script).await
+    async fn connect(&self) -> Result<Connected, StoreError> {
+        open(&self.info, &self.code).await
     }
 }

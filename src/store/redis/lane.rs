@@ -16,13 +16,14 @@
 //!   lanes) when:
 //!   1. a call fails at the I/O level (the socket is gone);
 //!   2. it answers "wrong server": `READONLY` (the primary was demoted behind
-//!      a DNS name or a virtual IP), `MASTERDOWN`, `LOADING`, `MOVED`, or a
-//!      failed authentication after a failover;
-//!   3. a call on it misses its deadline and a `PING` sent on it then gets
-//!      no answer within the stall bound: requests are outstanding and
-//!      nothing comes back (a half-open socket after the host vanished, an
-//!      expired NAT entry, a frozen server). A connection that is merely
-//!      slow answers the `PING` and stays.
+//!      a DNS name or a virtual IP), `MASTERDOWN`, `LOADING`, or a failed
+//!      authentication after a failover;
+//!   3. a call on it goes unanswered for the stall bound: requests are
+//!      outstanding and nothing comes back (a half-open socket after the
+//!      host vanished, an expired NAT entry, a frozen server). Decisions
+//!      go out in coalesced calls, each its own probe; a direct call (a
+//!      readiness ping) that misses its deadline is followed by a `PING`.
+//!      A connection that is merely slow answers and stays.
 //!
 //! Replacement starts at once, in the background, so the next request on
 //! the lane usually finds a fresh connection.
@@ -33,8 +34,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
+use super::coalesce::{Batching, Job};
+use super::decide::Runner;
 use crate::clock::{Clock, MonotonicClock};
 use crate::store::StoreError;
 
@@ -47,14 +50,23 @@ const BACKOFF_MAX_MS: u64 = 1_000;
 /// the sentinels name, a cluster node).
 #[async_trait]
 pub(crate) trait Connect: Send + Sync + std::fmt::Debug {
-    /// One new, ready connection (scripts loaded).
-    async fn connect(&self) -> Result<MultiplexedConnection, StoreError>;
+    /// One new, ready connection (the code loaded, and how it runs there).
+    async fn connect(&self) -> Result<Connected, StoreError>;
+}
+
+/// A new connection with the code loaded.
+#[derive(Debug)]
+pub(crate) struct Connected {
+    pub conn: MultiplexedConnection,
+    pub runner: Runner,
 }
 
 /// What the lanes of one endpoint share.
 #[derive(Debug)]
 pub(crate) struct LaneSettings {
     pub connector: Arc<dyn Connect>,
+    /// How each connection's batcher sends decisions.
+    pub batching: Arc<Batching>,
     /// Deadline of one connect attempt, in the background.
     pub connect_timeout: Duration,
     /// How long a stall probe waits for its `PING`.
@@ -66,13 +78,14 @@ pub(crate) struct LaneSettings {
 impl LaneSettings {
     pub(crate) fn new(
         connector: Arc<dyn Connect>,
+        batching: Arc<Batching>,
         connect_timeout: Duration,
-        stall_timeout: Duration,
     ) -> Self {
         Self {
             connector,
+            stall_timeout: batching.stall_timeout,
+            batching,
             connect_timeout,
-            stall_timeout,
             clock: Arc::new(MonotonicClock::default()),
         }
     }
@@ -98,10 +111,13 @@ enum State {
     Live(Arc<Live>),
 }
 
-/// A connection in service.
+/// A connection in service, with its batcher.
 #[derive(Debug)]
 pub(crate) struct Live {
     conn: MultiplexedConnection,
+    runner: Runner,
+    /// Decisions for the batcher ([`super::coalesce`]).
+    jobs: mpsc::UnboundedSender<Job>,
     retired: AtomicBool,
     probing: AtomicBool,
     /// Calls that missed their deadline on this connection (for logs).
@@ -158,7 +174,7 @@ impl Lane {
     ///
     /// [`StoreError::Connection`] at once while the lane backs off after a
     /// failed connect.
-    pub(crate) async fn call(self: &Arc<Self>) -> Result<Call<'_>, StoreError> {
+    pub(crate) async fn live(self: &Arc<Self>) -> Result<Arc<Live>, StoreError> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -167,11 +183,7 @@ impl Lane {
                 let mut state = self.lock();
                 match &*state {
                     State::Live(live) if !live.retired.load(Ordering::SeqCst) => {
-                        return Ok(Call {
-                            lane: self,
-                            live: live.clone(),
-                            ended: false,
-                        });
+                        return Ok(live.clone());
                     }
                     State::Live(_) => {
                         *state = State::Connecting;
@@ -200,6 +212,34 @@ impl Lane {
             }
             changed.await;
         }
+    }
+
+    /// A direct call on the lane's connection (not coalesced), waiting for
+    /// a connect in progress.
+    ///
+    /// # Errors
+    ///
+    /// As [`Lane::live`].
+    pub(crate) async fn call(self: &Arc<Self>) -> Result<Call<'_>, StoreError> {
+        let live = self.live().await?;
+        Ok(Call {
+            lane: self,
+            live,
+            ended: false,
+        })
+    }
+
+    /// Queues `job` for the lane's batcher, waiting for a connect in
+    /// progress.
+    ///
+    /// # Errors
+    ///
+    /// As [`Lane::live`], or when the connection was retired meanwhile.
+    pub(crate) async fn submit(self: &Arc<Self>, job: Job) -> Result<(), StoreError> {
+        let live = self.live().await?;
+        live.jobs
+            .send(job)
+            .map_err(|_| StoreError::Connection("the connection was just replaced".to_owned()))
     }
 
     /// Takes `live` out of service (if it is still the lane's connection)
@@ -247,12 +287,24 @@ impl Lane {
                 _ => 0,
             };
             *state = match result {
-                Ok(conn) => State::Live(Arc::new(Live {
-                    conn,
-                    retired: AtomicBool::new(false),
-                    probing: AtomicBool::new(false),
-                    missed: AtomicU32::new(0),
-                })),
+                Ok(connected) => {
+                    let (jobs, queue) = mpsc::unbounded_channel();
+                    let live = Arc::new(Live {
+                        conn: connected.conn,
+                        runner: connected.runner,
+                        jobs,
+                        retired: AtomicBool::new(false),
+                        probing: AtomicBool::new(false),
+                        missed: AtomicU32::new(0),
+                    });
+                    tokio::spawn(super::coalesce::run(
+                        Arc::downgrade(&lane),
+                        live.clone(),
+                        queue,
+                        settings.batching.clone(),
+                    ));
+                    State::Live(live)
+                }
                 Err(error) => {
                     let failures = failures.saturating_add(1);
                     tracing::debug!(%error, failures, "redis connect failed");
@@ -305,12 +357,36 @@ impl Lane {
     }
 }
 
+// === impl Live ===
+
+impl Live {
+    /// A handle on the connection (cheap: it is multiplexed).
+    pub(crate) fn connection(&self) -> MultiplexedConnection {
+        self.conn.clone()
+    }
+
+    /// How this connection runs the code.
+    pub(crate) fn runner(&self) -> Runner {
+        self.runner
+    }
+
+    /// Whether the connection has been taken out of service.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+}
+
 // === impl Call ===
 
 impl Call<'_> {
     /// A handle on the connection for this call (cheap: it is multiplexed).
     pub(crate) fn connection(&self) -> MultiplexedConnection {
         self.live.conn.clone()
+    }
+
+    /// How this call's connection runs the code.
+    pub(crate) fn runner(&self) -> Runner {
+        self.live.runner
     }
 
     /// Records how the call ended; an error that says the connection is
@@ -337,14 +413,12 @@ pub(crate) fn retire_reason(error: &redis::RedisError) -> Option<String> {
     if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal() {
         return Some(format!("connection lost: {error}"));
     }
+    // (A cluster's MOVED or CLUSTERDOWN is about slots, not this
+    // connection: the cluster store re-routes or retries.)
     let wrong_server = matches!(
         error.kind(),
         ErrorKind::Server(
-            ServerErrorKind::ReadOnly
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::BusyLoading
-                | ServerErrorKind::Moved
-                | ServerErrorKind::ClusterDown
+            ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown | ServerErrorKind::BusyLoading
         ) | ErrorKind::AuthenticationFailed
     ) || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"));
     wrong_server.then(|| format!("wrong server: {error}"))

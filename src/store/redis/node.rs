@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::coalesce::Job;
 use super::lane::{Call, Lane, LaneSettings};
 use crate::store::StoreError;
 
@@ -38,14 +39,9 @@ impl Node {
         }
     }
 
-    /// A call on the next lane with a live connection, or else on the next
-    /// lane once it has connected (callers bound the wait).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Connection`] when that lane backs off after failed
-    /// connects.
-    pub(crate) async fn call(&self) -> Result<Call<'_>, StoreError> {
+    /// The next lane with a live connection, or else the next lane (whose
+    /// connect the caller will wait for).
+    fn pick(&self) -> &Arc<Lane> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let count = self.lanes.len();
         let chosen = (0..count)
@@ -56,7 +52,26 @@ impl Node {
         for lane in self.lanes.iter() {
             lane.warm();
         }
-        chosen.call().await
+        chosen
+    }
+
+    /// A direct call on a lane (callers bound the wait for a connect).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Connection`] when that lane backs off after failed
+    /// connects.
+    pub(crate) async fn call(&self) -> Result<Call<'_>, StoreError> {
+        self.pick().call().await
+    }
+
+    /// Queues a decision on a lane's batcher (callers bound the wait).
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::call`].
+    pub(crate) async fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.pick().submit(job).await
     }
 
     /// Lanes with a live connection now.

@@ -22,10 +22,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use redis::ConnectionInfo;
-use redis::aio::MultiplexedConnection;
 
 use super::connect::{open, retarget, tcp_settings};
-use super::lane::Connect;
+use super::decide::Code;
+use super::lane::{Connect, Connected};
 use super::node::Node;
 use super::{RedisSettings, connection_info, store_error};
 use crate::store::StoreError;
@@ -54,7 +54,7 @@ pub(crate) struct SentinelConnector {
     shared: Arc<Sentinels>,
     /// The master's credentials and TLS, its address filled in per connect.
     master: ConnectionInfo,
-    script: Arc<redis::Script>,
+    code: Arc<Code>,
 }
 
 #[derive(Debug)]
@@ -82,7 +82,7 @@ impl SentinelConnector {
     pub(crate) fn new(
         sentinels: &SentinelSettings,
         settings: &RedisSettings,
-        script: Arc<redis::Script>,
+        code: Arc<Code>,
     ) -> Result<(Self, FollowerSpec), StoreError> {
         if sentinels.nodes.is_empty() {
             return Err(StoreError::Connection("no sentinels given".to_owned()));
@@ -130,7 +130,7 @@ impl SentinelConnector {
             Self {
                 shared: shared.clone(),
                 master,
-                script,
+                code,
             },
             FollowerSpec { shared },
         ))
@@ -139,15 +139,15 @@ impl SentinelConnector {
 
 #[async_trait]
 impl Connect for SentinelConnector {
-    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn connect(&self) -> Result<Connected, StoreError> {
         let (host, port) = self.shared.master_address().await?;
-        let mut conn = open(&retarget(&self.master, &host, port), &self.script).await?;
+        let mut connected = open(&retarget(&self.master, &host, port), &self.code).await?;
         let role: Vec<redis::Value> = redis::cmd("ROLE")
-            .query_async(&mut conn)
+            .query_async(&mut connected.conn)
             .await
             .map_err(|e| store_error(&e))?;
         match role.first() {
-            Some(redis::Value::BulkString(role)) if role == b"master" => Ok(conn),
+            Some(redis::Value::BulkString(role)) if role == b"master" => Ok(connected),
             _ => Err(StoreError::Backend(format!(
                 "the sentinels name {host}:{port} as master {}, but it is not one (yet)",
                 self.shared.name

@@ -19,10 +19,11 @@ use tokio::sync::Notify;
 use super::RedisClusterSettings;
 use crate::clock::{Clock, MonotonicClock};
 use crate::store::StoreError;
+use crate::store::redis::coalesce::Batching;
 use crate::store::redis::connect::{FixedConnector, retarget, tcp_settings};
 use crate::store::redis::lane::LaneSettings;
 use crate::store::redis::node::Node;
-use crate::store::redis::{stall_timeout, store_error};
+use crate::store::redis::store_error;
 
 /// Slots in a Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -36,10 +37,9 @@ pub(super) struct Cluster {
     seeds: Vec<ConnectionInfo>,
     /// Credentials and TLS for every node; the address is filled in.
     template: ConnectionInfo,
-    script: Arc<redis::Script>,
+    batching: Arc<Batching>,
     lanes: usize,
     connect_timeout: Duration,
-    stall_timeout: Duration,
     /// Per slot, the master's address; `None` until known.
     map: ArcSwap<SlotMap>,
     nodes: Mutex<HashMap<String, Arc<Node>>>,
@@ -74,16 +74,15 @@ impl Cluster {
     pub(super) fn new(
         seeds: Vec<ConnectionInfo>,
         settings: &RedisClusterSettings,
-        script: Arc<redis::Script>,
+        batching: Arc<Batching>,
     ) -> Arc<Self> {
         let template = seeds[0].clone();
         let cluster = Arc::new(Self {
             seeds,
             template,
-            script,
+            batching,
             lanes: settings.pool_size.max(1),
             connect_timeout: settings.connect_timeout,
-            stall_timeout: stall_timeout(settings.timeout),
             map: ArcSwap::from_pointee(SlotMap {
                 masters: vec![None; SLOTS],
                 error: None,
@@ -156,11 +155,11 @@ impl Cluster {
         let (host, port) = split_address(address);
         let connector = Arc::new(FixedConnector {
             info: retarget(&self.template, host, port),
-            script: self.script.clone(),
+            code: self.batching.code.clone(),
         });
         let node = Arc::new(Node::new(
             self.lanes,
-            LaneSettings::new(connector, self.connect_timeout, self.stall_timeout),
+            LaneSettings::new(connector, self.batching.clone(), self.connect_timeout),
         ));
         nodes.insert(address.to_owned(), node.clone());
         node
