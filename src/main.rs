@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context as _;
 use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
@@ -96,7 +97,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 
 /// The async runtime: one thread when the process may use one CPU (or
 /// `--worker-threads 1`), where a current-thread runtime has no cross-thread
-/// wakeups or work stealing to pay for; else a multi-thread runtime.
+/// wakeups or work stealing to pay for; else a multi-thread runtime whose
+/// workers are named `rk-worker` (and its blocking threads `rk-blocking`),
+/// as `top -H` shows them.
 fn runtime(args: &ServeArgs) -> std::io::Result<tokio::runtime::Runtime> {
     let threads = args.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, usize::from),
@@ -109,6 +112,16 @@ fn runtime(args: &ServeArgs) -> std::io::Result<tokio::runtime::Runtime> {
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
+            .thread_name_fn(move || {
+                // The runtime starts its workers first; later threads are
+                // its blocking pool's.
+                static STARTED: AtomicUsize = AtomicUsize::new(0);
+                if STARTED.fetch_add(1, Ordering::Relaxed) < threads {
+                    "rk-worker".to_owned()
+                } else {
+                    "rk-blocking".to_owned()
+                }
+            })
             .enable_all()
             .build()
     }

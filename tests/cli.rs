@@ -620,3 +620,27 @@ async fn serve_counts_in_the_master_the_sentinels_name() {
         "--redis-sentinel-master has no effect with --store memory (the default)",
     );
 }
+
+/// `--worker-threads N` runs N worker threads; 1 serves on the main thread
+/// alone (a single-threaded runtime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sets_the_runtimes_threads() {
+    for (flag, workers) in [("3", 3), ("1", 0)] {
+        let mut serve = Serve::start(EXAMPLE, &["--worker-threads", flag]);
+        let mut client = serve.client().await;
+        let response = client
+            .should_allow(allow_request("example", &[&[("api_key", "k1")]], 1))
+            .await
+            .unwrap();
+        assert!(response.into_inner().allowed);
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", serve.child.id())).unwrap();
+        let named = tasks
+            .filter(|task| {
+                let comm = task.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "rk-worker")
+            })
+            .count();
+        assert_eq!(named, workers, "--worker-threads {flag}");
+        serve.terminate().await;
+    }
+}

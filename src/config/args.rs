@@ -404,6 +404,14 @@ mod tests {
                 "--max-descriptors",
             ),
             (&["--config", "x", "--log-format", "xml"], "--log-format"),
+            (
+                &["--config", "x", "--worker-threads", "0"],
+                "--worker-threads",
+            ),
+            (
+                &["--config", "x", "--worker-threads", "many"],
+                "--worker-threads",
+            ),
         ];
         for (args, flag) in cases {
             let error = serve(args).unwrap_err().to_string();
