@@ -3,7 +3,8 @@
 //!
 //! It measures the gRPC ceiling of this machine (tonic, HTTP/2, protobuf and
 //! the kernel's loopback), so ratekeeper's throughput can be stated as a
-//! ratio of it: drive both with `loadgen` under the same flags and divide.
+//! ratio of it: drive both with the same generator and flags and divide
+//! (`benches/sidebyside.sh` uses an independent generator's own no-op).
 //!
 //! ```sh
 //! cargo build --release --examples

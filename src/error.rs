@@ -28,6 +28,12 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Too many requests are being decided at once; this one was shed.
+    #[error("overloaded: {max} requests are being decided; retry later")]
+    Overloaded {
+        /// The cap on requests in flight.
+        max: usize,
+    },
     /// A bug or an unexpected condition.
     #[error("internal error: {0}")]
     Internal(String),
@@ -53,6 +59,7 @@ impl From<Error> for Status {
                 tracing::debug!(error = %e, "store call failed");
                 Status::unavailable(format!("rate limit store unavailable: {e}"))
             }
+            Error::Overloaded { .. } => Status::resource_exhausted(error.to_string()),
             Error::Config(_) | Error::Internal(_) => {
                 tracing::error!(error = %error, "internal error while deciding");
                 Status::internal("internal error")

@@ -395,6 +395,7 @@ async fn run(
         })
         .with_drain_delay(args.drain_delay)
         .with_max_detailed_series(args.max_detailed_metric_series)
+        .with_max_in_flight(args.max_in_flight)
         .with_failure_policy(args.failure_policy)
         .with_shutdown_timeout(args.shutdown_timeout);
     server

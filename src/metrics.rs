@@ -12,7 +12,7 @@
 //!
 //! | metric | type | labels | meaning |
 //! |---|---|---|---|
-//! | `ratelimit_requests_total` | counter | surface, domain, decision | RPCs answered: `allowed`, `denied`, `invalid` (bad request), `error` (store failure) |
+//! | `ratelimit_requests_total` | counter | surface, domain, decision | RPCs answered: `allowed`, `denied`, `invalid` (bad request), `error` (store failure), `shed` (refused with `RESOURCE_EXHAUSTED`: too many in flight) |
 //! | `ratelimit_rule_hits_total` | counter | domain, rule | hits evaluated against the rule |
 //! | `ratelimit_rule_allowed_total` | counter | domain, rule | hits within the limit |
 //! | `ratelimit_rule_denied_total` | counter | domain, rule | hits over the limit (shadow rules included) |
@@ -104,6 +104,8 @@ pub enum RequestDecision {
     Invalid,
     /// The store failed.
     Error,
+    /// Refused unseen: too many requests in flight.
+    Shed,
 }
 
 /// How a config reload ended.
@@ -399,6 +401,7 @@ impl RequestDecision {
             RequestDecision::Allowed => "allowed",
             RequestDecision::Denied => "denied",
             RequestDecision::Invalid => "invalid",
+            RequestDecision::Shed => "shed",
             RequestDecision::Error => "error",
         }
     }

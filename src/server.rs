@@ -164,6 +164,13 @@ impl Server {
         self
     }
 
+    /// Decides at most `max` requests at once; more are refused with
+    /// `RESOURCE_EXHAUSTED` (`--max-in-flight`).
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.limiter = self.limiter.with_max_in_flight(max);
+        self
+    }
+
     /// Keeps at most `max` per-value (`detailed_metric`) rule labels;
     /// values past it are counted under their rule's path.
     pub fn with_max_detailed_series(mut self, max: usize) -> Self {

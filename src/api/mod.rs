@@ -125,6 +125,7 @@ pub(crate) fn finish(
         Err(error) => {
             let (outcome, label) = match &error {
                 Error::InvalidRequest { .. } => (RequestDecision::Invalid, DomainLabel::Unknown),
+                Error::Overloaded { .. } => (RequestDecision::Shed, DomainLabel::Unknown),
                 _ if limiter.rules().domain(domain).is_some() => {
                     (RequestDecision::Error, DomainLabel::Known(domain))
                 }

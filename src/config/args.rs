@@ -19,9 +19,8 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:8081";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:8080";
 /// Default Redis URL.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-/// Default number of shared, pipelined Redis connections. Redis executes
-/// commands one at a time, so a few pipelined connections saturate it.
-pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
+/// Default number of Redis connections per endpoint (see the store's).
+pub const DEFAULT_REDIS_POOL_SIZE: usize = crate::store::redis::DEFAULT_POOL_SIZE;
 /// Default store deadline: room for a Redis a few milliseconds away (6 ms
 /// round trip plus jitter), and still under Envoy's 20 ms rate limit
 /// timeout, so a failure-policy answer reaches Envoy before it gives up.
@@ -287,6 +286,13 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_OTLP_SAMPLE_RATIO", default_value_t = 1.0)]
     pub otlp_sample_ratio: f64,
 
+    /// Most requests decided at once; more are refused at once with
+    /// RESOURCE_EXHAUSTED (counted as decision="shed") rather than queued
+    /// past the gateway's timeout.
+    #[arg(long, env = "RATEKEEPER_MAX_IN_FLIGHT", default_value_t = crate::limiter::DEFAULT_MAX_IN_FLIGHT,
+          value_parser = parse_positive)]
+    pub max_in_flight: usize,
+
     /// Most distinct per-value metric labels kept for `detailed_metric`
     /// rules, over all of them; further values are counted under their
     /// rule's own path (and in ratelimit_detailed_metric_folded_total).
@@ -404,6 +410,10 @@ mod tests {
                 "--max-descriptors",
             ),
             (&["--config", "x", "--log-format", "xml"], "--log-format"),
+            (
+                &["--config", "x", "--max-in-flight", "0"],
+                "--max-in-flight",
+            ),
             (
                 &["--config", "x", "--worker-threads", "0"],
                 "--worker-threads",

@@ -7,10 +7,12 @@
 //! store in one call. Descriptors without a limit never reach the store, so a
 //! request that matches nothing is answered even when the store is down.
 //!
-//! Its other two jobs live beside it: [`cached`] answers counters known to
-//! be over their limit without a store call, and [`degraded`] answers by
-//! failure policy when the store fails.
+//! Its other jobs live beside it: [`admission`] sheds requests past the cap
+//! on those in flight, [`cached`] answers counters known to be over their
+//! limit without a store call, and [`degraded`] answers by failure policy
+//! when the store fails.
 
+mod admission;
 mod cached;
 mod degraded;
 
@@ -31,6 +33,8 @@ use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{Limit, Rule, Rules};
 use crate::store::{CounterStore, OverLimitCache, StoreError};
+use admission::Admission;
+pub use admission::DEFAULT_MAX_IN_FLIGHT;
 use degraded::Degraded;
 
 /// The decision engine: the current rules and the counter store.
@@ -44,6 +48,8 @@ pub struct Limiter {
     degraded: Degraded,
     /// Known denials, answered without a store call (opt-in).
     over_limit: Option<Arc<OverLimitCache>>,
+    /// Requests in flight, and the cap past which more are shed.
+    admission: Admission,
 }
 
 /// A validated request, borrowing its strings from the wire message.
@@ -132,7 +138,15 @@ impl Limiter {
             metrics: Metrics::new(),
             degraded: Degraded::new(FailurePolicy::default(), Arc::new(SystemClock)),
             over_limit: None,
+            admission: Admission::new(DEFAULT_MAX_IN_FLIGHT),
         }
+    }
+
+    /// Decides at most `max` requests at once; more are refused with
+    /// [`Error::Overloaded`].
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.admission = self.admission.with_max(max);
+        self
     }
 
     /// Answers counters known to be over their limit from `cache`.
@@ -203,6 +217,7 @@ impl Limiter {
     /// [`Error::Storage`] when the store fails and a failure policy in force
     /// is `error`; nothing is decided then.
     pub async fn check(&self, request: &CheckRequest<'_>) -> Result<Decision, Error> {
+        let _admitted = self.admission.admit()?;
         let rules = self.rules.load_full();
         let Some(tree) = rules.domain(request.domain) else {
             return Ok(Decision {

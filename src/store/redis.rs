@@ -68,7 +68,7 @@ impl RedisSettings {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            pool_size: 4,
+            pool_size: DEFAULT_POOL_SIZE,
             timeout: Duration::from_millis(15),
             connect_timeout: Duration::from_secs(1),
             tls: None,
@@ -116,6 +116,13 @@ impl ScriptTime {
         jitter + grace
     }
 }
+
+/// Default connections per endpoint. Redis runs one command at a time, and
+/// each connection carries one coalesced call at a time: fewer connections
+/// mean fuller calls (two served ~25 % more decisions than four on one
+/// core, at less Redis CPU each), and two keep one connection's replacement
+/// from stalling the endpoint.
+pub const DEFAULT_POOL_SIZE: usize = 2;
 
 /// Certificates for Redis over TLS.
 #[derive(Clone, Default)]

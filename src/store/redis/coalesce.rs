@@ -141,7 +141,9 @@ async fn send(
         .iter()
         .any(|reply| reply.as_ref().is_err_and(Code::is_missing))
     {
-        batching.code.load(conn).await?;
+        // Loaded again the way the server now allows (an ACL may have
+        // changed since the connection was made).
+        let runner = batching.code.load(conn).await?;
         return call(conn, runner, batching, batch, groups).await;
     }
     Ok(replies)

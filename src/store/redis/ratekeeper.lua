@@ -31,8 +31,12 @@
 -- - token bucket: a string of three packed doubles: level, measured_at,
 --   expires_at (read as absent once expired, whatever the TTL).
 --
--- Kept lean: it runs for every request inside Redis's one thread. No
--- closures or tables per hit beyond the per-key state, integers only.
+-- Kept lean: it runs for every request inside Redis's one thread. Nothing
+-- is allocated per decision: the working tables below are created once (with
+-- the library) and reused, the functions are defined once, and the common
+-- case — every hit a fixed window taking hits on a key of its own, as
+-- Envoy's requests are — goes straight from the arguments to one HINCRBY
+-- per hit.
 
 local FW, SW, TB = 1, 2, 3
 local ARGS_PER_HIT = 6
@@ -63,179 +67,238 @@ local function first_hit(kk, alg, start, w, now, extra)
   end
 end
 
+-- The decision being applied (reused from one decision to the next): per
+-- hit i its key and rule; per key the state the decision found (fx, fy),
+-- the state in Redis now (bx, by) and the state as the decision has changed
+-- it (cx, cy).
+local key, alg, limit, window, burst, hits, enforced, start, allowed = {}, {}, {}, {}, {}, {}, {}, {}, {}
+local fx, fy, bx, by, cx, cy = {}, {}, {}, {}, {}, {}
+local over = {}
+-- The call's time and TTL extra.
+local now, extra = 0, 0
+-- The call's window starts (number, formatted, window) by window argument.
+local starts = {}
+
+local function load(i)
+  local kk = key[i]
+  if fx[kk] ~= nil then
+    return
+  end
+  local v1, v2 = 0, 0
+  if alg[i] == FW then
+    v1 = tonumber(redis.call('HGET', kk, start[i])) or 0
+  elseif alg[i] == SW then
+    local got = redis.call('HMGET', kk, start[i], start[i] - window[i])
+    v1, v2 = tonumber(got[1]) or 0, tonumber(got[2]) or 0
+  else
+    local packed = redis.call('GET', kk)
+    if packed then
+      local level, measured, expires = struct.unpack('ddd', packed)
+      if expires > now then
+        v1, v2 = level, measured
+      end
+    end
+  end
+  fx[kk], fy[kk], bx[kk], by[kk], cx[kk], cy[kk] = v1, v2, v1, v2, v1, v2
+end
+
+-- Judges hit i counting `n` hits against its key's current state, and
+-- updates that state when the hits are taken.
+local function judge(i, n)
+  local kk = key[i]
+  if alg[i] == FW then
+    -- Rejected hits count, as envoyproxy/ratelimit's.
+    cx[kk] = cx[kk] + n
+    return cx[kk] <= limit[i]
+  end
+  local w = window[i]
+  if alg[i] == SW then
+    local ok = cy[kk] * (w - (now - start[i])) + (cx[kk] + n) * w <= limit[i] * w
+    if ok then
+      cx[kk] = cx[kk] + n
+    end
+    return ok
+  end
+  local capacity = burst[i] * w
+  local drained = math.max(0, now - cy[kk]) * math.max(limit[i], 1)
+  local level = math.max(0, math.min(cx[kk], capacity) - drained)
+  local ok = level + n * w <= capacity
+  if ok and n > 0 then
+    cx[kk], cy[kk] = level + n * w, now
+  end
+  return ok
+end
+
+-- Writes hit i's key if the decision changed it since the last write.
+local function write(i)
+  local kk = key[i]
+  if cx[kk] == bx[kk] and cy[kk] == by[kk] then
+    return
+  end
+  if alg[i] == TB then
+    local expires = now + ceil_div(cx[kk], math.max(limit[i], 1))
+    redis.call('SET', kk, struct.pack('ddd', cx[kk], cy[kk], expires),
+      'PX', math.max(1, expires - now) + extra)
+  else
+    redis.call('HINCRBY', kk, start[i], cx[kk] - bx[kk])
+    if bx[kk] == 0 then
+      first_hit(kk, alg[i], start[i], window[i], now, extra)
+    end
+  end
+  bx[kk], by[kk] = cx[kk], cy[kk]
+end
+
+-- Whether the decision of `count` hits at argument `a`, key `k` can take
+-- the fast path: every hit a fixed window adding hits to a key no other
+-- hit of the decision has.
+local function plain(keys, argv, k, a, count)
+  for i = 0, count - 1 do
+    local b = a + i * ARGS_PER_HIT
+    if argv[b] ~= '1' or argv[b + 4] == '0' then
+      return false
+    end
+    for j = 0, i - 1 do
+      if keys[k + j + 1] == keys[k + i + 1] then
+        return false
+      end
+    end
+  end
+  return true
+end
+
+-- Applies one decision (mode, `count` hits at argument `a`, keys after
+-- `k`) in the general way, appending its answer to `reply`.
+local function decide(keys, argv, reply, mode, count, k, a)
+  -- A call that failed half-way (a command's error aborts it) may have
+  -- left its keys here.
+  for i = 1, count do
+    local kk = keys[k + i]
+    fx[kk], fy[kk], bx[kk], by[kk], cx[kk], cy[kk] = nil, nil, nil, nil, nil, nil
+  end
+  for i = 1, count do
+    local b = a + (i - 1) * ARGS_PER_HIT
+    key[i] = keys[k + i]
+    alg[i] = tonumber(argv[b])
+    limit[i] = tonumber(argv[b + 1])
+    window[i] = tonumber(argv[b + 2])
+    burst[i] = tonumber(argv[b + 3])
+    hits[i] = tonumber(argv[b + 4])
+    enforced[i] = argv[b + 5] == '1'
+    if alg[i] ~= TB then
+      start[i] = now - (now % window[i])
+    end
+  end
+
+  if mode == 0 then
+    -- Independent: each hit on its own, written as it goes.
+    for i = 1, count do
+      load(i)
+      allowed[i] = judge(i, hits[i])
+      write(i)
+    end
+  else
+    for i = 1, count do
+      load(i)
+    end
+    local all_enforced_allowed, any_over = true, false
+    for i = 1, count do
+      allowed[i] = judge(i, hits[i])
+      if not allowed[i] then
+        any_over = true
+        if enforced[i] then
+          all_enforced_allowed = false
+        end
+      end
+    end
+    if mode == 3 and any_over then
+      -- Start over from the found state, counting only the over-limit hits.
+      for i = 1, count do
+        over[i] = not allowed[i]
+        cx[key[i]], cy[key[i]] = fx[key[i]], fy[key[i]]
+      end
+      for i = 1, count do
+        local n = 0
+        if over[i] then
+          n = hits[i]
+        end
+        allowed[i] = judge(i, n)
+      end
+    end
+    if mode == 3 or (mode == 1 and all_enforced_allowed) then
+      for i = 1, count do
+        write(i)
+      end
+    end
+  end
+
+  local r = #reply
+  for i = 1, count do
+    local kk = key[i]
+    local flag = 0
+    if allowed[i] then
+      flag = 1
+    end
+    reply[r + 1], reply[r + 2], reply[r + 3] = flag, fx[kk], fy[kk]
+    r = r + 3
+  end
+  -- Forget this decision's keys: the next decision starts clean.
+  for i = 1, count do
+    local kk = key[i]
+    fx[kk], fy[kk], bx[kk], by[kk], cx[kk], cy[kk] = nil, nil, nil, nil, nil, nil
+  end
+end
+
 local function decide_all(keys, argv)
-  local now
   if argv[1] ~= '' then
     now = tonumber(argv[1])
   else
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  local extra = tonumber(argv[2])
+  extra = tonumber(argv[2])
   local reply = { now }
+  -- Window starts of this call's time, by window argument.
+  starts = {}
   local k = 0 -- keys used so far
   local a = 3 -- next argument
+  local last = #argv
 
-  while a <= #argv do
+  while a <= last do
     local mode = tonumber(argv[a])
     local count = tonumber(argv[a + 1])
     a = a + 2
-
-    local key, alg, limit, window, burst, hits, enforced, start = {}, {}, {}, {}, {}, {}, {}, {}
-    for i = 1, count do
-      key[i] = keys[k + i]
-      alg[i] = tonumber(argv[a])
-      limit[i] = tonumber(argv[a + 1])
-      window[i] = tonumber(argv[a + 2])
-      burst[i] = tonumber(argv[a + 3])
-      hits[i] = tonumber(argv[a + 4])
-      enforced[i] = argv[a + 5] == '1'
-      if alg[i] ~= TB then
-        start[i] = now - (now % window[i])
-      end
-      a = a + ARGS_PER_HIT
-    end
-    k = k + count
-
-    -- Per key: the state the decision found (fx, fy), the state in Redis
-    -- now (bx, by) and the state as the decision has changed it (cx, cy).
-    local fx, fy, bx, by, cx, cy = {}, {}, {}, {}, {}, {}
-
-    local function load(i)
-      local kk = key[i]
-      if fx[kk] ~= nil then
-        return
-      end
-      local v1, v2 = 0, 0
-      if alg[i] == FW then
-        v1 = tonumber(redis.call('HGET', kk, start[i])) or 0
-      elseif alg[i] == SW then
-        local got = redis.call('HMGET', kk, start[i], start[i] - window[i])
-        v1, v2 = tonumber(got[1]) or 0, tonumber(got[2]) or 0
-      else
-        local packed = redis.call('GET', kk)
-        if packed then
-          local level, measured, expires = struct.unpack('ddd', packed)
-          if expires > now then
-            v1, v2 = level, measured
-          end
+    if mode == 0 and plain(keys, argv, k, a, count) then
+      -- The fast path: one HINCRBY per hit; a denied hit still counts.
+      -- Arguments go back to Redis as the strings they came as, and each
+      -- window's start is formatted once per call (number formatting and
+      -- parsing are a visible part of a call's cost).
+      local r = #reply
+      for i = 0, count - 1 do
+        local b = a + i * ARGS_PER_HIT
+        local kk, w_arg, n_arg = keys[k + i + 1], argv[b + 2], argv[b + 4]
+        local window_start = starts[w_arg]
+        if window_start == nil then
+          local w = tonumber(w_arg)
+          window_start = { now - (now % w), string.format('%d', now - (now % w)), w }
+          starts[w_arg] = window_start
         end
-      end
-      fx[kk], fy[kk], bx[kk], by[kk], cx[kk], cy[kk] = v1, v2, v1, v2, v1, v2
-    end
-
-    -- Judges hit i counting `n` hits against its key's current state, and
-    -- updates that state when the hits are taken.
-    local function judge(i, n)
-      local kk = key[i]
-      if alg[i] == FW then
-        -- Rejected hits count, as envoyproxy/ratelimit's.
-        cx[kk] = cx[kk] + n
-        return cx[kk] <= limit[i]
-      end
-      local w = window[i]
-      if alg[i] == SW then
-        local ok = cy[kk] * (w - (now - start[i])) + (cx[kk] + n) * w <= limit[i] * w
-        if ok then
-          cx[kk] = cx[kk] + n
+        local after = redis.call('HINCRBY', kk, window_start[2], n_arg)
+        local n = tonumber(n_arg)
+        local flag = 0
+        if after <= tonumber(argv[b + 1]) then
+          flag = 1
         end
-        return ok
-      end
-      local capacity = burst[i] * w
-      local drained = math.max(0, now - cy[kk]) * math.max(limit[i], 1)
-      local level = math.max(0, math.min(cx[kk], capacity) - drained)
-      local ok = level + n * w <= capacity
-      if ok and n > 0 then
-        cx[kk], cy[kk] = level + n * w, now
-      end
-      return ok
-    end
-
-    -- Writes hit i's key if the decision changed it since the last write.
-    local function write(i)
-      local kk = key[i]
-      if cx[kk] == bx[kk] and cy[kk] == by[kk] then
-        return
-      end
-      if alg[i] == TB then
-        local expires = now + ceil_div(cx[kk], math.max(limit[i], 1))
-        redis.call('SET', kk, struct.pack('ddd', cx[kk], cy[kk], expires),
-          'PX', math.max(1, expires - now) + extra)
-      else
-        redis.call('HINCRBY', kk, start[i], cx[kk] - bx[kk])
-        if bx[kk] == 0 then
-          first_hit(kk, alg[i], start[i], window[i], now, extra)
-        end
-      end
-      bx[kk], by[kk] = cx[kk], cy[kk]
-    end
-
-    local allowed = {}
-    if mode == 0 then
-      -- Independent: each hit on its own, written as it goes. A fixed
-      -- window's first hit on its key is one HINCRBY.
-      for i = 1, count do
-        local kk = key[i]
-        if alg[i] == FW and hits[i] > 0 and fx[kk] == nil then
-          local after = redis.call('HINCRBY', kk, start[i], hits[i])
-          local before = after - hits[i]
-          fx[kk], fy[kk], bx[kk], by[kk], cx[kk], cy[kk] = before, 0, after, 0, after, 0
-          allowed[i] = after <= limit[i]
-          if before == 0 then
-            first_hit(kk, FW, start[i], window[i], now, extra)
-          end
-        else
-          load(i)
-          allowed[i] = judge(i, hits[i])
-          write(i)
+        reply[r + 1], reply[r + 2], reply[r + 3] = flag, after - n, 0
+        r = r + 3
+        if after == n then
+          first_hit(kk, FW, window_start[1], window_start[3], now, extra)
         end
       end
     else
-      for i = 1, count do
-        load(i)
-      end
-      local all_enforced_allowed, any_over = true, false
-      for i = 1, count do
-        allowed[i] = judge(i, hits[i])
-        if not allowed[i] then
-          any_over = true
-          if enforced[i] then
-            all_enforced_allowed = false
-          end
-        end
-      end
-      if mode == 3 and any_over then
-        -- Start over from the found state, counting only the over-limit hits.
-        local over = {}
-        for i = 1, count do
-          over[i] = not allowed[i]
-          cx[key[i]], cy[key[i]] = fx[key[i]], fy[key[i]]
-        end
-        for i = 1, count do
-          local n = 0
-          if over[i] then
-            n = hits[i]
-          end
-          allowed[i] = judge(i, n)
-        end
-      end
-      if mode == 3 or (mode == 1 and all_enforced_allowed) then
-        for i = 1, count do
-          write(i)
-        end
-      end
+      decide(keys, argv, reply, mode, count, k, a)
     end
-
-    for i = 1, count do
-      local flag = 0
-      if allowed[i] then
-        flag = 1
-      end
-      local n = #reply
-      reply[n + 1] = flag
-      reply[n + 2] = fx[key[i]]
-      reply[n + 3] = fy[key[i]]
-    end
+    k = k + count
+    a = a + count * ARGS_PER_HIT
   end
   return reply
 end
