@@ -36,14 +36,6 @@ impl Admission {
         }
     }
 
-    /// The same count, with another cap.
-    pub(crate) fn with_max(&self, max: usize) -> Self {
-        Self {
-            in_flight: self.in_flight.clone(),
-            max: max.max(1),
-        }
-    }
-
     /// A place for one more request, unless `max` are in flight.
     pub(crate) fn admit(&self) -> Result<Admitted, Error> {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);

@@ -145,7 +145,7 @@ impl Limiter {
     /// Decides at most `max` requests at once; more are refused with
     /// [`Error::Overloaded`].
     pub fn with_max_in_flight(mut self, max: usize) -> Self {
-        self.admission = self.admission.with_max(max);
+        self.admission = Admission::new(max);
         self
     }
 

@@ -34,7 +34,7 @@ use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
 use coalesce::{Batching, Job};
 use connect::FixedConnector;
-use decide::{Code, Encoded};
+use decide::Encoded;
 use lane::{Connect, LaneSettings};
 use node::Node;
 
@@ -119,9 +119,9 @@ impl ScriptTime {
 
 /// Default connections per endpoint. Redis runs one command at a time, and
 /// each connection carries one coalesced call at a time: fewer connections
-/// mean fuller calls (two served ~25 % more decisions than four on one
-/// core, at less Redis CPU each), and two keep one connection's replacement
-/// from stalling the endpoint.
+/// mean fuller calls (two sent the same traffic in under half the calls of
+/// four, see BENCHMARKS.md), and two keep one connection's replacement from
+/// stalling the endpoint.
 pub const DEFAULT_POOL_SIZE: usize = 2;
 
 /// Certificates for Redis over TLS.
@@ -170,13 +170,6 @@ pub struct RedisStore {
     _sentinel: Option<Arc<sentinel::Follower>>,
 }
 
-/// How long a connection's call may go unanswered before it counts as
-/// silent and is replaced: long enough for a slow Redis, short enough to
-/// replace a dead socket well within a second.
-pub fn stall_timeout(store_timeout: Duration) -> Duration {
-    (store_timeout * 5).max(Duration::from_millis(250))
-}
-
 // === impl RedisStore ===
 
 impl RedisStore {
@@ -190,7 +183,7 @@ impl RedisStore {
     /// be used.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let info = connection_info(&settings.url, settings.tls.as_ref())?;
-        let batching = batching(settings);
+        let batching = Batching::new(settings.timeout, settings.expiry_jitter);
         let connector = Arc::new(FixedConnector {
             info,
             code: batching.code.clone(),
@@ -208,7 +201,7 @@ impl RedisStore {
         settings: &RedisSettings,
         sentinels: &sentinel::SentinelSettings,
     ) -> Result<Self, StoreError> {
-        let batching = batching(settings);
+        let batching = Batching::new(settings.timeout, settings.expiry_jitter);
         let (connector, follower) =
             sentinel::SentinelConnector::new(sentinels, settings, batching.code.clone())?;
         let store = Self::with_connector(settings, Arc::new(connector), batching);
@@ -241,15 +234,6 @@ impl RedisStore {
     }
 }
 
-/// The batching every lane of a store shares.
-fn batching(settings: &RedisSettings) -> Arc<Batching> {
-    Arc::new(Batching {
-        code: Arc::new(Code::new()),
-        time: ScriptTime::with_jitter(settings.expiry_jitter),
-        stall_timeout: stall_timeout(settings.timeout),
-    })
-}
-
 /// Decides `hits` with one queued decision on `node`: the outcomes, once
 /// the call carrying it answers.
 pub(super) async fn decide_on(
@@ -265,11 +249,29 @@ pub(super) async fn decide_on(
         answer,
     })
     .await
-    .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "no connection", e.to_string())))?;
+    .map_err(no_connection)?;
     let (now, found) = answered.await.map_err(|_| {
         redis::RedisError::from((redis::ErrorKind::Io, "the connection was replaced"))
     })??;
-    decide::outcomes(hits, mode, now, &found).map_err(|e| {
+    outcomes_of(hits, mode, now, &found)
+}
+
+/// A node that has no connection to give, as the error its callers handle
+/// (an I/O error: the store failing).
+pub(super) fn no_connection(error: StoreError) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "no connection", error.to_string()))
+}
+
+/// The outcomes of `hits` from their decision's part of a reply; a reply
+/// the algorithms cannot use is an unexpected return (a protocol error: a
+/// bug, never the store failing).
+pub(super) fn outcomes_of(
+    hits: &[BatchHit<'_>],
+    mode: Mode,
+    now: i64,
+    found: &[i64],
+) -> Result<Vec<Outcome>, redis::RedisError> {
+    decide::outcomes(hits, mode, now, found).map_err(|e| {
         redis::RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
             "unusable reply",

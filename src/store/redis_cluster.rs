@@ -38,9 +38,9 @@ use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 
 use super::redis::coalesce::Batching;
-use super::redis::decide::{Code, Encoded, outcomes};
+use super::redis::decide::Encoded;
 use super::redis::node::Node;
-use super::redis::{RedisTls, ScriptTime, decide_on, stall_timeout, store_error};
+use super::redis::{RedisTls, decide_on, no_connection, outcomes_of, store_error};
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use topology::{Cluster, Redirect, slot};
@@ -104,11 +104,7 @@ impl RedisClusterStore {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let batching = Arc::new(Batching {
-            code: Arc::new(Code::new()),
-            time: ScriptTime::with_jitter(settings.expiry_jitter),
-            stall_timeout: stall_timeout(settings.timeout),
-        });
+        let batching = Batching::new(settings.timeout, settings.expiry_jitter);
         Ok(Self {
             cluster: Cluster::new(seeds, settings, batching.clone()),
             batching,
@@ -176,9 +172,7 @@ impl RedisClusterStore {
         hits: &[BatchHit<'_>],
         mode: Mode,
     ) -> Result<Vec<Outcome>, redis::RedisError> {
-        let call = node.call().await.map_err(|e| {
-            redis::RedisError::from((redis::ErrorKind::Io, "no connection", e.to_string()))
-        })?;
+        let call = node.call().await.map_err(no_connection)?;
         let decision = Encoded::new(hits, mode);
         let cmd = self.batching.code.call(
             call.runner(),
@@ -197,13 +191,7 @@ impl RedisClusterStore {
         let (now, found) = reply.split_first().ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "empty reply"))
         })?;
-        outcomes(hits, mode, *now, found).map_err(|e| {
-            redis::RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "unusable reply",
-                e.to_string(),
-            ))
-        })
+        outcomes_of(hits, mode, *now, found)
     }
 
     /// Runs every slot's group at once, each in its mode; the outcomes come

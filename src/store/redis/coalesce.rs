@@ -42,7 +42,23 @@ pub(crate) struct Job {
 pub(crate) struct Batching {
     pub code: Arc<Code>,
     pub time: ScriptTime,
+    /// How long a call may go unanswered before its connection counts as
+    /// silent and is replaced.
     pub stall_timeout: Duration,
+}
+
+impl Batching {
+    /// The batching of a store whose calls have `store_timeout` and whose
+    /// keys get up to `expiry_jitter` more TTL. A call is silent past five
+    /// deadlines (at least 250 ms): long enough for a slow Redis, short
+    /// enough to replace a dead socket well within a second.
+    pub(crate) fn new(store_timeout: Duration, expiry_jitter: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            code: Arc::new(Code::new()),
+            time: ScriptTime::with_jitter(expiry_jitter),
+            stall_timeout: (store_timeout * 5).max(Duration::from_millis(250)),
+        })
+    }
 }
 
 /// Sends the jobs of `jobs` on `live`'s connection until the connection is
@@ -78,49 +94,39 @@ pub(crate) async fn run(
             send(&mut conn, live.runner(), &batching, &batch, &groups),
         )
         .await;
+        // Why the connection must go, if it must: silence, a lost socket,
+        // or a reply that says "wrong server" (READONLY after a failover
+        // behind the endpoint...), whether for the whole round trip or for
+        // one slot's call in it.
+        let retire = match &result {
+            Ok(Ok(replies)) => replies
+                .iter()
+                .filter_map(|reply| reply.as_ref().err())
+                .find_map(super::lane::retire_reason),
+            Ok(Err(error)) => super::lane::retire_reason(error),
+            Err(_) => Some(format!(
+                "silent: a call got no answer in {:?}",
+                batching.stall_timeout
+            )),
+        };
+        if let (Some(lane), Some(reason)) = (lane.upgrade(), retire) {
+            lane.retire(&live, &reason);
+        }
         match result {
             Ok(Ok(replies)) => {
-                // A reply that says "wrong server" (READONLY after a
-                // failover behind the endpoint...) retires the connection
-                // as an I/O error would.
-                let wrong_server = replies
-                    .iter()
-                    .filter_map(|reply| reply.as_ref().err())
-                    .find_map(super::lane::retire_reason);
-                if let (Some(lane), Some(reason)) = (lane.upgrade(), wrong_server) {
-                    lane.retire(&live, &reason);
-                }
                 let mut jobs = batch.drain(..);
                 for (range, reply) in groups.iter().zip(replies) {
                     answer(jobs.by_ref().take(range.len()), reply);
                 }
             }
-            Ok(Err(error)) => {
-                if let (Some(lane), Some(reason)) =
-                    (lane.upgrade(), super::lane::retire_reason(&error))
-                {
-                    lane.retire(&live, &reason);
-                }
-                fail(batch.drain(..), &error);
-            }
-            Err(_) => {
-                if let Some(lane) = lane.upgrade() {
-                    lane.retire(
-                        &live,
-                        &format!(
-                            "silent: a call got no answer in {:?}",
-                            batching.stall_timeout
-                        ),
-                    );
-                }
-                fail(
-                    batch.drain(..),
-                    &redis::RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "redis did not answer",
-                    )),
-                );
-            }
+            Ok(Err(error)) => fail(batch.drain(..), &error),
+            Err(_) => fail(
+                batch.drain(..),
+                &redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "redis did not answer",
+                )),
+            ),
         }
     }
     fail(batch.drain(..), &retired_error());

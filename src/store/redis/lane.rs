@@ -69,8 +69,6 @@ pub(crate) struct LaneSettings {
     pub batching: Arc<Batching>,
     /// Deadline of one connect attempt, in the background.
     pub connect_timeout: Duration,
-    /// How long a stall probe waits for its `PING`.
-    pub stall_timeout: Duration,
     /// Measures backoff (monotonic).
     pub clock: Arc<dyn Clock>,
 }
@@ -83,7 +81,6 @@ impl LaneSettings {
     ) -> Self {
         Self {
             connector,
-            stall_timeout: batching.stall_timeout,
             batching,
             connect_timeout,
             clock: Arc::new(MonotonicClock::default()),
@@ -147,18 +144,24 @@ impl Lane {
         })
     }
 
-    /// Starts connecting in the background if the lane is empty and not
-    /// backing off (at startup, so the first requests find connections).
-    pub(crate) fn warm(self: &Arc<Self>) {
+    /// The lane's live connection now, if it has one; an empty lane that
+    /// is not backing off starts connecting in the background (so a lane
+    /// that lost its connection is refilled by the traffic that passes it,
+    /// and at startup the first requests find connections). One look at the
+    /// lane's state, whatever the answer.
+    pub(crate) fn live_now(self: &Arc<Self>) -> Option<Arc<Live>> {
         let mut state = self.lock();
-        if let State::Empty {
-            next_attempt_ms, ..
-        } = *state
-            && self.settings.clock.now_ms() >= next_attempt_ms
-        {
-            *state = State::Connecting;
-            drop(state);
-            self.spawn_connect();
+        match &*state {
+            State::Live(live) if !live.retired.load(Ordering::SeqCst) => Some(live.clone()),
+            State::Empty {
+                next_attempt_ms, ..
+            } if self.settings.clock.now_ms() >= *next_attempt_ms => {
+                *state = State::Connecting;
+                drop(state);
+                self.spawn_connect();
+                None
+            }
+            _ => None,
         }
     }
 
@@ -222,11 +225,16 @@ impl Lane {
     /// As [`Lane::live`].
     pub(crate) async fn call(self: &Arc<Self>) -> Result<Call<'_>, StoreError> {
         let live = self.live().await?;
-        Ok(Call {
+        Ok(self.call_on(live))
+    }
+
+    /// A direct call on `live`, this lane's connection.
+    pub(crate) fn call_on(self: &Arc<Self>, live: Arc<Live>) -> Call<'_> {
+        Call {
             lane: self,
             live,
             ended: false,
-        })
+        }
     }
 
     /// Queues `job` for the lane's batcher, waiting for a connect in
@@ -236,10 +244,7 @@ impl Lane {
     ///
     /// As [`Lane::live`], or when the connection was retired meanwhile.
     pub(crate) async fn submit(self: &Arc<Self>, job: Job) -> Result<(), StoreError> {
-        let live = self.live().await?;
-        live.jobs
-            .send(job)
-            .map_err(|_| StoreError::Connection("the connection was just replaced".to_owned()))
+        self.live().await?.submit(job)
     }
 
     /// Takes `live` out of service (if it is still the lane's connection)
@@ -327,7 +332,8 @@ impl Lane {
             return;
         }
         let lane = self.clone();
-        let bound = self.settings.stall_timeout;
+        // A stall probe waits as long as a coalesced call may.
+        let bound = self.settings.batching.stall_timeout;
         let spawned = tokio::runtime::Handle::try_current().map(|handle| {
             handle.spawn(async move {
                 let mut conn = live.conn.clone();
@@ -368,6 +374,17 @@ impl Live {
     /// How this connection runs the code.
     pub(crate) fn runner(&self) -> Runner {
         self.runner
+    }
+
+    /// Queues `job` for this connection's batcher.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Connection`] when the connection was retired meanwhile.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::Connection("the connection was just replaced".to_owned()))
     }
 
     /// Whether the connection has been taken out of service.

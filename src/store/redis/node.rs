@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::coalesce::Job;
-use super::lane::{Call, Lane, LaneSettings};
+use super::lane::{Call, Lane, LaneSettings, Live};
 use crate::store::StoreError;
 
 /// The lanes of one endpoint.
@@ -30,7 +30,7 @@ impl Node {
             .collect();
         if tokio::runtime::Handle::try_current().is_ok() {
             for lane in &lanes {
-                lane.warm();
+                let _ = lane.live_now();
             }
         }
         Self {
@@ -39,20 +39,20 @@ impl Node {
         }
     }
 
-    /// The next lane with a live connection, or else the next lane (whose
-    /// connect the caller will wait for).
-    fn pick(&self) -> &Arc<Lane> {
+    /// The next lane with a live connection, with it; or else the next
+    /// lane (whose connect the caller will wait for). Every lane is looked
+    /// at once, so empty ones start connecting now rather than on their turn.
+    fn pick(&self) -> (&Arc<Lane>, Option<Arc<Live>>) {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let count = self.lanes.len();
-        let chosen = (0..count)
-            .map(|i| &self.lanes[(start + i) % count])
-            .find(|lane| lane.is_live())
-            .unwrap_or(&self.lanes[start % count]);
-        // Empty lanes start connecting now rather than on their turn.
-        for lane in self.lanes.iter() {
-            lane.warm();
+        let mut chosen = None;
+        for i in 0..count {
+            let lane = &self.lanes[(start + i) % count];
+            if let Some(live) = lane.live_now() {
+                chosen.get_or_insert((lane, Some(live)));
+            }
         }
-        chosen
+        chosen.unwrap_or((&self.lanes[start % count], None))
     }
 
     /// A direct call on a lane (callers bound the wait for a connect).
@@ -62,7 +62,10 @@ impl Node {
     /// [`StoreError::Connection`] when that lane backs off after failed
     /// connects.
     pub(crate) async fn call(&self) -> Result<Call<'_>, StoreError> {
-        self.pick().call().await
+        match self.pick() {
+            (lane, Some(live)) => Ok(lane.call_on(live)),
+            (lane, None) => lane.call().await,
+        }
     }
 
     /// Queues a decision on a lane's batcher (callers bound the wait).
@@ -71,7 +74,10 @@ impl Node {
     ///
     /// As [`Node::call`].
     pub(crate) async fn submit(&self, job: Job) -> Result<(), StoreError> {
-        self.pick().submit(job).await
+        match self.pick() {
+            (_, Some(live)) => live.submit(job),
+            (lane, None) => lane.submit(job).await,
+        }
     }
 
     /// Lanes with a live connection now.
