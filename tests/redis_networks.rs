@@ -424,3 +424,38 @@ async fn a_cluster_3_ms_away_is_ready_within_a_second_and_fails_nothing() {
     assert!(ready_after < TARGET + MARGIN, "ready after {ready_after:?}");
     assert_eq!(failed, 0, "calls failed at a steady rate");
 }
+
+/// A Redis 300 ms away (one way) with deadlines that allow for it: every
+/// bound on a call is ratekeeper's own (`--store-timeout`,
+/// `--redis-connect-timeout`, the stall bound), none hidden below them, so
+/// the store connects and decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_far_away_is_served_within_the_deadlines_given() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into());
+    proxy.set_delay(Duration::from_millis(300));
+    let store = RedisStore::new(&RedisSettings {
+        timeout: Duration::from_secs(20),
+        connect_timeout: Duration::from_secs(20),
+        ..RedisSettings::new(proxy.url())
+    })
+    .unwrap();
+    let hit = ratekeeper::algorithm::BatchHit {
+        key: b"far",
+        algorithm: ratekeeper::algorithm::AlgorithmKind::FixedWindow,
+        quota: ratekeeper::algorithm::Quota {
+            limit: 10,
+            window_ms: 3_600_000,
+            burst: 10,
+        },
+        hits: 1,
+        enforced: true,
+    };
+    let outcome = store
+        .apply(&[hit], ratekeeper::algorithm::Mode::Independent)
+        .await
+        .expect("a decision from a Redis 600 ms round trip away");
+    assert!(outcome[0].allowed);
+    assert!(store.ping().await.is_ok());
+}

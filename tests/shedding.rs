@@ -5,10 +5,11 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{RedisServer, TestServer, allow_request, envoy_request, http_get, rules};
 use ratekeeper::Server;
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code as EnvoyCode;
 use ratekeeper::store::RedisStore;
 use ratekeeper::store::redis::RedisSettings;
 use tonic::Code;
@@ -58,22 +59,57 @@ async fn requests_past_the_cap_are_shed_at_once_and_counted() {
     let mut first = client.clone();
     let mut second = client.clone();
     let mut envoy = server.envoy().await;
-    let (a, b, c) = tokio::join!(
-        first.should_allow(allow_request("shed", &[&[("user", "a")]], 1)),
-        second.should_allow(allow_request("shed", &[&[("user", "b")]], 1)),
-        envoy.should_rate_limit(envoy_request("shed", &[&[("user", "c")]])),
-    );
-    let shed: Vec<tonic::Status> = [a.err(), b.err(), c.err()]
-        .into_iter()
-        .flatten()
+    let calls = [
+        tokio::spawn(async move {
+            first
+                .should_allow(allow_request("shed", &[&[("user", "a")]], 1))
+                .await
+                .map(|r| r.into_inner().allowed)
+        }),
+        tokio::spawn(async move {
+            second
+                .should_allow(allow_request("shed", &[&[("user", "b")]], 1))
+                .await
+                .map(|r| r.into_inner().allowed)
+        }),
+        tokio::spawn(async move {
+            envoy
+                .should_rate_limit(envoy_request("shed", &[&[("user", "c")]]))
+                .await
+                .map(|r| r.into_inner().overall_code() == EnvoyCode::Ok)
+        }),
+    ];
+    // Bounded: the shed ones answer at once, the admitted one waits for
+    // Redis for as long as it is frozen.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls.iter().filter(|call| call.is_finished()).count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the extra requests were not shed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.resume();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    let shed: Vec<&tonic::Status> = answers
+        .iter()
+        .filter_map(|answer| answer.as_ref().err())
         .filter(|status| status.code() == Code::ResourceExhausted)
         .collect();
-    assert_eq!(shed.len(), 2, "{shed:?}");
+    assert_eq!(shed.len(), 2, "{answers:?}");
     assert!(
         shed.iter().all(|s| s.message().contains("overloaded")),
         "{shed:?}"
     );
-    redis.resume();
+    // The admitted request was decided once Redis answered again.
+    assert_eq!(
+        answers.iter().filter(|a| matches!(a, Ok(true))).count(),
+        1,
+        "{answers:?}"
+    );
     assert!(
         client
             .should_allow(allow_request("shed", &[&[("user", "after")]], 1))

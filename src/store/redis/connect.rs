@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{ConnectionAddr, ConnectionInfo};
+use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo};
 
 use super::decide::{Code, Runner};
 use super::lane::{Connect, Connected};
@@ -58,18 +59,37 @@ pub(crate) fn retarget(info: &ConnectionInfo, host: &str, port: u16) -> Connecti
     info.clone().set_addr(addr)
 }
 
+/// A multiplexed connection to `info`, with the socket settings every
+/// connection gets and none of redis-rs's own timeouts (by default 500 ms
+/// per reply and 1 s to connect): the bounds on Redis calls are
+/// ratekeeper's alone — the caller's deadline, `--redis-connect-timeout`
+/// and the stall bound — so a Redis further away than those defaults is
+/// served as configured. Every caller bounds the wait.
+///
+/// # Errors
+///
+/// [`StoreError`] as the connect failed.
+pub(crate) async fn multiplexed(
+    info: &ConnectionInfo,
+) -> Result<MultiplexedConnection, StoreError> {
+    let info = info.clone().set_tcp_settings(tcp_settings());
+    let client = redis::Client::open(info).map_err(|e| store_error(&e))?;
+    let config = AsyncConnectionConfig::new()
+        .set_response_timeout(None)
+        .set_connection_timeout(None);
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| store_error(&e))
+}
+
 /// Opens a connection to `info` and loads `code` on it.
 ///
 /// # Errors
 ///
 /// [`StoreError`] as the connect or the load failed.
 pub(crate) async fn open(info: &ConnectionInfo, code: &Code) -> Result<Connected, StoreError> {
-    let info = info.clone().set_tcp_settings(tcp_settings());
-    let client = redis::Client::open(info).map_err(|e| store_error(&e))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| store_error(&e))?;
+    let mut conn = multiplexed(info).await?;
     let runner = code.load(&mut conn).await.map_err(|e| store_error(&e))?;
     if runner == Runner::Script {
         report_script_fallback();

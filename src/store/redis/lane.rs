@@ -6,9 +6,10 @@
 //!
 //! - **Connecting never runs inside a request's deadline.** An empty lane is
 //!   filled by a background task (TCP with `TCP_NODELAY` and keepalive, TLS,
-//!   AUTH, loading the scripts, all under the connect timeout); requests wait
-//!   for it at most their own deadline, and the result is kept for the next
-//!   ones. The host name is resolved again on every connect.
+//!   AUTH, loading the decision code, all under the connect timeout and no
+//!   other bound: [`super::connect::multiplexed`]); requests wait for it at
+//!   most their own deadline, and the result is kept for the next ones.
+//!   The host name is resolved again on every connect.
 //! - **Failed connects back off** with jitter (25 ms, doubling to 1 s, each
 //!   wait drawn from its upper half), so a Redis that is down is not
 //!   hammered; while a lane backs off, its requests fail at once.

@@ -180,11 +180,7 @@ impl Sentinels {
     }
 
     async fn ask(&self, sentinel: &ConnectionInfo) -> Result<(String, u16), StoreError> {
-        let client = redis::Client::open(sentinel.clone()).map_err(|e| store_error(&e))?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| store_error(&e))?;
+        let mut conn = super::connect::multiplexed(sentinel).await?;
         let address: Option<(String, u16)> = redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
             .arg(&self.name)

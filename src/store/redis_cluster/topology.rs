@@ -20,7 +20,7 @@ use super::RedisClusterSettings;
 use crate::clock::{Clock, MonotonicClock};
 use crate::store::StoreError;
 use crate::store::redis::coalesce::Batching;
-use crate::store::redis::connect::{FixedConnector, retarget, tcp_settings};
+use crate::store::redis::connect::{FixedConnector, multiplexed, retarget};
 use crate::store::redis::lane::LaneSettings;
 use crate::store::redis::node::Node;
 use crate::store::redis::store_error;
@@ -263,12 +263,7 @@ async fn keep_fresh(cluster: Weak<Cluster>) {
 
 /// The slot map as `candidate` reports it: per slot, its master's address.
 async fn cluster_slots(candidate: &ConnectionInfo) -> Result<Vec<Option<Arc<str>>>, StoreError> {
-    let client = redis::Client::open(candidate.clone().set_tcp_settings(tcp_settings()))
-        .map_err(|e| store_error(&e))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| store_error(&e))?;
+    let mut conn = multiplexed(candidate).await?;
     // [[start, end, [host, port, id, …], replicas…], …]
     let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
         .arg("SLOTS")
