@@ -23,7 +23,10 @@
 #   descriptors  3 descriptors per request on ratekeeper's Redis store: Redis CPU per extra
 #                descriptor (against its 1-descriptor row)
 #   upstream     envoyproxy/ratelimit's command pattern for one descriptor (INCRBY + EXPIRE,
-#                pipelined) replayed by redis-cli --pipe into the same Redis: its Redis CPU
+#                pipelined) replayed into the same Redis: its Redis CPU per decision, once
+#                by redis-cli --pipe (one endless pipeline: the pattern's floor) and once in
+#                pipelines as full as ratekeeper's calls were in this round (its saturation
+#                run's decisions per call, over 2 connections: the same batching)
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RK=${RK:-$ROOT/target/release/ratekeeper}
@@ -114,27 +117,35 @@ run() {
     --descriptors-per-request "$descs" --duration "${DUR}s" --warmup "${WARMUP}s" \
     ${rate:+--rate $rate} --json "$WORK/out.json" >"$WORK/out.txt" 2>&1
   t1=$(proc_ticks $server_pid)
-  [ $uses_redis = yes ] && r1=$(redis_cpu)
+  local calls=0
+  if [ $uses_redis = yes ]; then
+    r1=$(redis_cpu)
+    calls=$(redis-cli -p $REDIS_PORT info commandstats | tr -d '\r' \
+      | sed -nE 's/^cmdstat_(fcall|evalsha):calls=([0-9]+).*/\2/p' | head -1)
+  fi
   stop
   [ $uses_redis = yes ] && redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
-  python3 - "$WORK/out.json" "$target" "$descs" "$((t1 - t0))" "$r0" "$r1" "$DUR" "$WARMUP" "$(getconf CLK_TCK)" "$label" "$round" <<'PY'
+  python3 - "$WORK/out.json" "$target" "$descs" "$((t1 - t0))" "$r0" "$r1" "$DUR" "$WARMUP" "$(getconf CLK_TCK)" "$label" "$round" "${calls:-0}" <<'PY'
 import json, sys
-out, target, descs, ticks, r0, r1, dur, warmup, hz, label, rnd = sys.argv[1:]
+out, target, descs, ticks, r0, r1, dur, warmup, hz, label, rnd, calls = sys.argv[1:]
 j = json.load(open(out))
 wall = float(dur) + float(warmup)  # CPU is sampled over warm-up and measured window alike
 served = j["rps"] * wall
 j.update(target=target, descs=int(descs), label=label, round=int(rnd),
          server_cpu_pct=100.0 * int(ticks) / int(hz) / wall,
          server_us=1e6 * int(ticks) / int(hz) / max(served, 1),
-         redis_us=1e6 * (float(r1) - float(r0)) / max(served, 1) if float(r1) > 0 else None)
+         redis_us=1e6 * (float(r1) - float(r0)) / max(served, 1) if float(r1) > 0 else None,
+         per_call=served / int(calls) if int(calls) > 0 else None)
 print(json.dumps(j))
 PY
 }
 
 # Replays envoyproxy/ratelimit's commands for N one-descriptor decisions (INCRBY key 1, EXPIRE
-# key 60 on uniform keys) with redis-cli --pipe; prints Redis CPU per decision.
+# key 60 on uniform keys) into a fresh Redis; prints Redis CPU per decision. With BATCH, in
+# pipelines of BATCH decisions over 2 connections, one pipeline out per connection at a time
+# (as a client batching like ratekeeper would); without it, as one endless redis-cli --pipe.
 upstream() {
-  local n=400000
+  local n=400000 batch=${1:-} label
   redis_start
   python3 - "$n" "$KEYS" >"$WORK/upstream.resp" <<'PY'
 import random, sys
@@ -148,10 +159,35 @@ for _ in range(n):
 PY
   local r0 r1
   r0=$(redis_cpu)
-  taskset -c 1 redis-cli -p $REDIS_PORT --pipe <"$WORK/upstream.resp" >/dev/null
+  if [ -z "$batch" ]; then
+    label="redis-cli --pipe"
+    taskset -c 1 redis-cli -p $REDIS_PORT --pipe <"$WORK/upstream.resp" >/dev/null
+  else
+    label="pipelines of $batch, 2 connections"
+    taskset -c 1 python3 - "$WORK/upstream.resp" "$REDIS_PORT" "$batch" <<'PY'
+import socket, sys, threading
+data, port, batch = open(sys.argv[1], "rb").read(), int(sys.argv[2]), int(sys.argv[3])
+# Every command here is 7 lines (*3, then three bulk strings) and answers one line.
+lines = data.split(b"\r\n")
+cmds = [b"\r\n".join(lines[k:k + 7]) + b"\r\n" for k in range(0, len(lines) - 1, 7)]
+pipes = [(b"".join(cmds[k:k + 2 * batch]), len(cmds[k:k + 2 * batch]))
+         for k in range(0, len(cmds), 2 * batch)]
+def worker(part):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    f = s.makefile("rb")
+    for payload, replies in part:
+        s.sendall(payload)
+        for _ in range(replies):
+            f.readline()
+threads = [threading.Thread(target=worker, args=(pipes[c::2],)) for c in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+PY
+  fi
   r1=$(redis_cpu)
   redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
-  python3 -c "import json,sys; print(json.dumps({'target': 'upstream-pattern', 'label': 'redis-cli --pipe', 'redis_us': (float(sys.argv[2]) - float(sys.argv[1])) * 1e6 / int(sys.argv[3])}))" "$r0" "$r1" "$n"
+  python3 -c "import json,sys; print(json.dumps({'target': 'upstream-pattern', 'label': sys.argv[4], 'redis_us': (float(sys.argv[2]) - float(sys.argv[1])) * 1e6 / int(sys.argv[3])}))" "$r0" "$r1" "$n" "$label"
 }
 
 results=$WORK/results.jsonl
@@ -175,7 +211,13 @@ print(int(rows[-1]['rps']*float(sys.argv[3])))" "$results" "$1" "$2"; }
       descriptors)
         # (limitador's limit counts the first descriptor only: no peer row here.)
         run rk-redis 3 >>"$results" ;;
-      upstream) upstream >>"$results" ;;
+      upstream)
+        upstream >>"$results"
+        batch=$(python3 -c "import json,sys
+rows=[json.loads(l) for l in open(sys.argv[1]) if 'rps' in l]
+rows=[r for r in rows if r['target']=='rk-redis' and r['mode']=='closed' and r['descs']==1 and r.get('per_call')]
+print(round(rows[-1]['per_call']) if rows else '')" "$results")
+        [ -n "$batch" ] && upstream "$batch" >>"$results" ;;
     esac
   done
 done
@@ -184,19 +226,20 @@ python3 - "$results" "$MAX_GEN_CPU" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 limit = float(sys.argv[2])
-print("| target | descs | load | req/s | p50 µs | p99 µs | p99.9 µs | errors | server CPU | server µs/decision | Redis µs/decision | generator CPU |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| target | descs | load | req/s | p50 µs | p99 µs | p99.9 µs | errors | server CPU | server µs/decision | Redis µs/decision | decisions/call | generator CPU |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r["target"] == "upstream-pattern":
-        print(f"| envoyproxy/ratelimit's commands (INCRBY+EXPIRE, pipelined) | 1 | redis-cli --pipe | | | | | | | | {r['redis_us']:.2f} | |")
+        print(f"| envoyproxy/ratelimit's commands (INCRBY+EXPIRE) | 1 | {r['label']} | | | | | | | | {r['redis_us']:.2f} | |")
         continue
     lat = r["latency_us"]; gen = r.get("client_cpu_pct") or 0.0
     load = "closed, %d in flight" % r["concurrency"] if r["mode"] == "closed" else "open, %d/s" % r["target_rate"]
     redis = "" if r["redis_us"] is None else f"{r['redis_us']:.2f}"
     if gen > limit:
-        print(f"| {r['target']} | {r['descs']} | {load} | INVALID: generator at {gen:.0f} % of its core | | | | | | | | {gen:.0f} % |")
+        print(f"| {r['target']} | {r['descs']} | {load} | INVALID: generator at {gen:.0f} % of its core | | | | | | | | | {gen:.0f} % |")
         continue
-    print(f"| {r['target']} | {r['descs']} | {load} | {r['rps']:.0f} | {lat.get('p50')} | {lat.get('p99')} | {lat.get('p999')} | {r['errors']} | {r['server_cpu_pct']:.0f} % | {r['server_us']:.1f} | {redis} | {gen:.0f} % |")
+    per_call = "" if not r.get("per_call") else f"{r['per_call']:.1f}"
+    print(f"| {r['target']} | {r['descs']} | {load} | {r['rps']:.0f} | {lat.get('p50')} | {lat.get('p99')} | {lat.get('p999')} | {r['errors']} | {r['server_cpu_pct']:.0f} % | {r['server_us']:.1f} | {redis} | {per_call} | {gen:.0f} % |")
 
 # Medians over rounds (INVALID runs left out), and the ratios the targets are stated in.
 from statistics import median
@@ -232,7 +275,10 @@ print("rk-mem / lim-mem throughput:", ratio(("rk-mem", 1, "closed"), ("lim-mem",
 print("rk-redis / lim-redis throughput:", ratio(("rk-redis", 1, "closed"), ("lim-redis", 1, "closed")))
 print("rk-mem / lim-mem p99 at 70% of lim-mem:", ratio(("rk-mem", 1, "70% of lim-mem"), ("lim-mem", 1, "70% of lim-mem"), "p99"))
 print("rk-redis / lim-redis p99 at 70% of lim-redis:", ratio(("rk-redis", 1, "70% of lim-redis"), ("lim-redis", 1, "70% of lim-redis"), "p99"))
-print("Redis CPU per decision, rk-redis / upstream pattern:", ratio(("rk-redis", 1, "closed"), ("upstream-pattern", 1, "redis-cli --pipe"), "redis_us"))
+print("Redis CPU per decision, rk-redis / upstream pattern (redis-cli --pipe):", ratio(("rk-redis", 1, "closed"), ("upstream-pattern", 1, "redis-cli --pipe"), "redis_us"))
+for (t, d, l) in med:
+    if t == "upstream-pattern" and l.startswith("pipelines"):
+        print(f"Redis CPU per decision, rk-redis / upstream pattern ({l}):", ratio(("rk-redis", 1, "closed"), (t, d, l), "redis_us"))
 try:
     extra = (med[("rk-redis", 3, "closed")]["redis_us"] - med[("rk-redis", 1, "closed")]["redis_us"]) / 2
     print(f"Redis CPU per extra descriptor (3 vs 1): {extra:.2f} µs")

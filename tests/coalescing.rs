@@ -58,10 +58,11 @@ async fn memory_store_keeps_each_decisions_semantics() {
     decisions_keep_their_semantics(&store, key, |_| {}).await;
 }
 
-/// Held while all 64 are queued, the decisions reach Redis as at most two
-/// calls per connection (the one each connection had sent when Redis was
-/// held, and one with everything queued behind it) — and each keeps its
-/// own answer.
+/// Held while all 64 are queued, the decisions reach Redis as two calls on
+/// one connection (the first decision's, sent as Redis was held, and one
+/// with everything queued behind it: a connection whose call is out, but
+/// not late, keeps the traffic, so calls are as full as they can be) — and
+/// each keeps its own answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_redis_calls_keep_each_decisions_semantics() {
     let redis = RedisServer::start();
@@ -78,7 +79,7 @@ async fn coalesced_redis_calls_keep_each_decisions_semantics() {
     .await;
     let fcalls = fcalls.into_inner();
     assert!(
-        (1..=2 * LANES as u64).contains(&fcalls),
+        (1..=2).contains(&fcalls),
         "{fcalls} calls for {CALLERS} decisions"
     );
     assert_eq!(calls(&redis, "evalsha"), 0);
@@ -114,6 +115,6 @@ async fn a_redis_that_refuses_functions_is_served_through_evalsha() {
     })
     .await;
     let scripts = scripts.into_inner();
-    assert!((1..=2 * LANES as u64).contains(&scripts), "{scripts} calls");
+    assert!((1..=2).contains(&scripts), "{scripts} calls");
     assert_eq!(calls(&redis, "fcall"), 0);
 }

@@ -227,6 +227,37 @@ async fn half_open_connections_are_replaced_within_a_second() {
     );
 }
 
+/// Traffic rides one connection while it answers in time; when that one
+/// goes silent, new calls pass it over for the standby at once (a third of
+/// the deadline after its call went out), long before the stall bound
+/// retires it: only the calls already on it fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_silent_connection_costs_only_the_calls_already_on_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into());
+    let server = serve(store(RedisSettings::new(proxy.url()))).await;
+    let steady = Steady::start(server.client().await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let fault = Instant::now();
+    proxy.silence_busiest_connection();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let samples = steady.finish().await;
+    let report = report(&samples, fault);
+    report.check("one silent connection");
+    assert!(report.failed > 0, "the fault was never felt");
+    // The steady client has one call out at a time: the call on the silent
+    // connection fails; the next one finds it late and goes to the standby.
+    // (Round-robin would fail every other call until the stall bound.)
+    assert!(
+        report.failed <= 2,
+        "{} of {} calls failed",
+        report.failed,
+        report.calls
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_behind_the_endpoint_is_followed_within_a_second() {
     let _serial = ONE_AT_A_TIME.lock().await;

@@ -20,6 +20,7 @@
 pub(crate) mod coalesce;
 pub(crate) mod connect;
 pub(crate) mod decide;
+pub(crate) mod encode;
 pub(crate) mod lane;
 pub(crate) mod node;
 pub mod sentinel;
@@ -34,7 +35,7 @@ use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
 use coalesce::{Batching, Job};
 use connect::FixedConnector;
-use decide::Encoded;
+use encode::Encoded;
 use lane::{Connect, LaneSettings};
 use node::Node;
 

@@ -38,7 +38,8 @@ use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 
 use super::redis::coalesce::Batching;
-use super::redis::decide::Encoded;
+use super::redis::coalesce::share_out;
+use super::redis::encode::{Encoded, assemble};
 use super::redis::node::Node;
 use super::redis::{RedisTls, decide_on, no_connection, outcomes_of, store_error};
 use super::{CounterStore, StoreError};
@@ -174,11 +175,11 @@ impl RedisClusterStore {
     ) -> Result<Vec<Outcome>, redis::RedisError> {
         let call = node.call().await.map_err(no_connection)?;
         let decision = Encoded::new(hits, mode);
-        let cmd = self.batching.code.call(
-            call.runner(),
-            &self.batching.time,
-            std::iter::once(&decision),
-        );
+        let assembled = assemble(&[&decision]);
+        let cmd = self
+            .batching
+            .code
+            .call(call.runner(), &self.batching.time, &assembled);
         let result = redis::pipe()
             .cmd("ASKING")
             .ignore()
@@ -187,11 +188,9 @@ impl RedisClusterStore {
             .await
             .map(|(reply,)| reply);
         call.end(result.as_ref().err().filter(|e| Redirect::of(e).is_none()));
-        let reply = result?;
-        let (now, found) = reply.split_first().ok_or_else(|| {
-            redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "empty reply"))
-        })?;
-        outcomes_of(hits, mode, *now, found)
+        // One decision: one answer.
+        let (now, found) = share_out(&[&decision], &assembled.layout, result).swap_remove(0)?;
+        outcomes_of(hits, mode, now, &found)
     }
 
     /// Runs every slot's group at once, each in its mode; the outcomes come

@@ -30,8 +30,9 @@ struct Shared {
     target: Mutex<SocketAddr>,
     /// Added to every chunk in each direction.
     delay: Mutex<Duration>,
-    /// The silence flags of every connection accepted so far.
-    connections: Mutex<Vec<Arc<AtomicBool>>>,
+    /// Every connection accepted so far: its silence flag and the bytes
+    /// it has carried.
+    connections: Mutex<Vec<(Arc<AtomicBool>, Arc<AtomicUsize>)>>,
     accepted: AtomicUsize,
 }
 
@@ -83,9 +84,21 @@ impl FaultProxy {
     /// Every connection open at this moment goes silent for good: bytes
     /// either way are swallowed, nothing is closed. New ones work.
     pub fn silence_open_connections(&self) {
-        for silent in self.shared.connections.lock().unwrap().iter() {
+        for (silent, _) in self.shared.connections.lock().unwrap().iter() {
             silent.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// The open connection that has carried the most bytes (the one the
+    /// traffic uses) goes silent for good; the others keep working.
+    pub fn silence_busiest_connection(&self) {
+        let connections = self.shared.connections.lock().unwrap();
+        let busiest = connections
+            .iter()
+            .filter(|(silent, _)| !silent.load(Ordering::SeqCst))
+            .max_by_key(|(_, bytes)| bytes.load(Ordering::SeqCst))
+            .expect("an open connection");
+        busiest.0.store(true, Ordering::SeqCst);
     }
 
     /// New connections go to `target`; open ones keep theirs.
@@ -118,7 +131,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         shared.accepted.fetch_add(1, Ordering::SeqCst);
         let target = *shared.target.lock().unwrap();
         let silent = Arc::new(AtomicBool::new(false));
-        shared.connections.lock().unwrap().push(silent.clone());
+        let bytes = Arc::new(AtomicUsize::new(0));
+        shared
+            .connections
+            .lock()
+            .unwrap()
+            .push((silent.clone(), bytes.clone()));
         let Ok(client) = client.into_std() else {
             continue;
         };
@@ -134,20 +152,27 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 return;
             };
             let up = {
-                let (shared, silent) = (shared.clone(), silent.clone());
-                std::thread::spawn(move || pump(client, server_out, &shared, &silent))
+                let (shared, silent, bytes) = (shared.clone(), silent.clone(), bytes.clone());
+                std::thread::spawn(move || pump(client, server_out, &shared, &silent, &bytes))
             };
-            pump(server, client_out, &shared, &silent);
+            pump(server, client_out, &shared, &silent, &bytes);
             let _ = up.join();
         });
     }
 }
 
 /// Copies one direction, each chunk delivered `delay` after it arrived, in
-/// order; a silenced connection swallows everything from then on. Plain
+/// order and counted in `bytes`; a silenced connection swallows
+/// everything from then on. Plain
 /// threads sleeping to the microsecond: tokio's timers round up to whole
 /// milliseconds, which would add up to a millisecond per direction.
-fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, silent: &Arc<AtomicBool>) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    shared: &Shared,
+    silent: &Arc<AtomicBool>,
+    bytes: &AtomicUsize,
+) {
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
     let writer = {
         let silent = silent.clone();
@@ -178,6 +203,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, silent: &Arc<At
                 if silent.load(Ordering::SeqCst) {
                     continue;
                 }
+                bytes.fetch_add(n, Ordering::SeqCst);
                 let due = Instant::now() + *shared.delay.lock().unwrap();
                 if tx.send((due, buf[..n].to_vec())).is_err() {
                     break;

@@ -19,7 +19,8 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ScriptTime;
-use super::decide::{Code, Encoded, Runner};
+use super::decide::{Code, Runner};
+use super::encode::{Assembled, Encoded, Layout, assemble};
 use super::lane::{Lane, Live};
 
 /// Most decisions in one call: keeps any one call short for Redis's thread.
@@ -45,18 +46,24 @@ pub(crate) struct Batching {
     /// How long a call may go unanswered before its connection counts as
     /// silent and is replaced.
     pub stall_timeout: Duration,
+    /// How long a call may be out before new decisions pass its connection
+    /// over for another (a node prefers its first lane: see `node`).
+    pub late_after: Duration,
 }
 
 impl Batching {
     /// The batching of a store whose calls have `store_timeout` and whose
     /// keys get up to `expiry_jitter` more TTL. A call is silent past five
     /// deadlines (at least 250 ms): long enough for a slow Redis, short
-    /// enough to replace a dead socket well within a second.
+    /// enough to replace a dead socket well within a second. It is late
+    /// past a third of a deadline: decisions that go to another connection
+    /// then still have two thirds of theirs.
     pub(crate) fn new(store_timeout: Duration, expiry_jitter: Duration) -> Arc<Self> {
         Arc::new(Self {
             code: Arc::new(Code::new()),
             time: ScriptTime::with_jitter(expiry_jitter),
             stall_timeout: (store_timeout * 5).max(Duration::from_millis(250)),
+            late_after: store_timeout / 3,
         })
     }
 }
@@ -89,11 +96,18 @@ pub(crate) async fn run(
         let mut conn = live.connection();
         batch.sort_by_key(|job| job.slot);
         let groups = slot_groups(&batch);
+        let decisions: Vec<&Encoded> = batch.iter().map(|job| &job.decision).collect();
+        let calls: Vec<Assembled<'_>> = groups
+            .iter()
+            .map(|range| assemble(&decisions[range.clone()]))
+            .collect();
+        live.call_out();
         let result = tokio::time::timeout(
             batching.stall_timeout,
-            send(&mut conn, live.runner(), &batching, &batch, &groups),
+            send(&mut conn, live.runner(), &batching, &calls),
         )
         .await;
+        live.call_back();
         // Why the connection must go, if it must: silence, a lost socket,
         // or a reply that says "wrong server" (READONLY after a failover
         // behind the endpoint...), whether for the whole round trip or for
@@ -112,37 +126,42 @@ pub(crate) async fn run(
         if let (Some(lane), Some(reason)) = (lane.upgrade(), retire) {
             lane.retire(&live, &reason);
         }
-        match result {
-            Ok(Ok(replies)) => {
-                let mut jobs = batch.drain(..);
-                for (range, reply) in groups.iter().zip(replies) {
-                    answer(jobs.by_ref().take(range.len()), reply);
-                }
-            }
-            Ok(Err(error)) => fail(batch.drain(..), &error),
-            Err(_) => fail(
-                batch.drain(..),
-                &redis::RedisError::from(std::io::Error::new(
+        let answers: Vec<Answer> = match result {
+            Ok(Ok(replies)) => groups
+                .iter()
+                .zip(&calls)
+                .zip(replies)
+                .flat_map(|((range, call), reply)| {
+                    share_out(&decisions[range.clone()], &call.layout, reply)
+                })
+                .collect(),
+            Ok(Err(error)) => vec![Err(error); batch.len()],
+            Err(_) => vec![
+                Err(redis::RedisError::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "redis did not answer",
-                )),
-            ),
+                )));
+                batch.len()
+            ],
+        };
+        drop(calls);
+        drop(decisions);
+        for (job, answer) in batch.drain(..).zip(answers) {
+            let _ = job.answer.send(answer);
         }
     }
     fail(batch.drain(..), &retired_error());
 }
 
-/// Sends the groups of `batch` (one call per slot, pipelined in one round
-/// trip) and returns each group's reply; the code is loaded again once if
-/// the server lost it.
+/// Sends `calls` (one per slot, pipelined in one round trip) and returns
+/// each one's reply; the code is loaded again once if the server lost it.
 async fn send(
     conn: &mut MultiplexedConnection,
     runner: Runner,
     batching: &Batching,
-    batch: &[Job],
-    groups: &[std::ops::Range<usize>],
+    calls: &[Assembled<'_>],
 ) -> redis::RedisResult<Vec<redis::RedisResult<Vec<i64>>>> {
-    let replies = call(conn, runner, batching, batch, groups).await?;
+    let replies = call(conn, runner, batching, calls).await?;
     if replies
         .iter()
         .any(|reply| reply.as_ref().is_err_and(Code::is_missing))
@@ -150,34 +169,27 @@ async fn send(
         // Loaded again the way the server now allows (an ACL may have
         // changed since the connection was made).
         let runner = batching.code.load(conn).await?;
-        return call(conn, runner, batching, batch, groups).await;
+        return call(conn, runner, batching, calls).await;
     }
     Ok(replies)
 }
 
-/// One call per group of the batch, in one round trip.
+/// `calls` in one round trip.
 async fn call(
     conn: &mut MultiplexedConnection,
     runner: Runner,
     batching: &Batching,
-    batch: &[Job],
-    groups: &[std::ops::Range<usize>],
+    calls: &[Assembled<'_>],
 ) -> redis::RedisResult<Vec<redis::RedisResult<Vec<i64>>>> {
-    let cmd = |range: &std::ops::Range<usize>| {
-        batching.code.call(
-            runner,
-            &batching.time,
-            batch[range.clone()].iter().map(|job| &job.decision),
-        )
-    };
-    if let [only] = groups {
+    let cmd = |call| batching.code.call(runner, &batching.time, call);
+    if let [only] = calls {
         // One slot: one command, and its error is the call's.
         return Ok(vec![cmd(only).query_async(conn).await]);
     }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for range in groups {
-        pipe.add_command(cmd(range));
+    for call in calls {
+        pipe.add_command(cmd(call));
     }
     let values: Vec<redis::Value> = pipe.query_async(conn).await?;
     Ok(values
@@ -189,30 +201,25 @@ async fn call(
         .collect())
 }
 
-/// Hands each of `jobs` its part of one call's `reply`: `now`, then its
-/// integers in order.
-fn answer(jobs: impl Iterator<Item = Job>, reply: redis::RedisResult<Vec<i64>>) {
-    let ints = match reply {
-        Ok(ints) => ints,
-        Err(error) => return fail(jobs, &error),
-    };
-    let Some(&now) = ints.first() else {
-        return fail(jobs, &protocol_error("an empty reply"));
-    };
-    let mut at = 1;
-    for job in jobs {
-        let n = job.decision.reply_len();
-        let answer = match ints.get(at..at + n) {
-            Some(part) => Ok((now, part.to_vec())),
-            None => Err(protocol_error("a reply too short for its decisions")),
-        };
-        at += n;
-        let _ = job.answer.send(answer);
+/// Each of `decisions` its part of one call's `reply`.
+pub(crate) fn share_out(
+    decisions: &[&Encoded],
+    layout: &Layout,
+    reply: redis::RedisResult<Vec<i64>>,
+) -> Vec<Answer> {
+    let parts = reply.and_then(|ints| {
+        layout.split(decisions, &ints).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "a reply of the wrong shape",
+                e.0,
+            ))
+        })
+    });
+    match parts {
+        Ok((now, parts)) => parts.into_iter().map(|part| Ok((now, part))).collect(),
+        Err(error) => vec![Err(error); decisions.len()],
     }
-}
-
-fn protocol_error(what: &'static str) -> redis::RedisError {
-    redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
 }
 
 fn fail(jobs: impl Iterator<Item = Job>, error: &redis::RedisError) {

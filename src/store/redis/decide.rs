@@ -1,9 +1,11 @@
 //! The Redis side of a decision: the code Redis runs (`ratekeeper.lua`, as
-//! a function library or a script), what one call carries for each
-//! decision, and how the answer becomes outcomes.
+//! a function library or a script), the command that runs it on a call's
+//! decisions (assembled by [`super::encode`]), and how each decision's
+//! part of the answer becomes outcomes.
 //!
-//! The script only decides and writes; it returns, per hit, whether it was
-//! allowed and the state its key had when the decision began. The outcome
+//! The script only decides and writes (a run of plain fixed-window hits
+//! only counts); it returns, per hit, whether it was allowed and the state
+//! its key had when the decision began. The outcome
 //! (remaining, reset, retry) is computed here by running the Rust algorithms
 //! (`algorithm::apply_batch`) on those states, and their verdicts must match
 //! the script's: a mismatch is a bug, answered as a protocol error. So the
@@ -12,14 +14,12 @@
 use redis::{Cmd, Script};
 
 use super::ScriptTime;
+use super::encode::{Assembled, REPLY_PER_HIT};
 use crate::algorithm::{AlgorithmKind, BatchHit, Mode, Outcome, StateView, Stored, apply_batch};
 use crate::store::StoreError;
 
 /// The Lua source (see its header for KEYS, ARGV and the reply).
 const BODY: &str = include_str!("ratekeeper.lua");
-
-/// Integers per hit in the reply: allowed, and the two state numbers.
-const REPLY_PER_HIT: usize = 3;
 
 /// How a connection runs the code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,13 +80,8 @@ impl Code {
         }
     }
 
-    /// The call for `decisions`, run by `runner`.
-    pub(crate) fn call<'d>(
-        &self,
-        runner: Runner,
-        time: &ScriptTime,
-        decisions: impl Iterator<Item = &'d Encoded> + Clone,
-    ) -> Cmd {
+    /// The call carrying `call`'s decisions, run by `runner`.
+    pub(crate) fn call(&self, runner: Runner, time: &ScriptTime, call: &Assembled<'_>) -> Cmd {
         let mut cmd = match runner {
             Runner::Function => {
                 let mut cmd = redis::cmd("FCALL");
@@ -99,21 +94,17 @@ impl Code {
                 cmd
             }
         };
-        cmd.arg(decisions.clone().map(|d| d.keys.len()).sum::<usize>());
-        for decision in decisions.clone() {
-            for key in &decision.keys {
-                cmd.arg(key.as_slice());
-            }
+        cmd.arg(call.keys.len());
+        for key in &call.keys {
+            cmd.arg(*key);
         }
         match time.now_ms() {
             Some(now) => cmd.arg(now),
             None => cmd.arg(""),
         };
         cmd.arg(time.ttl_extra_ms());
-        for decision in decisions {
-            for arg in &decision.args {
-                cmd.arg(*arg);
-            }
+        for arg in &call.args {
+            cmd.arg(*arg);
         }
         cmd
     }
@@ -125,41 +116,6 @@ impl Code {
             || error
                 .detail()
                 .is_some_and(|d| d.contains("Function not found"))
-    }
-}
-
-/// One decision as a call carries it: its keys, and its arguments (mode,
-/// number of hits, six per hit).
-#[derive(Debug, Clone)]
-pub(crate) struct Encoded {
-    pub keys: Vec<Vec<u8>>,
-    pub args: Vec<u64>,
-}
-
-impl Encoded {
-    pub(crate) fn new(hits: &[BatchHit<'_>], mode: Mode) -> Self {
-        let mut args = Vec::with_capacity(2 + 6 * hits.len());
-        args.push(mode_id(mode));
-        args.push(hits.len() as u64);
-        for hit in hits {
-            args.extend([
-                u64::from(hit.algorithm.script_id()),
-                hit.quota.limit,
-                hit.quota.window_ms,
-                hit.quota.burst,
-                hit.hits,
-                u64::from(hit.enforced),
-            ]);
-        }
-        Self {
-            keys: hits.iter().map(|hit| hit.key.to_vec()).collect(),
-            args,
-        }
-    }
-
-    /// Reply integers this decision takes (after the leading `now`).
-    pub(crate) fn reply_len(&self) -> usize {
-        self.keys.len() * REPLY_PER_HIT
     }
 }
 
@@ -251,14 +207,5 @@ impl<'k> StateView<'k> for FoundView<'k> {
             Some(slot) => slot.1 = stored,
             None => self.states.push((key, stored)),
         }
-    }
-}
-
-fn mode_id(mode: Mode) -> u64 {
-    match mode {
-        Mode::Independent => 0,
-        Mode::AllOrNothing => 1,
-        Mode::DryRun => 2,
-        Mode::StopIncrementWhenOverLimit => 3,
     }
 }

@@ -29,7 +29,7 @@
 //! Replacement starts at once, in the background, so the next request on
 //! the lane usually finds a fresh connection.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,6 +120,10 @@ pub(crate) struct Live {
     probing: AtomicBool,
     /// Calls that missed their deadline on this connection (for logs).
     missed: AtomicU32,
+    /// When the batcher's call now out was sent (monotonic ms + 1), or 0
+    /// when none is out: how a node tells a busy lane from a late one.
+    out_since: AtomicU64,
+    clock: Arc<dyn Clock>,
 }
 
 /// A call in flight on a lane: records how it ended, and when it is dropped
@@ -302,6 +306,8 @@ impl Lane {
                         retired: AtomicBool::new(false),
                         probing: AtomicBool::new(false),
                         missed: AtomicU32::new(0),
+                        out_since: AtomicU64::new(0),
+                        clock: settings.clock.clone(),
                     });
                     tokio::spawn(super::coalesce::run(
                         Arc::downgrade(&lane),
@@ -391,6 +397,29 @@ impl Live {
     /// Whether the connection has been taken out of service.
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
+    }
+
+    /// The batcher sent a call ([`Live::call_back`] when it is answered or
+    /// given up).
+    pub(crate) fn call_out(&self) {
+        self.out_since
+            .store(self.clock.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    /// The batcher's call is over.
+    pub(crate) fn call_back(&self) {
+        self.out_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether a call has been out for more than `bound`.
+    pub(crate) fn is_late(&self, bound: Duration) -> bool {
+        match self.out_since.load(Ordering::Relaxed) {
+            0 => false,
+            since => {
+                let bound = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+                self.clock.now_ms() + 1 > since.saturating_add(bound)
+            }
+        }
     }
 }
 

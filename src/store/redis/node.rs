@@ -1,24 +1,37 @@
 //! One Redis endpoint — a single server, the master the sentinels name, or
 //! one master of a cluster — as a few [`Lane`]s that concurrent requests
-//! share round-robin, pipelined.
+//! share.
 //!
-//! A request takes the next lane with a live connection; only when none has
-//! one does it wait (within its deadline) for its lane's connect. So one
-//! lane being replaced never stalls the others, and a decision is exactly
-//! one request to Redis.
+//! A request goes to the first lane whose connection is live and not late
+//! (its call out for less than a third of the store deadline): under load
+//! the decisions wait together behind one connection's call and go out in
+//! the next one, so calls are as full as they can be — a call's fixed cost
+//! to Redis (reading, replying, waking up) is most of what a small one
+//! costs. The other lanes stand by, connected: when the first is late
+//! (slow, or silent until the stall bound retires it) new decisions go to
+//! the next, and when every live lane is late they share them round-robin.
+//! Only when no lane has a connection does a request wait (within its
+//! deadline) for a connect. So one lane being replaced never stalls the
+//! others, and a decision is exactly one request to Redis.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use super::coalesce::Job;
 use super::lane::{Call, Lane, LaneSettings, Live};
 use crate::store::StoreError;
+
+/// Every this many requests, a node looks at all its lanes.
+const LOOK_AT_ALL_EVERY: usize = 64;
 
 /// The lanes of one endpoint.
 #[derive(Debug)]
 pub(crate) struct Node {
     lanes: Box<[Arc<Lane>]>,
     next: AtomicUsize,
+    /// A lane whose call is out longer than this is passed over.
+    late_after: Duration,
 }
 
 impl Node {
@@ -36,23 +49,44 @@ impl Node {
         Self {
             lanes,
             next: AtomicUsize::new(0),
+            late_after: settings.batching.late_after,
         }
     }
 
-    /// The next lane with a live connection, with it; or else the next
-    /// lane (whose connect the caller will wait for). Every lane is looked
-    /// at once, so empty ones start connecting now rather than on their turn.
+    /// The first lane whose live connection is not late, with it; or the
+    /// next live lane round-robin when all are late; or else the next lane
+    /// (whose connect the caller will wait for). Every so often every lane
+    /// is looked at, so standby lanes that lost their connection start
+    /// connecting again without waiting to be needed.
     fn pick(&self) -> (&Arc<Lane>, Option<Arc<Live>>) {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let look_at_all = turn.is_multiple_of(LOOK_AT_ALL_EVERY);
         let count = self.lanes.len();
         let mut chosen = None;
-        for i in 0..count {
-            let lane = &self.lanes[(start + i) % count];
+        let mut any_live = false;
+        for lane in self.lanes.iter() {
             if let Some(live) = lane.live_now() {
-                chosen.get_or_insert((lane, Some(live)));
+                any_live = true;
+                if chosen.is_none() && !live.is_late(self.late_after) {
+                    chosen = Some((lane, Some(live)));
+                    if !look_at_all {
+                        break;
+                    }
+                }
             }
         }
-        chosen.unwrap_or((&self.lanes[start % count], None))
+        if let Some(chosen) = chosen {
+            return chosen;
+        }
+        if any_live {
+            for i in 0..count {
+                let lane = &self.lanes[(turn + i) % count];
+                if let Some(live) = lane.live_now() {
+                    return (lane, Some(live));
+                }
+            }
+        }
+        (&self.lanes[turn % count], None)
     }
 
     /// A direct call on a lane (callers bound the wait for a connect).

@@ -6,19 +6,25 @@
 -- decides and writes; Rust computes each answer's details from the states
 -- returned here, and checks that it decides alike.
 --
--- KEYS      every hit's key, decision after decision
+-- KEYS      every hit's key, group after group
 -- ARGV[1]   now in Unix ms, or '' to read Redis TIME (production; tests
 --           drive the clock)
 -- ARGV[2]   ms added to every key's TTL beyond its state's (expiry jitter)
--- then per decision:
---           mode (0 independent, 1 all-or-nothing, 2 dry run,
---           3 independent counting only the over-limit hits when any is
---           over), the number of its hits, then six per hit: algorithm
---           (1 fixed window, 2 sliding window, 3 token bucket), limit,
---           window_ms, burst, hits, enforced (1/0)
+-- then groups, each opened by its kind:
+--   4 (a run): count, window_ms, hits. `count` fixed-window hits, each
+--           on its own key and each its own independent decision (the
+--           Envoy case: a denied hit still counts), all with this window
+--           and these hits. Nothing is judged here: the reply is each key's
+--           count after the hits, and Rust compares it with the limit.
+--   0 to 3 (a decision in that mode: 0 independent, 1 all-or-nothing,
+--           2 dry run, 3 independent counting only the over-limit hits
+--           when any is over): the number of its hits, then six per hit:
+--           algorithm (1 fixed window, 2 sliding window, 3 token bucket),
+--           limit, window_ms, burst, hits, enforced (1/0)
 --
--- Returns now, then three per hit: allowed (1/0) and the state of its key
--- as the decision found it: for the window algorithms the counts of now's
+-- Returns now, then per run hit its count after the hits, then per
+-- decision hit three integers: allowed (1/0) and the state of its key as
+-- the decision found it: for the window algorithms the counts of now's
 -- window and of the one before; for the token bucket its level and when it
 -- was measured (0 0: absent).
 --
@@ -33,13 +39,14 @@
 --
 -- Kept lean: it runs for every request inside Redis's one thread. Nothing
 -- is allocated per decision: the working tables below are created once (with
--- the library) and reused, the functions are defined once, and the common
--- case — every hit a fixed window taking hits on a key of its own, as
--- Envoy's requests are — goes straight from the arguments to one HINCRBY
--- per hit.
+-- the library) and reused, and the functions are defined once. A run — what
+-- nearly every Envoy request is — costs one HINCRBY per hit and no argument
+-- of its own per hit (arguments and the numbers formatted from them are
+-- measurable parts of a call's cost).
 
 local FW, SW, TB = 1, 2, 3
 local ARGS_PER_HIT = 6
+local RUN = 4
 
 local function ceil_div(a, b)
   local q = math.floor(a / b)
@@ -49,15 +56,28 @@ local function ceil_div(a, b)
   return q
 end
 
+-- Whether PEXPIRE takes NX and GT (Redis 7): found at the first use.
+local expire_options = nil
+
 -- A window's first hit: the key lives while the window (a sliding window:
 -- the next one too) can matter — never less than it already does — and the
--- field two windows back goes.
+-- field two windows back goes. A new key (no TTL yet) costs one PEXPIRE.
 local function first_hit(kk, alg, start, w, now, extra)
   local span = w
   if alg == SW then
     span = 2 * w
   end
   local want = start + span - now + extra
+  if expire_options == nil then
+    expire_options = (redis.REDIS_VERSION_NUM or 0) >= 0x070000
+  end
+  if expire_options then
+    if redis.call('PEXPIRE', kk, want, 'NX') == 0 then
+      redis.call('PEXPIRE', kk, want, 'GT')
+      redis.call('HDEL', kk, start - 2 * w)
+    end
+    return
+  end
   local ttl = redis.call('PTTL', kk)
   if ttl < want then
     redis.call('PEXPIRE', kk, want)
@@ -76,8 +96,6 @@ local fx, fy, bx, by, cx, cy = {}, {}, {}, {}, {}, {}
 local over = {}
 -- The call's time and TTL extra.
 local now, extra = 0, 0
--- The call's window starts (number, formatted, window) by window argument.
-local starts = {}
 
 local function load(i)
   local kk = key[i]
@@ -146,24 +164,6 @@ local function write(i)
     end
   end
   bx[kk], by[kk] = cx[kk], cy[kk]
-end
-
--- Whether the decision of `count` hits at argument `a`, key `k` can take
--- the fast path: every hit a fixed window adding hits to a key no other
--- hit of the decision has.
-local function plain(keys, argv, k, a, count)
-  for i = 0, count - 1 do
-    local b = a + i * ARGS_PER_HIT
-    if argv[b] ~= '1' or argv[b + 4] == '0' then
-      return false
-    end
-    for j = 0, i - 1 do
-      if keys[k + j + 1] == keys[k + i + 1] then
-        return false
-      end
-    end
-  end
-  return true
 end
 
 -- Applies one decision (mode, `count` hits at argument `a`, keys after
@@ -248,6 +248,26 @@ local function decide(keys, argv, reply, mode, count, k, a)
   end
 end
 
+-- A run of `count` one-hit decisions at keys after `k`, all with window
+-- `w_arg` and hits `n_arg`: one HINCRBY each, appended to `reply`. The
+-- arguments go back to Redis as the strings they came as, and the window's
+-- start is formatted once.
+local function run(keys, reply, k, count, w_arg, n_arg)
+  local w, n = tonumber(w_arg), tonumber(n_arg)
+  local start = now - (now % w)
+  local field = string.format('%d', start)
+  local r = #reply
+  for i = k + 1, k + count do
+    local kk = keys[i]
+    local after = redis.call('HINCRBY', kk, field, n_arg)
+    r = r + 1
+    reply[r] = after
+    if after == n then
+      first_hit(kk, FW, start, w, now, extra)
+    end
+  end
+end
+
 local function decide_all(keys, argv)
   if argv[1] ~= '' then
     now = tonumber(argv[1])
@@ -257,48 +277,21 @@ local function decide_all(keys, argv)
   end
   extra = tonumber(argv[2])
   local reply = { now }
-  -- Window starts of this call's time, by window argument.
-  starts = {}
   local k = 0 -- keys used so far
   local a = 3 -- next argument
   local last = #argv
 
   while a <= last do
-    local mode = tonumber(argv[a])
+    local kind = tonumber(argv[a])
     local count = tonumber(argv[a + 1])
-    a = a + 2
-    if mode == 0 and plain(keys, argv, k, a, count) then
-      -- The fast path: one HINCRBY per hit; a denied hit still counts.
-      -- Arguments go back to Redis as the strings they came as, and each
-      -- window's start is formatted once per call (number formatting and
-      -- parsing are a visible part of a call's cost).
-      local r = #reply
-      for i = 0, count - 1 do
-        local b = a + i * ARGS_PER_HIT
-        local kk, w_arg, n_arg = keys[k + i + 1], argv[b + 2], argv[b + 4]
-        local window_start = starts[w_arg]
-        if window_start == nil then
-          local w = tonumber(w_arg)
-          window_start = { now - (now % w), string.format('%d', now - (now % w)), w }
-          starts[w_arg] = window_start
-        end
-        local after = redis.call('HINCRBY', kk, window_start[2], n_arg)
-        local n = tonumber(n_arg)
-        local flag = 0
-        if after <= tonumber(argv[b + 1]) then
-          flag = 1
-        end
-        reply[r + 1], reply[r + 2], reply[r + 3] = flag, after - n, 0
-        r = r + 3
-        if after == n then
-          first_hit(kk, FW, window_start[1], window_start[3], now, extra)
-        end
-      end
+    if kind == RUN then
+      run(keys, reply, k, count, argv[a + 2], argv[a + 3])
+      a = a + 4
     else
-      decide(keys, argv, reply, mode, count, k, a)
+      decide(keys, argv, reply, kind, count, k, a + 2)
+      a = a + 2 + count * ARGS_PER_HIT
     end
     k = k + count
-    a = a + count * ARGS_PER_HIT
   end
   return reply
 end
