@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{T0, TestServer, allow_request, http_get};
 use ratekeeper::Server;
 use ratekeeper::clock::ManualClock;
-use ratekeeper::config::read_snapshot;
+use ratekeeper::config::{DomainFiles, read_snapshot};
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::store::MemoryStore;
@@ -43,6 +43,7 @@ async fn start(config: &Path) -> TestServer {
         path: config.to_owned(),
         interval: Duration::from_millis(20),
         loaded: snapshot,
+        domain_files: DomainFiles::Refuse,
     });
     TestServer::start(server).await
 }
@@ -239,6 +240,7 @@ async fn a_change_before_the_first_look_is_applied() {
         path: dir.path().to_owned(),
         interval: Duration::from_millis(20),
         loaded: snapshot,
+        domain_files: DomainFiles::Refuse,
     }))
     .await;
     let mut client = server.client().await;
@@ -275,6 +277,7 @@ async fn shrinking_a_used_up_token_bucket_denies_and_fails_nothing(backend: comm
             path: dir.path().to_owned(),
             interval: Duration::from_millis(20),
             loaded: snapshot,
+            domain_files: DomainFiles::Refuse,
         },
     ))
     .await;
