@@ -355,3 +355,74 @@ async fn a_transient_read_failure_clears_when_the_files_return() {
     until_refusal_shown(&server, false).await;
     assert_eq!(peek(&mut client).await, (2, 2));
 }
+
+/// With `--merge-domain-config`, hot reload merges a domain's files as the
+/// first load did: a change to either file applies, and a change that
+/// defines one descriptor in both is refused, the old rules serving on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_domains_reload_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("a.yaml");
+    let second = dir.path().join("b.yaml");
+    std::fs::write(&first, rules_yaml(2)).unwrap();
+    let other = |limit: u32| {
+        format!(
+            "domain: rl\ndescriptors:\n  - key: other\n    rate_limit: {{unit: minute, requests_per_unit: {limit}}}\n"
+        )
+    };
+    std::fs::write(&second, other(3)).unwrap();
+    let snapshot = read_snapshot(dir.path()).unwrap();
+    assert!(snapshot.compile().is_err(), "one domain in two files");
+    let rules = snapshot.compile_with(DomainFiles::Merge).unwrap();
+    let store = Arc::new(MemoryStore::new(1_000, Arc::new(ManualClock::new(T0))));
+    let server = TestServer::start(Server::new(rules, store).with_reload(ReloadSettings {
+        path: dir.path().to_owned(),
+        interval: Duration::from_millis(20),
+        loaded: snapshot,
+        domain_files: DomainFiles::Merge,
+    }))
+    .await;
+    let mut client = server.client().await;
+    assert_eq!(peek(&mut client).await, (2, 2));
+    // A change to one file applies, the other file's rules stay.
+    replace(&first, &rules_yaml(9));
+    assert_eq!(until_limit(&mut client, 9).await, 9);
+    let limit_of_other = |client: &mut RateLimiterClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut request = allow_request("rl", &[&[("other", "x")]], 1);
+            request.dry_run = true;
+            client
+                .should_allow(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .results[0]
+                .limit
+        }
+    };
+    assert_eq!(limit_of_other(&mut client).await, 3);
+    // A descriptor in both files is refused; the merged rules stay.
+    replace(
+        &second,
+        &format!(
+            "{}  - key: user\n    rate_limit: {{unit: minute, requests_per_unit: 1}}\n",
+            other(4)
+        ),
+    );
+    let started = Instant::now();
+    let refused = loop {
+        let ready = http_get(server.admin_addr, "/readyz").await;
+        if ready.contains("last config change refused") {
+            break ready;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{ready}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        refused.contains("b.yaml: descriptors[1]: duplicate descriptor composite key 'rl.user' (already defined in"),
+        "{refused}"
+    );
+    assert_eq!(peek(&mut client).await, (9, 9));
+    assert_eq!(limit_of_other(&mut client).await, 3);
+}
