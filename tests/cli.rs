@@ -817,6 +817,16 @@ fn envoy_answer_options_refuse_bad_values() {
         &[("RATEKEEPER_NEAR_LIMIT_RATIO", "2")],
         "the environment variable RATEKEEPER_NEAR_LIMIT_RATIO",
     );
+    // One file holds one domain: nothing to merge.
+    assert_refused(
+        &[&config[..], &["--merge-domain-config"]].concat(),
+        "--merge-domain-config has no effect without --config naming a directory of rules files",
+    );
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_MERGE_DOMAIN_CONFIG", "1")],
+        "RATEKEEPER_MERGE_DOMAIN_CONFIG (--merge-domain-config) has no effect",
+    );
     // Header names are upstream's headers' and need them, draft or not.
     assert_refused(
         &[
