@@ -315,7 +315,10 @@ async fn shrinking_a_used_up_token_bucket_denies_and_fails_nothing(backend: comm
     .await;
 }
 
-both_stores!(shrinking_a_used_up_token_bucket_denies_and_fails_nothing);
+both_stores!(
+    shrinking_a_used_up_token_bucket_denies_and_fails_nothing,
+    merged_domains_reload_merged,
+);
 
 /// Waits (at most 5 s) until `/readyz` does or does not report a refusal.
 async fn until_refusal_shown(server: &TestServer, shown: bool) -> String {
@@ -359,8 +362,7 @@ async fn a_transient_read_failure_clears_when_the_files_return() {
 /// With `--merge-domain-config`, hot reload merges a domain's files as the
 /// first load did: a change to either file applies, and a change that
 /// defines one descriptor in both is refused, the old rules serving on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn merged_domains_reload_merged() {
+async fn merged_domains_reload_merged(backend: common::Backend) {
     let dir = tempfile::tempdir().unwrap();
     let first = dir.path().join("a.yaml");
     let second = dir.path().join("b.yaml");
@@ -374,13 +376,15 @@ async fn merged_domains_reload_merged() {
     let snapshot = read_snapshot(dir.path()).unwrap();
     assert!(snapshot.compile().is_err(), "one domain in two files");
     let rules = snapshot.compile_with(DomainFiles::Merge).unwrap();
-    let store = Arc::new(MemoryStore::new(1_000, Arc::new(ManualClock::new(T0))));
-    let server = TestServer::start(Server::new(rules, store).with_reload(ReloadSettings {
-        path: dir.path().to_owned(),
-        interval: Duration::from_millis(20),
-        loaded: snapshot,
-        domain_files: DomainFiles::Merge,
-    }))
+    let store = common::TestStore::new(backend, Arc::new(ManualClock::new(T0)));
+    let server = TestServer::start(Server::new(rules, store.store.clone()).with_reload(
+        ReloadSettings {
+            path: dir.path().to_owned(),
+            interval: Duration::from_millis(20),
+            loaded: snapshot,
+            domain_files: DomainFiles::Merge,
+        },
+    ))
     .await;
     let mut client = server.client().await;
     assert_eq!(peek(&mut client).await, (2, 2));
