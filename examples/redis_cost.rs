@@ -17,7 +17,7 @@ use std::time::Duration;
 use ratekeeper::algorithm::{AlgorithmKind, BatchHit, Mode};
 use ratekeeper::rules::key::storage_key;
 use ratekeeper::rules::matcher::EntryRef;
-use ratekeeper::rules::{Limit, Rule, RuleLimit, Unit};
+use ratekeeper::rules::{Limit, Rule, RuleLimit, StatsPath, Unit};
 use ratekeeper::store::redis::RedisSettings;
 use ratekeeper::store::{CounterStore, RedisStore};
 
@@ -59,6 +59,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 replaces: vec![],
                 shadow_mode: false,
                 detailed_metric: false,
+                quota_mode: false,
+                metadata: None,
+                stats: StatsPath::Levels(vec![]),
                 path: "cost".into(),
                 source: Arc::from("redis_cost"),
                 shared_values: vec![],

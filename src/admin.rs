@@ -5,7 +5,7 @@
 //! | `/healthz` | `200 ok` while the process runs |
 //! | `/readyz` | `200 ready` when the instance can answer: the store answers a ping within its deadline, or it does not and no failure policy in force is `error` (`ready (degraded: …)`); `503` with the reason otherwise (see [`crate::readiness`]) |
 //! | `/metrics` | Prometheus text exposition of [`crate::metrics`] |
-//! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, source file |
+//! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, shadow and quota mode, metadata, source file |
 
 use std::sync::Arc;
 
@@ -105,6 +105,9 @@ struct RuleView {
     burst: Option<u64>,
     unlimited: bool,
     shadow_mode: bool,
+    quota_mode: bool,
+    /// The descriptor's `metadata`, as loaded; `null` when it has none.
+    metadata: Option<crate::rules::Metadata>,
     /// The rule's own failure policy; `null` follows `--failure-policy`.
     failure_policy: Option<&'static str>,
     replaces: Vec<String>,
@@ -140,6 +143,8 @@ fn view(domain: &str, rule: &Rule) -> RuleView {
         burst: limit.map(|l| l.quota().burst),
         unlimited: limit.is_none(),
         shadow_mode: rule.shadow_mode,
+        quota_mode: rule.quota_mode,
+        metadata: rule.metadata.as_deref().cloned(),
         failure_policy: rule.failure_policy.map(|p| p.as_str()),
         replaces: rule.replaces.clone(),
         source: rule.source.to_string(),

@@ -15,13 +15,15 @@
 //!
 //! Modules:
 //! - [`config`]: CLI flags and the rules files (load, validate, compile).
-//! - [`rules`]: the compiled rules, descriptor matching, storage keys (pure).
+//! - [`rules`]: the compiled rules, descriptor matching, storage keys and
+//!   metric stats keys (pure).
 //! - [`algorithm`]: the limit math and batch semantics (pure).
 //! - [`store`]: `CounterStore` with the memory and Redis backends.
 //! - [`limiter`]: match → hits → one store call → decision.
 //! - [`failure_policy`]: what to answer when the store fails.
 //! - [`fuzzing`]: fuzz targets for the config loader, matcher and keys.
-//! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services.
+//! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services (with the Envoy
+//!   answer's quota mode, headers and dynamic metadata).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.

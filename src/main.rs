@@ -7,10 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context as _;
-use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
+use ratekeeper::api::{
+    DraftHeaders, DynamicMetadata, EnvoyCounting, QuotaMode, RequestLimits, ResponseHeaders,
+    ShadowMode,
+};
 use ratekeeper::clock::{Clock, ManualClock, SystemClock};
 use ratekeeper::config::{
-    CliError, Command, ConfigSnapshot, ServeArgs, StoreKind, load_rules, read_snapshot,
+    CliError, Command, ConfigSnapshot, DomainFiles, ServeArgs, StoreKind, load_rules_with,
+    read_snapshot,
 };
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
@@ -44,13 +48,25 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::CheckConfig { path } => check_config(&path),
+        Command::CheckConfig {
+            path,
+            merge_domain_config,
+        } => check_config(&path, domain_files(merge_domain_config)),
         Command::Serve(args) => serve(*args),
     }
 }
 
-fn check_config(path: &std::path::Path) -> ExitCode {
-    match load_rules(path) {
+/// `--merge-domain-config` as the loader takes it.
+fn domain_files(merge: bool) -> DomainFiles {
+    if merge {
+        DomainFiles::Merge
+    } else {
+        DomainFiles::Refuse
+    }
+}
+
+fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
+    match load_rules_with(path, domain_files) {
         Ok(rules) => {
             for (domain, _) in rules.domains() {
                 println!("domain {domain}");
@@ -75,11 +91,12 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     RuleLimit::Unlimited => "unlimited".to_owned(),
                 };
                 let shadow = if rule.shadow_mode { " (shadow)" } else { "" };
+                let quota = if rule.quota_mode { " (quota)" } else { "" };
                 let policy = rule
                     .failure_policy
                     .map(|p| format!(" (on store failure: {p})"))
                     .unwrap_or_default();
-                println!("  {}: {limit}{shadow}{policy}", rule.path);
+                println!("  {}: {limit}{shadow}{quota}{policy}", rule.path);
             }
             println!(
                 "ok: {} domains, {} rules",
@@ -162,7 +179,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 fn serve_with(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     // The snapshot the rules come from is also hot reload's starting point.
     let loaded = read_snapshot(&args.config).and_then(|snapshot| {
-        let rules = snapshot.compile()?;
+        let rules = snapshot.compile_with(domain_files(args.merge_domain_config))?;
         Ok((rules, snapshot))
     });
     let (rules, snapshot) = match loaded {
@@ -388,13 +405,30 @@ async fn run(
             remaining: args.remaining_header.clone(),
             reset: args.reset_header.clone(),
         }))
+        .with_draft_rate_limit_headers(if args.draft_rate_limit_headers {
+            DraftHeaders::On
+        } else {
+            DraftHeaders::Off
+        })
+        .with_quota_mode(if args.quota_mode {
+            QuotaMode::Global
+        } else {
+            QuotaMode::PerRule
+        })
+        .with_dynamic_metadata(if args.response_dynamic_metadata {
+            DynamicMetadata::On
+        } else {
+            DynamicMetadata::Off
+        })
         .with_reload(ReloadSettings {
             path: args.config.clone(),
             interval: args.config_reload_interval,
             loaded: snapshot,
+            domain_files: domain_files(args.merge_domain_config),
         })
         .with_drain_delay(args.drain_delay)
         .with_max_detailed_series(args.max_detailed_metric_series)
+        .with_near_limit_ratio(args.near_limit_ratio)
         .with_max_in_flight(args.max_in_flight)
         .with_failure_policy(args.failure_policy)
         .with_shutdown_timeout(args.shutdown_timeout);

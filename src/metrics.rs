@@ -3,28 +3,38 @@
 //! Each [`Server`](crate::Server) owns its own recorder (no process-global
 //! state), rendered by the admin port's `/metrics`. Labels are `surface`,
 //! `domain` (configured domains only; anything else is `unknown`), `decision`,
-//! `rule` (the rule's path in the config — never a runtime value unless the
-//! rule sets `detailed_metric`) and `backend`. Per-value series are capped
-//! ([`DEFAULT_MAX_DETAILED_SERIES`] distinct values in all): past the cap a
-//! value is counted under its rule's own path and in
-//! `ratelimit_detailed_metric_folded_total`, so callers cannot grow memory
-//! or `/metrics` by sending new values.
+//! `rule` (the rule's stats key, as envoyproxy/ratelimit names its per-rule
+//! stats: its path in the config, with runtime values only where the config
+//! asks for them — `detailed_metric`, `value_to_metric` — or for a
+//! request-supplied limit override; see [`stats_key`]) and `backend`.
+//! Per-value series are capped ([`DEFAULT_MAX_DETAILED_SERIES`] distinct keys
+//! in all): past the cap a descriptor is counted under its rule's own path
+//! and in `ratelimit_detailed_metric_folded_total`, so callers cannot grow
+//! memory or `/metrics` by sending new values.
+//!
+//! The per-rule counters split each descriptor's hits as upstream's
+//! `total_hits`, `within_limit`, `near_limit`, `over_limit`,
+//! `over_limit_with_local_cache` and `shadow_mode` do ([`RuleCounts`]):
+//! a request that crosses the limit counts only its hits past the limit as
+//! over, and those between the near-limit threshold
+//! (`floor(limit × --near-limit-ratio)`) and the limit as near.
 //!
 //! | metric | type | labels | meaning |
 //! |---|---|---|---|
 //! | `ratelimit_requests_total` | counter | surface, domain, decision | RPCs answered: `allowed`, `denied`, `invalid` (bad request), `error` (store failure), `shed` (refused with `RESOURCE_EXHAUSTED`: too many in flight) |
-//! | `ratelimit_rule_hits_total` | counter | domain, rule | hits evaluated against the rule |
-//! | `ratelimit_rule_allowed_total` | counter | domain, rule | hits within the limit |
-//! | `ratelimit_rule_denied_total` | counter | domain, rule | hits over the limit (shadow rules included) |
-//! | `ratelimit_rule_near_limit_total` | counter | domain, rule | allowed hits that took the counter above 80 % of its limit |
-//! | `ratelimit_rule_shadow_denied_total` | counter | domain, rule | over-limit hits of shadow-mode rules, let through |
+//! | `ratelimit_rule_hits_total` | counter | domain, rule | hits evaluated against the rule (`total_hits`) |
+//! | `ratelimit_rule_allowed_total` | counter | domain, rule | hits of descriptors within the limit (`within_limit`) |
+//! | `ratelimit_rule_denied_total` | counter | domain, rule | hits past the limit, shadow rules included (`over_limit`) |
+//! | `ratelimit_rule_near_limit_total` | counter | domain, rule | hits between the near-limit threshold and the limit (`near_limit`) |
+//! | `ratelimit_rule_denied_from_cache_total` | counter | domain, rule | hits denied from the over-limit cache, also in `ratelimit_rule_denied_total` (`over_limit_with_local_cache`) |
+//! | `ratelimit_rule_shadow_denied_total` | counter | domain, rule | hits past the limit of shadow-mode rules, let through (`shadow_mode`) |
 //! | `ratelimit_global_shadow_total` | counter | surface, domain | requests over the limit let through by `--shadow-mode` |
 //! | `ratelimit_storage_duration_seconds` | histogram | backend | store call latency |
 //! | `ratelimit_storage_errors_total` | counter | backend, reason | failed store calls, by `reason`: `timeout`, `connection`, `backend` (the server's own error), `protocol` (a reply the request could not use: a bug), `circuit_open` (answered without calling the store) |
 //! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
 //! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
 //! | `ratelimit_over_limit_cache_hits_total` | counter | domain | descriptors denied from the over-limit cache, without a store call |
-//! | `ratelimit_detailed_metric_folded_total` | counter | domain | descriptors of `detailed_metric` rules counted under the rule's path because the per-value series cap was reached |
+//! | `ratelimit_detailed_metric_folded_total` | counter | domain | descriptors whose stats key carries runtime values, counted under the rule's path because the per-value series cap was reached |
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -37,8 +47,9 @@ use metrics_exporter_prometheus::{
 
 use crate::algorithm::Outcome;
 use crate::failure_policy::FailurePolicy;
-use crate::rules::Rule;
 use crate::rules::matcher::EntryRef;
+use crate::rules::stats_key::sanitise;
+use crate::rules::{Rule, StatsKey, stats_key};
 use crate::store::StoreError;
 
 /// RPCs answered.
@@ -49,8 +60,10 @@ pub const RULE_HITS_TOTAL: &str = "ratelimit_rule_hits_total";
 pub const RULE_ALLOWED_TOTAL: &str = "ratelimit_rule_allowed_total";
 /// Hits over the limit per rule.
 pub const RULE_DENIED_TOTAL: &str = "ratelimit_rule_denied_total";
-/// Allowed hits above 80 % of the limit per rule.
+/// Hits near the limit per rule.
 pub const RULE_NEAR_LIMIT_TOTAL: &str = "ratelimit_rule_near_limit_total";
+/// Hits denied from the over-limit cache per rule.
+pub const RULE_DENIED_FROM_CACHE_TOTAL: &str = "ratelimit_rule_denied_from_cache_total";
 /// Over-limit hits of shadow rules.
 pub const RULE_SHADOW_DENIED_TOTAL: &str = "ratelimit_rule_shadow_denied_total";
 /// Requests let through by global shadow mode.
@@ -71,9 +84,55 @@ pub const DETAILED_METRIC_FOLDED_TOTAL: &str = "ratelimit_detailed_metric_folded
 /// Default cap on distinct per-value (`detailed_metric`) rule labels.
 pub const DEFAULT_MAX_DETAILED_SERIES: usize = 1_000;
 
-/// Share of a limit above which allowed hits count as near the limit (as
-/// envoyproxy/ratelimit's default `NEAR_LIMIT_RATIO`).
-const NEAR_LIMIT_RATIO: f64 = 0.8;
+/// Default share of a limit above which hits count as near the limit
+/// (envoyproxy/ratelimit's default `NEAR_LIMIT_RATIO`).
+pub const DEFAULT_NEAR_LIMIT_RATIO: f32 = 0.8;
+
+/// How a server's metrics are kept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricsSettings {
+    /// Most distinct per-value rule keys (`--max-detailed-metric-series`).
+    pub max_detailed_series: usize,
+    /// Share (0 to 1) of a limit past which hits are near it
+    /// (`--near-limit-ratio`).
+    pub near_limit_ratio: f32,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            max_detailed_series: DEFAULT_MAX_DETAILED_SERIES,
+            near_limit_ratio: DEFAULT_NEAR_LIMIT_RATIO,
+        }
+    }
+}
+
+/// Where a descriptor's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerSource {
+    /// The store (or the failure policy standing in for it).
+    Store,
+    /// The over-limit cache, without a store call.
+    OverLimitCache,
+}
+
+/// How one descriptor's hits split between the per-rule counters, as
+/// envoyproxy/ratelimit splits them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    /// Every hit (`total_hits`).
+    pub total: u64,
+    /// Hits of a descriptor within its limit (`within_limit`).
+    pub within: u64,
+    /// Hits above the near-limit threshold and at most the limit (`near_limit`).
+    pub near: u64,
+    /// Hits past the limit (`over_limit`).
+    pub over: u64,
+    /// Hits denied from the over-limit cache (`over_limit_with_local_cache`).
+    pub over_from_cache: u64,
+    /// Hits past the limit of a shadow-mode rule (`shadow_mode`).
+    pub shadow: u64,
+}
 
 /// Store latency buckets, in seconds: the interesting range is well under
 /// Envoy's 20 ms timeout.
@@ -130,6 +189,7 @@ struct Inner {
     /// mutex, held for one set operation.
     detailed: Mutex<HashSet<String>>,
     max_detailed: usize,
+    near_limit_ratio: f32,
 }
 
 // === impl Metrics ===
@@ -142,6 +202,14 @@ impl Metrics {
 
     /// A fresh registry keeping at most `max` per-value rule labels.
     pub fn with_max_detailed_series(max: usize) -> Self {
+        Self::with_settings(MetricsSettings {
+            max_detailed_series: max,
+            ..MetricsSettings::default()
+        })
+    }
+
+    /// A fresh registry kept as `settings` say.
+    pub fn with_settings(settings: MetricsSettings) -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full(STORAGE_DURATION_SECONDS.to_owned()),
@@ -158,17 +226,26 @@ impl Metrics {
             "RPCs answered, by surface, domain and decision.",
         );
         describe(RULE_HITS_TOTAL, None, "Hits evaluated against each rule.");
-        describe(RULE_ALLOWED_TOTAL, None, "Hits within each rule's limit.");
-        describe(RULE_DENIED_TOTAL, None, "Hits over each rule's limit.");
+        describe(
+            RULE_ALLOWED_TOTAL,
+            None,
+            "Hits of descriptors within each rule's limit.",
+        );
+        describe(RULE_DENIED_TOTAL, None, "Hits past each rule's limit.");
         describe(
             RULE_NEAR_LIMIT_TOTAL,
             None,
-            "Allowed hits above 80% of each rule's limit.",
+            "Hits between each rule's near-limit threshold and its limit.",
+        );
+        describe(
+            RULE_DENIED_FROM_CACHE_TOTAL,
+            None,
+            "Hits denied from the over-limit cache, without a store call.",
         );
         describe(
             RULE_SHADOW_DENIED_TOTAL,
             None,
-            "Over-limit hits of shadow-mode rules, let through.",
+            "Hits past the limit of shadow-mode rules, let through.",
         );
         describe(
             GLOBAL_SHADOW_TOTAL,
@@ -203,7 +280,7 @@ impl Metrics {
         describe(
             DETAILED_METRIC_FOLDED_TOTAL,
             None,
-            "Descriptors of detailed_metric rules counted under the rule's path: the per-value series cap was reached.",
+            "Descriptors counted under their rule's path instead of a per-value key: the per-value series cap was reached.",
         );
         let handle = recorder.handle();
         Self {
@@ -211,7 +288,8 @@ impl Metrics {
                 recorder,
                 handle,
                 detailed: Mutex::default(),
-                max_detailed: max,
+                max_detailed: settings.max_detailed_series,
+                near_limit_ratio: settings.near_limit_ratio,
             }),
         }
     }
@@ -240,7 +318,9 @@ impl Metrics {
         self.counter(GLOBAL_SHADOW_TOTAL, labels).increment(1);
     }
 
-    /// Counts the hits of one descriptor against its rule.
+    /// Counts the hits of one descriptor against its rule; `capacity` is
+    /// what the counter holds (the limit, or a token bucket's burst).
+    #[allow(clippy::too_many_arguments)]
     pub fn rule(
         &self,
         domain: &str,
@@ -249,33 +329,38 @@ impl Metrics {
         hits: u64,
         capacity: u64,
         outcome: &Outcome,
+        source: AnswerSource,
     ) {
-        let rule_label = if rule.detailed_metric {
-            self.detailed_label(domain, rule, entries)
-        } else {
-            rule.path.clone()
+        let label = match stats_key(domain, rule, entries) {
+            StatsKey::Rule(key) => key,
+            StatsKey::PerValue(key) => self.per_value_label(domain, rule, key),
         };
+        let counts = RuleCounts::split(
+            hits,
+            capacity,
+            near_limit_threshold(capacity, self.inner.near_limit_ratio),
+            outcome,
+            source,
+            rule.shadow_mode,
+        );
         let labels = || {
             vec![
                 Label::new("domain", domain.to_owned()),
-                Label::new("rule", rule_label.clone()),
+                Label::new("rule", label.clone()),
             ]
         };
-        self.counter(RULE_HITS_TOTAL, labels()).increment(hits);
-        if outcome.allowed {
-            self.counter(RULE_ALLOWED_TOTAL, labels()).increment(hits);
-            let used = capacity.saturating_sub(outcome.remaining);
-            let threshold = (capacity as f64 * NEAR_LIMIT_RATIO) as u64;
-            let near = used.saturating_sub(threshold).min(hits);
-            if near > 0 {
-                self.counter(RULE_NEAR_LIMIT_TOTAL, labels())
-                    .increment(near);
-            }
-        } else {
-            self.counter(RULE_DENIED_TOTAL, labels()).increment(hits);
-            if rule.shadow_mode {
-                self.counter(RULE_SHADOW_DENIED_TOTAL, labels())
-                    .increment(hits);
+        self.counter(RULE_HITS_TOTAL, labels())
+            .increment(counts.total);
+        // The others appear once they have something to count.
+        for (name, count) in [
+            (RULE_ALLOWED_TOTAL, counts.within),
+            (RULE_NEAR_LIMIT_TOTAL, counts.near),
+            (RULE_DENIED_TOTAL, counts.over),
+            (RULE_DENIED_FROM_CACHE_TOTAL, counts.over_from_cache),
+            (RULE_SHADOW_DENIED_TOTAL, counts.shadow),
+        ] {
+            if count > 0 {
+                self.counter(name, labels()).increment(count);
             }
         }
     }
@@ -324,8 +409,7 @@ impl Metrics {
 
     /// The per-value label, while the cap allows a new one; else the
     /// rule's own path, counted as folded.
-    fn detailed_label(&self, domain: &str, rule: &Rule, entries: &[EntryRef<'_>]) -> String {
-        let label = detailed_path(domain, entries);
+    fn per_value_label(&self, domain: &str, rule: &Rule, label: String) -> String {
         let admitted = {
             let mut admitted = self
                 .inner
@@ -343,7 +427,7 @@ impl Metrics {
             vec![Label::new("domain", domain.to_owned())],
         )
         .increment(1);
-        rule.path.clone()
+        sanitise(&rule.path)
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
@@ -407,17 +491,132 @@ impl RequestDecision {
     }
 }
 
-/// `domain.key1_value1.key2_value2` with the runtime values: the per-value
-/// label a rule opts into with `detailed_metric`.
-fn detailed_path(domain: &str, entries: &[EntryRef<'_>]) -> String {
-    let mut path = domain.to_owned();
-    for entry in entries {
-        path.push('.');
-        path.push_str(entry.key);
-        if !entry.value.is_empty() {
-            path.push('_');
-            path.push_str(entry.value);
+/// `floor(capacity × ratio)`, computed in single precision as upstream
+/// computes it (so the thresholds agree with its stats to the hit).
+fn near_limit_threshold(capacity: u64, ratio: f32) -> u64 {
+    (capacity as f32 * ratio).floor() as u64
+}
+
+// === impl RuleCounts ===
+
+impl RuleCounts {
+    /// Splits `hits` judged with `outcome` against `capacity`; hits past
+    /// `near_threshold` and at most the capacity are near the limit.
+    pub fn split(
+        hits: u64,
+        capacity: u64,
+        near_threshold: u64,
+        outcome: &Outcome,
+        source: AnswerSource,
+        shadow_rule: bool,
+    ) -> Self {
+        let mut counts = RuleCounts {
+            total: hits,
+            ..Self::default()
+        };
+        let before = outcome.used_before;
+        let after = before.saturating_add(hits);
+        if source == AnswerSource::OverLimitCache {
+            counts.over = hits;
+            counts.over_from_cache = hits;
+        } else if outcome.allowed {
+            counts.within = hits;
+            if after > near_threshold {
+                counts.near = after - before.max(near_threshold);
+            }
+        } else if before >= capacity || after <= capacity {
+            // Already over before these hits (or an answer that says nothing
+            // about the count): every hit is over.
+            counts.over = hits;
+        } else {
+            counts.over = after - capacity;
+            counts.near = capacity - before.max(near_threshold);
+        }
+        if shadow_rule && !outcome.allowed {
+            counts.shadow = counts.over;
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(allowed: bool, used_before: u64) -> Outcome {
+        Outcome {
+            allowed,
+            remaining: 0,
+            reset_after_ms: 1_000,
+            retry_after_ms: None,
+            used_before,
         }
     }
-    path
+
+    fn split(hits: u64, before: u64, allowed: bool) -> RuleCounts {
+        // Limit 10 at upstream's default ratio: near above 8.
+        let threshold = near_limit_threshold(10, DEFAULT_NEAR_LIMIT_RATIO);
+        RuleCounts::split(
+            hits,
+            10,
+            threshold,
+            &outcome(allowed, before),
+            AnswerSource::Store,
+            false,
+        )
+    }
+
+    #[test]
+    fn hits_split_as_upstream_splits_them() {
+        assert_eq!(near_limit_threshold(10, 0.8), 8);
+        assert_eq!(near_limit_threshold(5, 0.8), 4);
+        assert_eq!(near_limit_threshold(3, 0.8), 2);
+        assert_eq!(near_limit_threshold(10, 1.0), 10);
+        assert_eq!(near_limit_threshold(10, 0.0), 0);
+        // Upstream's worked example: 11 single hits on a limit of 10.
+        let mut sum = RuleCounts::default();
+        for count in 0..11 {
+            let c = split(1, count, count < 10);
+            sum.total += c.total;
+            sum.within += c.within;
+            sum.near += c.near;
+            sum.over += c.over;
+        }
+        assert_eq!((sum.total, sum.within, sum.near, sum.over), (11, 10, 2, 1));
+        // One request of 5 at 7: 2 over, 2 near (9 and 10), none within.
+        let c = split(5, 7, false);
+        assert_eq!((c.within, c.near, c.over), (0, 2, 2));
+        // Allowed from 6 to 9: only 9 is near.
+        let c = split(3, 6, true);
+        assert_eq!((c.within, c.near, c.over), (3, 1, 0));
+        // Already over: every hit is over, none near.
+        let c = split(4, 12, false);
+        assert_eq!((c.near, c.over), (0, 4));
+        // A check (0 hits) counts nothing.
+        assert_eq!(split(0, 10, true).near, 0);
+    }
+
+    #[test]
+    fn cached_and_shadow_denials_are_counted_apart() {
+        let cached = RuleCounts::split(
+            3,
+            10,
+            8,
+            &outcome(false, 10),
+            AnswerSource::OverLimitCache,
+            true,
+        );
+        assert_eq!(
+            cached,
+            RuleCounts {
+                total: 3,
+                over: 3,
+                over_from_cache: 3,
+                shadow: 3,
+                ..RuleCounts::default()
+            }
+        );
+        let shadow = RuleCounts::split(5, 10, 8, &outcome(false, 7), AnswerSource::Store, true);
+        assert_eq!((shadow.over, shadow.near, shadow.shadow), (2, 2, 2));
+    }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::{ConfigSnapshot, read_snapshot};
+use crate::config::{ConfigSnapshot, DomainFiles, read_snapshot};
 use crate::limiter::Limiter;
 use crate::metrics::ReloadResult;
 use crate::rules::Rules;
@@ -37,6 +37,9 @@ pub struct ReloadSettings {
     /// against them, so a change made between loading the rules and the
     /// first look is still applied.
     pub loaded: ConfigSnapshot,
+    /// What to do with a domain in several files (`--merge-domain-config`),
+    /// as when the rules were first loaded.
+    pub domain_files: DomainFiles,
 }
 
 /// The outcome of the last reload attempt, for `/readyz`.
@@ -81,7 +84,7 @@ pub async fn watch(
             () = &mut stop => return,
             _ = ticker.tick() => {}
         }
-        let path = settings.path.clone();
+        let (path, domain_files) = (settings.path.clone(), settings.domain_files);
         let (known, bad) = (in_force.clone(), refused.clone());
         let look = off_thread(move || {
             let snapshot = read_snapshot(&path).map_err(|e| e.to_string())?;
@@ -90,7 +93,7 @@ pub async fn watch(
             } else if bad.is_some_and(|bad| *bad == snapshot) {
                 Look::StillRefused
             } else {
-                match snapshot.compile() {
+                match snapshot.compile_with(domain_files) {
                     Ok(rules) => Look::Changed(snapshot, rules),
                     Err(error) => Look::Refused(Some(snapshot), error.to_string()),
                 }

@@ -11,9 +11,11 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::{
-    EnvoyCounting, EnvoyService, RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
+    DraftHeaders, DynamicMetadata, EnvoyCounting, EnvoyService, HeaderSettings, QuotaMode,
+    RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
 };
 use crate::limiter::{FailurePolicy, Limiter};
+use crate::metrics::{Metrics, MetricsSettings};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
 use crate::readiness::Readiness;
@@ -84,7 +86,10 @@ pub struct Server {
     limits: RequestLimits,
     envoy_counting: EnvoyCounting,
     shadow: ShadowMode,
-    headers: Option<ResponseHeaders>,
+    headers: HeaderSettings,
+    quota: QuotaMode,
+    dynamic_metadata: DynamicMetadata,
+    metrics: MetricsSettings,
     reload: Option<ReloadSettings>,
     drain_delay: Duration,
     readiness_interval: Duration,
@@ -103,7 +108,10 @@ impl Server {
             limits: RequestLimits::default(),
             envoy_counting: EnvoyCounting::default(),
             shadow: ShadowMode::default(),
-            headers: None,
+            headers: HeaderSettings::default(),
+            quota: QuotaMode::default(),
+            dynamic_metadata: DynamicMetadata::default(),
+            metrics: MetricsSettings::default(),
             reload: None,
             drain_delay: Duration::ZERO,
             readiness_interval: Duration::from_secs(1),
@@ -124,9 +132,28 @@ impl Server {
         self
     }
 
-    /// Adds rate limit headers to Envoy answers (off by default, as upstream).
+    /// Adds upstream's three rate limit headers to Envoy answers, under
+    /// these names (off by default, as upstream).
     pub fn with_response_headers(mut self, headers: Option<ResponseHeaders>) -> Self {
-        self.headers = headers;
+        self.headers.upstream = headers;
+        self
+    }
+
+    /// Adds the IETF draft's rate limit headers to Envoy answers.
+    pub fn with_draft_rate_limit_headers(mut self, draft: DraftHeaders) -> Self {
+        self.headers.draft = draft;
+        self
+    }
+
+    /// Sets which descriptors of Envoy requests are quota descriptors.
+    pub fn with_quota_mode(mut self, quota: QuotaMode) -> Self {
+        self.quota = quota;
+        self
+    }
+
+    /// Adds dynamic metadata to Envoy answers.
+    pub fn with_dynamic_metadata(mut self, metadata: DynamicMetadata) -> Self {
+        self.dynamic_metadata = metadata;
         self
     }
 
@@ -171,12 +198,22 @@ impl Server {
         self
     }
 
-    /// Keeps at most `max` per-value (`detailed_metric`) rule labels;
-    /// values past it are counted under their rule's path.
+    /// Keeps at most `max` per-value rule labels; values past it are
+    /// counted under their rule's path.
     pub fn with_max_detailed_series(mut self, max: usize) -> Self {
+        self.metrics.max_detailed_series = max;
         self.limiter = self
             .limiter
-            .with_metrics(crate::metrics::Metrics::with_max_detailed_series(max));
+            .with_metrics(Metrics::with_settings(self.metrics));
+        self
+    }
+
+    /// Counts hits past `ratio` (0 to 1) of a limit as near it.
+    pub fn with_near_limit_ratio(mut self, ratio: f32) -> Self {
+        self.metrics.near_limit_ratio = ratio;
+        self.limiter = self
+            .limiter
+            .with_metrics(Metrics::with_settings(self.metrics));
         self
     }
 
@@ -274,7 +311,9 @@ impl Server {
                         self.envoy_counting,
                         self.shadow,
                     )
-                    .with_headers(self.headers.clone()),
+                    .with_headers(self.headers.clone())
+                    .with_quota_mode(self.quota)
+                    .with_dynamic_metadata(self.dynamic_metadata),
                 )
                 .max_decoding_message_size(self.limits.max_request_bytes),
             )

@@ -644,3 +644,196 @@ async fn worker_threads_sets_the_runtimes_threads() {
         serve.terminate().await;
     }
 }
+
+/// Two files of one domain: refused unless merged, by `check-config` and
+/// `serve` alike, with `--merge-domain-config` or its variable.
+#[tokio::test]
+async fn merge_domain_config_on_check_config_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        "domain: m\ndescriptors:\n  - {key: a, rate_limit: {unit: minute, requests_per_unit: 5}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        "domain: m\ndescriptors:\n  - {key: b, quota_mode: true, rate_limit: {unit: minute, requests_per_unit: 1}}\n",
+    )
+    .unwrap();
+    let path = dir.path().to_str().unwrap();
+
+    let out = run(&["check-config", path]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("b.yaml: domain: duplicate domain 'm' in config file (already defined in")
+            && stderr.contains("--merge-domain-config merges them"),
+        "{stderr}"
+    );
+    let out = run(&["check-config", "--merge-domain-config", path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("m.a: 5 per minute (fixed_window)\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("m.b: 1 per minute (fixed_window) (quota)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok: 1 domains, 2 rules"), "{stdout}");
+    let with_env = |value: &str| {
+        Command::new(BIN)
+            .args(["check-config", path])
+            .env("RATEKEEPER_MERGE_DOMAIN_CONFIG", value)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    assert!(with_env("yes").status.success());
+    let out = with_env("maybe");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("the environment variable RATEKEEPER_MERGE_DOMAIN_CONFIG"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    assert_refused(&["--config", path], "duplicate domain 'm' in config file");
+    let mut serve = Serve::start_with_env(path, &[], &[("RATEKEEPER_MERGE_DOMAIN_CONFIG", "1")]);
+    let mut client = serve.client().await;
+    for (key, limit) in [("a", 5), ("b", 1)] {
+        let result = client
+            .should_allow(allow_request("m", &[&[(key, "x")]], 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .remove(0);
+        assert_eq!(result.limit, limit, "{key}");
+    }
+    serve.terminate().await;
+}
+
+/// The Envoy answer options reach the service from their flags and
+/// variables: quota mode, dynamic metadata, both kinds of headers and the
+/// near-limit ratio of the metrics.
+#[tokio::test]
+async fn envoy_answer_options_are_wired_from_flags_and_variables() {
+    use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(
+        &path,
+        "domain: e\ndescriptors:\n  - {key: backend, metadata: {pool: main}, rate_limit: {unit: minute, requests_per_unit: 2}}\n",
+    )
+    .unwrap();
+    let mut serve = Serve::start_with_env(
+        path.to_str().unwrap(),
+        &[
+            "--quota-mode",
+            "--draft-rate-limit-headers",
+            "--near-limit-ratio",
+            "0.5",
+        ],
+        &[
+            ("RATEKEEPER_RESPONSE_DYNAMIC_METADATA", "on"),
+            ("RATEKEEPER_RESPONSE_HEADERS", "true"),
+        ],
+    );
+    serve.client().await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", serve.grpc_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut envoy = RateLimitServiceClient::new(channel);
+    let request = || common::envoy_request("e", &[&[("backend", "a")], &[("backend", "b")]]);
+    envoy.should_rate_limit(request()).await.unwrap();
+    envoy
+        .should_rate_limit(common::envoy_request("e", &[&[("backend", "a")]]))
+        .await
+        .unwrap();
+    // a is over, b has room: allowed under global quota mode.
+    let response = envoy
+        .should_rate_limit(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.overall_code(), Code::Ok);
+    assert_eq!(response.statuses[0].code(), Code::OverLimit);
+    let names: Vec<&str> = response
+        .response_headers_to_add
+        .iter()
+        .map(|h| h.key.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "RateLimit-Limit",
+            "RateLimit-Remaining",
+            "RateLimit-Reset",
+            "RateLimit-Policy",
+            "RateLimit"
+        ]
+    );
+    let metadata = response.dynamic_metadata.expect("dynamic metadata");
+    assert!(metadata.fields.contains_key("metadata"), "{metadata:?}");
+    // Ratio 0.5 of 2: near above 1 — a's 2nd hit and b's 2nd.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], serve.admin_port));
+    let metrics = common::http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("ratelimit_rule_near_limit_total{domain=\"e\",rule=\"e.backend\"} 2"),
+        "{metrics}"
+    );
+    serve.terminate().await;
+}
+
+/// The new settings refuse bad values, naming the flag or the variable.
+#[test]
+fn envoy_answer_options_refuse_bad_values() {
+    let config = ["--config", EXAMPLE];
+    assert_refused(
+        &[&config[..], &["--near-limit-ratio", "1.5"]].concat(),
+        "--near-limit-ratio",
+    );
+    for variable in [
+        "RATEKEEPER_QUOTA_MODE",
+        "RATEKEEPER_RESPONSE_DYNAMIC_METADATA",
+        "RATEKEEPER_DRAFT_RATE_LIMIT_HEADERS",
+        "RATEKEEPER_MERGE_DOMAIN_CONFIG",
+    ] {
+        assert_refused_with_env(
+            &config,
+            &[(variable, "maybe")],
+            &format!("the environment variable {variable}"),
+        );
+    }
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_NEAR_LIMIT_RATIO", "2")],
+        "the environment variable RATEKEEPER_NEAR_LIMIT_RATIO",
+    );
+    // One file holds one domain: nothing to merge.
+    assert_refused(
+        &[&config[..], &["--merge-domain-config"]].concat(),
+        "--merge-domain-config has no effect without --config naming a directory of rules files",
+    );
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_MERGE_DOMAIN_CONFIG", "1")],
+        "RATEKEEPER_MERGE_DOMAIN_CONFIG (--merge-domain-config) has no effect",
+    );
+    // Header names are upstream's headers' and need them, draft or not.
+    assert_refused(
+        &[
+            &config[..],
+            &["--draft-rate-limit-headers", "--limit-header", "X-Limit"],
+        ]
+        .concat(),
+        "--limit-header has no effect without --response-headers",
+    );
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{T0, TestServer, allow_request, http_get};
 use ratekeeper::Server;
 use ratekeeper::clock::ManualClock;
-use ratekeeper::config::read_snapshot;
+use ratekeeper::config::{DomainFiles, read_snapshot};
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::store::MemoryStore;
@@ -43,6 +43,7 @@ async fn start(config: &Path) -> TestServer {
         path: config.to_owned(),
         interval: Duration::from_millis(20),
         loaded: snapshot,
+        domain_files: DomainFiles::Refuse,
     });
     TestServer::start(server).await
 }
@@ -239,6 +240,7 @@ async fn a_change_before_the_first_look_is_applied() {
         path: dir.path().to_owned(),
         interval: Duration::from_millis(20),
         loaded: snapshot,
+        domain_files: DomainFiles::Refuse,
     }))
     .await;
     let mut client = server.client().await;
@@ -275,6 +277,7 @@ async fn shrinking_a_used_up_token_bucket_denies_and_fails_nothing(backend: comm
             path: dir.path().to_owned(),
             interval: Duration::from_millis(20),
             loaded: snapshot,
+            domain_files: DomainFiles::Refuse,
         },
     ))
     .await;
@@ -312,7 +315,10 @@ async fn shrinking_a_used_up_token_bucket_denies_and_fails_nothing(backend: comm
     .await;
 }
 
-both_stores!(shrinking_a_used_up_token_bucket_denies_and_fails_nothing);
+both_stores!(
+    shrinking_a_used_up_token_bucket_denies_and_fails_nothing,
+    merged_domains_reload_merged,
+);
 
 /// Waits (at most 5 s) until `/readyz` does or does not report a refusal.
 async fn until_refusal_shown(server: &TestServer, shown: bool) -> String {
@@ -351,4 +357,76 @@ async fn a_transient_read_failure_clears_when_the_files_return() {
     std::fs::rename(&aside, &file).unwrap();
     until_refusal_shown(&server, false).await;
     assert_eq!(peek(&mut client).await, (2, 2));
+}
+
+/// With `--merge-domain-config`, hot reload merges a domain's files as the
+/// first load did: a change to either file applies, and a change that
+/// defines one descriptor in both is refused, the old rules serving on.
+async fn merged_domains_reload_merged(backend: common::Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("a.yaml");
+    let second = dir.path().join("b.yaml");
+    std::fs::write(&first, rules_yaml(2)).unwrap();
+    let other = |limit: u32| {
+        format!(
+            "domain: rl\ndescriptors:\n  - key: other\n    rate_limit: {{unit: minute, requests_per_unit: {limit}}}\n"
+        )
+    };
+    std::fs::write(&second, other(3)).unwrap();
+    let snapshot = read_snapshot(dir.path()).unwrap();
+    assert!(snapshot.compile().is_err(), "one domain in two files");
+    let rules = snapshot.compile_with(DomainFiles::Merge).unwrap();
+    let store = common::TestStore::new(backend, Arc::new(ManualClock::new(T0)));
+    let server = TestServer::start(Server::new(rules, store.store.clone()).with_reload(
+        ReloadSettings {
+            path: dir.path().to_owned(),
+            interval: Duration::from_millis(20),
+            loaded: snapshot,
+            domain_files: DomainFiles::Merge,
+        },
+    ))
+    .await;
+    let mut client = server.client().await;
+    assert_eq!(peek(&mut client).await, (2, 2));
+    // A change to one file applies, the other file's rules stay.
+    replace(&first, &rules_yaml(9));
+    assert_eq!(until_limit(&mut client, 9).await, 9);
+    let limit_of_other = |client: &mut RateLimiterClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut request = allow_request("rl", &[&[("other", "x")]], 1);
+            request.dry_run = true;
+            client
+                .should_allow(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .results[0]
+                .limit
+        }
+    };
+    assert_eq!(limit_of_other(&mut client).await, 3);
+    // A descriptor in both files is refused; the merged rules stay.
+    replace(
+        &second,
+        &format!(
+            "{}  - key: user\n    rate_limit: {{unit: minute, requests_per_unit: 1}}\n",
+            other(4)
+        ),
+    );
+    let started = Instant::now();
+    let refused = loop {
+        let ready = http_get(server.admin_addr, "/readyz").await;
+        if ready.contains("last config change refused") {
+            break ready;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{ready}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        refused.contains("b.yaml: descriptors[1]: duplicate descriptor composite key 'rl.user' (already defined in"),
+        "{refused}"
+    );
+    assert_eq!(peek(&mut client).await, (9, 9));
+    assert_eq!(limit_of_other(&mut client).await, 3);
 }

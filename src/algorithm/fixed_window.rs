@@ -41,6 +41,7 @@ impl Algorithm for FixedWindow {
                 // The next window starts empty, so waiting for it admits any
                 // cost that fits the limit at all.
                 retry_after_ms: (!allowed && hits <= quota.limit).then_some(reset_after_ms),
+                used_before: count,
             },
             admitted: stored,
             rejected: Some(stored),

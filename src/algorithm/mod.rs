@@ -70,6 +70,11 @@ pub struct Outcome {
     /// When denied: milliseconds until the same hits would be admitted if
     /// nobody else consumed; `None` when allowed or never admissible.
     pub retry_after_ms: Option<u64>,
+    /// Hits already counted against the capacity when these were judged
+    /// (the window's count; for a sliding window its weighted estimate and
+    /// for a token bucket the spent part of the bucket, rounded up), so
+    /// metrics can tell which of a request's hits crossed a threshold.
+    pub used_before: u64,
 }
 
 /// State to write back, with the instant it may be forgotten.

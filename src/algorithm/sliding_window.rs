@@ -73,6 +73,7 @@ impl Algorithm for SlidingWindow {
                 remaining: capacity.saturating_sub(used_after) / w,
                 reset_after_ms: expires_at_ms(current_after) - now_ms,
                 retry_after_ms,
+                used_before: used.div_ceil(w),
             },
             admitted: Stored {
                 state: written,

@@ -48,6 +48,7 @@ impl Algorithm for TokenBucket {
                 // Until the bucket is full again.
                 reset_after_ms: level_after.div_ceil(drain_per_ms),
                 retry_after_ms,
+                used_before: level.div_ceil(window),
             },
             admitted: Stored {
                 state: [admitted, now_ms, 0],

@@ -2,6 +2,10 @@
 //! exactly as envoyproxy/ratelimit does (same statuses, remaining counts and
 //! reset durations), over the shared engine.
 //!
+//! Quota mode ([`QuotaMode`]) judges the overall code, the opt-in headers
+//! ([`HeaderSettings`]) and dynamic metadata ([`DynamicMetadata`]) are added
+//! to the answer, each as upstream does.
+//!
 //! Differences, all deliberate: bad input is `INVALID_ARGUMENT` and a store
 //! failure `UNAVAILABLE` (upstream answers `UNKNOWN` for both); a limit
 //! override with unit `UNKNOWN` is refused instead of crashing the process.
@@ -10,13 +14,15 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
+use super::dynamic_metadata::{self, DynamicMetadata};
+use super::headers::HeaderSettings;
 use super::validate::check_cost;
-use super::{
-    Answered, RequestLimits, ResponseHeaders, ShadowMode, ceil_seconds, finish, trace_context,
-};
+use super::{Answered, RequestLimits, ShadowMode, ceil_seconds, finish, trace_context};
 use crate::algorithm::Mode;
 use crate::error::Error;
-use crate::limiter::{CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter};
+use crate::limiter::{
+    CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter, QuotaMode,
+};
 use crate::metrics::Surface;
 use crate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -38,7 +44,9 @@ pub struct EnvoyService {
     limits: RequestLimits,
     counting: EnvoyCounting,
     shadow: ShadowMode,
-    headers: Option<ResponseHeaders>,
+    headers: HeaderSettings,
+    quota: QuotaMode,
+    metadata: DynamicMetadata,
 }
 
 /// Which hits of an Envoy request are counted.
@@ -70,13 +78,28 @@ impl EnvoyService {
             limits,
             counting,
             shadow,
-            headers: None,
+            headers: HeaderSettings::default(),
+            quota: QuotaMode::default(),
+            metadata: DynamicMetadata::default(),
         }
     }
 
-    /// Adds rate limit headers to every answer (`--response-headers`).
-    pub fn with_headers(mut self, headers: Option<ResponseHeaders>) -> Self {
+    /// Adds rate limit headers to every answer (`--response-headers`,
+    /// `--draft-rate-limit-headers`).
+    pub fn with_headers(mut self, headers: HeaderSettings) -> Self {
         self.headers = headers;
+        self
+    }
+
+    /// Sets which descriptors are quota descriptors (`--quota-mode`).
+    pub fn with_quota_mode(mut self, quota: QuotaMode) -> Self {
+        self.quota = quota;
+        self
+    }
+
+    /// Adds dynamic metadata to every answer (`--response-dynamic-metadata`).
+    pub fn with_dynamic_metadata(mut self, metadata: DynamicMetadata) -> Self {
+        self.metadata = metadata;
         self
     }
 
@@ -158,19 +181,23 @@ impl EnvoyService {
             Ok(check) => self.limiter.check(&check).await,
             Err(error) => Err(error),
         };
+        let quota = self.quota;
         let answered = finish(
             &self.limiter,
             Surface::Envoy,
             &request.domain,
             self.shadow,
             result,
+            |decision| decision.over_limit_with_quotas(quota),
         )?;
         let mut response = to_response(&answered);
-        if let Some(headers) = &self.headers {
-            response.response_headers_to_add = headers.for_decision(
-                &answered.decision.descriptors,
-                response.overall_code() == Code::OverLimit,
-            );
+        response.response_headers_to_add = self.headers.for_decision(
+            &answered.decision.descriptors,
+            quota,
+            response.overall_code() == Code::OverLimit,
+        );
+        if self.metadata == DynamicMetadata::On {
+            response.dynamic_metadata = Some(dynamic_metadata::build(request, &answered.decision));
         }
         tracing::Span::current().record("overall_code", response.overall_code().as_str_name());
         Ok(Response::new(response))
@@ -205,11 +232,15 @@ fn to_response(answered: &Answered) -> RateLimitResponse {
         .iter()
         .map(to_status)
         .collect();
-    // Global shadow mode leaves the statuses as they are and only lets the
-    // request through, as upstream does.
-    let over = !answered.shadowed && statuses.iter().any(|s| s.code() == Code::OverLimit);
+    // Global shadow mode and quota mode leave the statuses as they are and
+    // only judge the overall code, as upstream does.
     RateLimitResponse {
-        overall_code: if over { Code::OverLimit } else { Code::Ok }.into(),
+        overall_code: if answered.denied() {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        }
+        .into(),
         statuses,
         ..Default::default()
     }

@@ -6,6 +6,7 @@
 //! ([`validate`]), so a malformed or oversized request is refused with
 //! `INVALID_ARGUMENT` naming the field before any matching or store work.
 
+pub mod dynamic_metadata;
 pub mod envoy;
 pub mod headers;
 pub mod should_allow;
@@ -16,11 +17,13 @@ use std::time::Duration;
 
 use tonic::Status;
 
+pub use dynamic_metadata::DynamicMetadata;
 pub use envoy::{EnvoyCounting, EnvoyService};
-pub use headers::ResponseHeaders;
+pub use headers::{DraftHeaders, HeaderSettings, ResponseHeaders};
 pub use should_allow::ShouldAllowService;
 
 use crate::error::Error;
+pub use crate::limiter::QuotaMode;
 use crate::limiter::{Decision, Limiter};
 use crate::metrics::{DomainLabel, RequestDecision, Surface};
 
@@ -79,6 +82,8 @@ pub enum ShadowMode {
 #[derive(Debug)]
 pub(crate) struct Answered {
     pub decision: Decision,
+    /// The request is over its limit (as the surface judges it).
+    pub over_limit: bool,
     /// Over the limit, but let through by global shadow mode.
     pub shadowed: bool,
 }
@@ -86,18 +91,20 @@ pub(crate) struct Answered {
 impl Answered {
     /// Whether the request as a whole is denied.
     pub fn denied(&self) -> bool {
-        self.decision.over_limit() && !self.shadowed
+        self.over_limit && !self.shadowed
     }
 }
 
 /// Records how one RPC ended in the metrics and applies global shadow mode;
-/// errors become the `Status` to return.
+/// `over_limit` judges whether the decision is over the limit. Errors
+/// become the `Status` to return.
 pub(crate) fn finish(
     limiter: &Limiter,
     surface: Surface,
     domain: &str,
     shadow: ShadowMode,
     result: Result<Decision, Error>,
+    over_limit: impl FnOnce(&Decision) -> bool,
 ) -> Result<Answered, Status> {
     let metrics = limiter.metrics();
     match result {
@@ -107,8 +114,10 @@ pub(crate) fn finish(
             } else {
                 DomainLabel::Unknown
             };
+            let over_limit = over_limit(&decision);
             let answered = Answered {
-                shadowed: shadow == ShadowMode::Global && decision.over_limit(),
+                shadowed: shadow == ShadowMode::Global && over_limit,
+                over_limit,
                 decision,
             };
             if answered.shadowed {

@@ -9,7 +9,9 @@ use super::validate::check_cost;
 use super::{Answered, RequestLimits, ShadowMode, duration_from_ms, finish, trace_context};
 use crate::algorithm::{AlgorithmKind, Mode};
 use crate::error::Error;
-use crate::limiter::{CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter};
+use crate::limiter::{
+    CheckRequest, Decision, DescriptorDecision, DescriptorInput, Enforcement, Limiter,
+};
 use crate::metrics::Surface;
 use crate::proto::ratekeeper::v1 as pb;
 
@@ -112,6 +114,8 @@ impl ShouldAllowService {
             &request.domain,
             self.shadow,
             result,
+            // Quota mode is the Envoy API's: here every rule is a hard limit.
+            Decision::over_limit,
         )?;
         let response = to_response(&answered);
         tracing::Span::current().record("allowed", response.allowed);

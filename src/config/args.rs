@@ -54,6 +54,12 @@ pub enum Command {
     CheckConfig {
         /// A rules file or a directory of them.
         path: PathBuf,
+
+        /// Merge a domain found in several files into one tree, as `serve
+        /// --merge-domain-config` does (envoyproxy/ratelimit's
+        /// MERGE_DOMAIN_CONFIG); without it such a domain is refused.
+        #[arg(long, env = "RATEKEEPER_MERGE_DOMAIN_CONFIG", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
+        merge_domain_config: bool,
     },
 }
 
@@ -206,11 +212,35 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_SHADOW_MODE", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub shadow_mode: bool,
 
-    /// Envoy API: add rate limit headers to every answer (upstream's
-    /// RateLimit-Limit/-Remaining/-Reset, the IETF draft's RateLimit-Policy
-    /// and RateLimit, and Retry-After when over the limit).
+    /// Envoy API: add envoyproxy/ratelimit's three rate limit headers to
+    /// every answer (RateLimit-Limit/-Remaining/-Reset by default; upstream's
+    /// LIMIT_RESPONSE_HEADERS_ENABLED), and nothing else.
     #[arg(long, env = "RATEKEEPER_RESPONSE_HEADERS", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub response_headers: bool,
+
+    /// Envoy API: add the IETF httpapi draft's RateLimit-Policy and
+    /// RateLimit headers to every answer, and Retry-After when over the
+    /// limit (a ratekeeper extension; may be on with --response-headers).
+    #[arg(long, env = "RATEKEEPER_DRAFT_RATE_LIMIT_HEADERS", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
+    pub draft_rate_limit_headers: bool,
+
+    /// Envoy API: global quota mode (envoyproxy/ratelimit's QUOTA_MODE):
+    /// every descriptor that is not unlimited is a quota descriptor, so a
+    /// request is over the limit only when all of them are.
+    #[arg(long, env = "RATEKEEPER_QUOTA_MODE", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
+    pub quota_mode: bool,
+
+    /// Envoy API: add dynamic metadata to every answer (domain,
+    /// descriptors, hits addends and the metadata of rules within their
+    /// limit; envoyproxy/ratelimit's RESPONSE_DYNAMIC_METADATA).
+    #[arg(long, env = "RATEKEEPER_RESPONSE_DYNAMIC_METADATA", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
+    pub response_dynamic_metadata: bool,
+
+    /// Merge a domain found in several rules files into one tree
+    /// (envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG); a descriptor defined in
+    /// two of them is still refused. Without it such a domain is refused.
+    #[arg(long, env = "RATEKEEPER_MERGE_DOMAIN_CONFIG", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
+    pub merge_domain_config: bool,
 
     /// Name of the limit header (upstream's LIMIT_LIMIT_HEADER).
     #[arg(
@@ -293,11 +323,17 @@ pub struct ServeArgs {
           value_parser = parse_positive)]
     pub max_in_flight: usize,
 
-    /// Most distinct per-value metric labels kept for `detailed_metric`
-    /// rules, over all of them; further values are counted under their
-    /// rule's own path (and in ratelimit_detailed_metric_folded_total).
+    /// Most distinct per-value metric labels kept (rules with
+    /// `detailed_metric` or `value_to_metric`, limit overrides), over all
+    /// rules; further values are counted under their rule's own path (and
+    /// in ratelimit_detailed_metric_folded_total).
     #[arg(long, env = "RATEKEEPER_MAX_DETAILED_METRIC_SERIES", default_value_t = crate::metrics::DEFAULT_MAX_DETAILED_SERIES)]
     pub max_detailed_metric_series: usize,
+
+    /// Share (0 to 1) of a limit past which hits count as near it in
+    /// ratelimit_rule_near_limit_total (envoyproxy/ratelimit's NEAR_LIMIT_RATIO).
+    #[arg(long, env = "RATEKEEPER_NEAR_LIMIT_RATIO", default_value = "0.8", value_parser = parse_ratio)]
+    pub near_limit_ratio: f32,
 
     /// Tests only: every decision reads this fixed time (Unix ms) instead of
     /// the clock — the memory store, the local fallback, the over-limit
@@ -348,6 +384,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+fn parse_ratio(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        Ok(_) => Err("must be between 0 and 1".to_owned()),
+        Err(e) => Err(format!("{e} (a number between 0 and 1, e.g. 0.8)")),
+    }
+}
+
 fn parse_positive(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
@@ -382,6 +426,12 @@ mod tests {
         assert!(args.admin_addr.ip().is_loopback());
         assert_eq!(args.store, StoreKind::Memory);
         assert_eq!(args.store_timeout, Duration::from_millis(15));
+        assert_eq!(args.near_limit_ratio, 0.8);
+        assert!(!args.quota_mode && !args.merge_domain_config);
+        let bounds = serve(&["--config", "x", "--near-limit-ratio", "0"]).unwrap();
+        assert_eq!(bounds.near_limit_ratio, 0.0);
+        let bounds = serve(&["--config", "x", "--near-limit-ratio", "1"]).unwrap();
+        assert_eq!(bounds.near_limit_ratio, 1.0);
     }
 
     #[test]
@@ -421,6 +471,22 @@ mod tests {
             (
                 &["--config", "x", "--worker-threads", "many"],
                 "--worker-threads",
+            ),
+            (
+                &["--config", "x", "--near-limit-ratio", "1.5"],
+                "--near-limit-ratio",
+            ),
+            (
+                &["--config", "x", "--near-limit-ratio=-0.1"],
+                "--near-limit-ratio",
+            ),
+            (
+                &["--config", "x", "--near-limit-ratio", "NaN"],
+                "--near-limit-ratio",
+            ),
+            (
+                &["--config", "x", "--near-limit-ratio", "most"],
+                "--near-limit-ratio",
             ),
         ];
         for (args, flag) in cases {

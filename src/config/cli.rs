@@ -39,6 +39,21 @@ where
     {
         return Err(CliError::Invalid(format!("error: {conflict}")));
     }
+    if let (
+        Command::CheckConfig {
+            path,
+            merge_domain_config: true,
+        },
+        Some(("check-config", check)),
+    ) = (&cli.command, matches.subcommand())
+        && path.is_file()
+    {
+        return Err(CliError::Invalid(format!(
+            "error: {} has no effect without a directory of rules files; {} is one file",
+            name(check, "merge_domain_config"),
+            path.display()
+        )));
+    }
     Ok(cli)
 }
 
@@ -68,7 +83,9 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         )
     };
-    let rules: [(&str, Needs); 21] = [
+    // A single rules file holds one domain: nothing to merge.
+    let merges = !args.config.is_file();
+    let rules: [(&str, Needs); 22] = [
         ("redis_url", Needs::Store(REDIS, "--store redis")),
         ("redis_pool_size", Needs::Store(SHARED, SHARED_STORES)),
         (
@@ -119,6 +136,10 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
         (
             "reset_header",
             Needs::Flag(args.response_headers, "--response-headers"),
+        ),
+        (
+            "merge_domain_config",
+            Needs::Flag(merges, "--config naming a directory of rules files"),
         ),
     ];
     let store = if given("store") {
@@ -274,6 +295,43 @@ mod tests {
             let text = refused(args);
             assert!(text.contains(expected), "{args:?}:\n{text}");
         }
+    }
+
+    #[test]
+    fn merging_domains_needs_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rules.yaml");
+        std::fs::write(&file, "domain: d").unwrap();
+        let (file, dir) = (file.to_str().unwrap(), dir.path().to_str().unwrap());
+        let serve = |config: &str| {
+            parse([
+                "ratekeeper",
+                "serve",
+                "--config",
+                config,
+                "--merge-domain-config",
+            ])
+        };
+        match serve(file) {
+            Err(CliError::Invalid(text)) => assert!(
+                text.contains("--merge-domain-config has no effect without --config naming a directory of rules files"),
+                "{text}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(serve(dir).is_ok());
+        let check =
+            |path: &str| parse(["ratekeeper", "check-config", "--merge-domain-config", path]);
+        match check(file) {
+            Err(CliError::Invalid(text)) => assert!(
+                text.contains(
+                    "--merge-domain-config has no effect without a directory of rules files; "
+                ) && text.contains("rules.yaml is one file"),
+                "{text}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(check(dir).is_ok());
     }
 
     #[test]

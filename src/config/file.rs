@@ -41,9 +41,11 @@ pub struct DescriptorDoc {
     pub value_to_metric: Option<bool>,
     /// All values matching this wildcard share one counter.
     pub share_threshold: Option<bool>,
-    /// Soft-limit semantics of recent envoyproxy/ratelimit; refused (not supported).
+    /// Quota mode (Envoy API): over the limit denies only when every quota
+    /// descriptor of the request is.
     pub quota_mode: Option<bool>,
-    /// Free-form metadata returned as dynamic metadata upstream; accepted and ignored.
+    /// Free-form map returned in Envoy's dynamic metadata while the
+    /// descriptor is within its limit (`--response-dynamic-metadata`).
     pub metadata: Option<serde_yaml_ng::Value>,
 }
 

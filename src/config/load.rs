@@ -5,19 +5,21 @@
 //! the `..data` and `..2024_…` entries of a Kubernetes ConfigMap mount are
 //! skipped while the symlinks to the files are followed (each domain is read
 //! once; envoyproxy/ratelimit's #367 reads it twice). Each file holds one
-//! domain, and a domain may appear in only one file.
+//! domain, and a domain may appear in only one file unless the files are
+//! merged ([`DomainFiles::Merge`], upstream's `MERGE_DOMAIN_CONFIG`).
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::ConfigError;
 use super::file::{DescriptorDoc, FileDoc, RateLimitDoc};
+use super::{ConfigError, metadata};
 use crate::algorithm::{AlgorithmKind, MAX_SCALED};
 use crate::failure_policy::FailurePolicy;
 use crate::rules::{
-    DescriptorTree, Limit, MAX_WINDOW_SECONDS, Node, Rule, RuleLimit, Rules, Unit, matcher::Level,
+    DescriptorTree, LevelMatch, Limit, MAX_WINDOW_SECONDS, Metadata, Node, Rule, RuleLimit, Rules,
+    StatsLevel, StatsPath, Unit, matcher::Level,
 };
 
 /// Largest rules file accepted; a bigger one is refused before parsing.
@@ -38,7 +40,17 @@ pub struct ConfigSnapshot {
 /// [`ConfigError`] for the first unreadable or invalid file, naming the file,
 /// the path inside it and the reason; nothing is loaded then.
 pub fn load_rules(path: &Path) -> Result<Rules, ConfigError> {
-    read_snapshot(path)?.compile()
+    load_rules_with(path, DomainFiles::Refuse)
+}
+
+/// Loads every rules file at `path`, a domain in several files handled as
+/// `domain_files` says.
+///
+/// # Errors
+///
+/// As [`load_rules`].
+pub fn load_rules_with(path: &Path, domain_files: DomainFiles) -> Result<Rules, ConfigError> {
+    read_snapshot(path)?.compile_with(domain_files)
 }
 
 /// Reads every rules file at `path` without compiling them.
@@ -85,24 +97,116 @@ impl ConfigSnapshot {
     ///
     /// [`ConfigError::Invalid`] for the first invalid file.
     pub fn compile(&self) -> Result<Rules, ConfigError> {
-        let mut domains: HashMap<String, (&str, DescriptorTree)> = HashMap::new();
+        self.compile_with(DomainFiles::Refuse)
+    }
+
+    /// Validates and compiles the files into rules, a domain found in
+    /// several files handled as `domain_files` says. Files are read in name
+    /// order, so merged wildcards keep that order.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for the first invalid file, a domain in two
+    /// files unless merging, and a descriptor defined in two merged files
+    /// (naming both).
+    pub fn compile_with(&self, domain_files: DomainFiles) -> Result<Rules, ConfigError> {
+        let mut domains: HashMap<String, MergedDomain<'_>> = HashMap::new();
         for (name, text) in &self.files {
-            let (domain, tree) = parse_rules_file(name, text)?;
-            if let Some((first, _)) = domains.get(&domain) {
+            let (domain, doc) = parse_document(name, text)?;
+            let descriptors = doc.descriptors.as_deref().unwrap_or_default();
+            let compiler = Compiler {
+                file: name,
+                source: Arc::from(name.as_str()),
+            };
+            let Some(merged) = domains.get_mut(&domain) else {
+                let mut merged = MergedDomain {
+                    root: Level::default(),
+                    first_file: name,
+                    top_level: HashMap::new(),
+                };
+                merged.add(&compiler, &domain, descriptors)?;
+                domains.insert(domain, merged);
+                continue;
+            };
+            if domain_files == DomainFiles::Refuse {
                 return Err(ConfigError::invalid(
                     name,
                     "domain",
-                    format!("duplicate domain '{domain}' (already defined in {first})"),
+                    format!(
+                        "duplicate domain '{domain}' in config file (already defined in {}; --merge-domain-config merges them)",
+                        merged.first_file
+                    ),
                 ));
             }
-            domains.insert(domain, (name, tree));
+            merged.add(&compiler, &domain, descriptors)?;
         }
         Ok(Rules::new(
             domains
                 .into_iter()
-                .map(|(domain, (_, tree))| (domain, tree))
+                .map(|(domain, merged)| (domain, DescriptorTree::new(merged.root)))
                 .collect(),
         ))
+    }
+}
+
+/// What to do with a domain found in more than one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DomainFiles {
+    /// Refuse the config (envoyproxy/ratelimit's default).
+    #[default]
+    Refuse,
+    /// Merge the files' descriptors into one tree (upstream's
+    /// `MERGE_DOMAIN_CONFIG`); a descriptor defined in two of them is still
+    /// refused.
+    Merge,
+}
+
+/// One domain's tree while its files are compiled.
+struct MergedDomain<'a> {
+    root: Level,
+    first_file: &'a str,
+    /// Which file defined each top-level descriptor (key, value or pattern).
+    top_level: HashMap<(String, String), &'a str>,
+}
+
+impl<'a> MergedDomain<'a> {
+    /// Adds one file's top-level descriptors.
+    fn add(
+        &mut self,
+        compiler: &Compiler<'a>,
+        domain: &str,
+        descriptors: &[DescriptorDoc],
+    ) -> Result<(), ConfigError> {
+        for (i, doc) in descriptors.iter().enumerate() {
+            let key = doc.key.as_ref().map(|k| k.0.clone()).unwrap_or_default();
+            let value = doc.value.as_ref().map(|v| v.0.clone()).unwrap_or_default();
+            if key.is_empty() {
+                continue; // refused with its own message below
+            }
+            if let Some(other) = self.top_level.get(&(key.clone(), value.clone()))
+                && *other != compiler.file
+            {
+                let segment = if value.is_empty() {
+                    key
+                } else {
+                    format!("{key}_{value}")
+                };
+                return Err(compiler.error(
+                    &format!("descriptors[{i}]"),
+                    format!(
+                        "duplicate descriptor composite key '{domain}.{segment}' (already defined in {other})"
+                    ),
+                ));
+            }
+            self.top_level.insert((key, value), compiler.file);
+        }
+        compiler.level_into(
+            &mut self.root,
+            descriptors,
+            "descriptors",
+            domain,
+            &Above::default(),
+        )
     }
 }
 
@@ -113,6 +217,22 @@ impl ConfigSnapshot {
 ///
 /// [`ConfigError::Invalid`] naming the path inside the file and the reason.
 pub fn parse_rules_file(name: &str, text: &str) -> Result<(String, DescriptorTree), ConfigError> {
+    let (domain, doc) = parse_document(name, text)?;
+    let compiler = Compiler {
+        file: name,
+        source: Arc::from(name),
+    };
+    let root = compiler.level(
+        doc.descriptors.as_deref().unwrap_or_default(),
+        "descriptors",
+        &domain,
+        &Above::default(),
+    )?;
+    Ok((domain, DescriptorTree::new(root)))
+}
+
+/// Parses one file into its domain and document.
+fn parse_document(name: &str, text: &str) -> Result<(String, FileDoc), ConfigError> {
     let doc: FileDoc = if text.trim().is_empty() {
         FileDoc {
             domain: None,
@@ -125,22 +245,22 @@ pub fn parse_rules_file(name: &str, text: &str) -> Result<(String, DescriptorTre
     };
     let domain = doc
         .domain
-        .map(|d| d.0)
+        .as_ref()
+        .map(|d| d.0.clone())
         .filter(|d| !d.is_empty())
         .ok_or_else(|| {
             ConfigError::invalid(name, "domain", "config file cannot have empty domain")
         })?;
-    let compiler = Compiler {
-        file: name,
-        source: Arc::from(name),
-    };
-    let root = compiler.level(
-        doc.descriptors.as_deref().unwrap_or_default(),
-        "descriptors",
-        &domain,
-        &[],
-    )?;
-    Ok((domain.clone(), DescriptorTree::new(root)))
+    Ok((domain, doc))
+}
+
+/// What a level inherits from the levels above it.
+#[derive(Debug, Clone, Default)]
+struct Above {
+    /// Per level, the share_threshold pattern, if any.
+    shared: Vec<Option<String>>,
+    /// Per level, how metrics name it.
+    stats: Vec<StatsLevel>,
 }
 
 /// Compiles the descriptors of one file.
@@ -151,16 +271,30 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     /// Compiles one level. `at` is the YAML path of the list, `stats_path` the
-    /// dotted rule path so far, `shared` the share_threshold patterns of the
-    /// levels above.
+    /// dotted rule path so far, `above` the levels above (their
+    /// share_threshold patterns and how they name metrics).
     fn level(
         &self,
         docs: &[DescriptorDoc],
         at: &str,
         stats_path: &str,
-        shared: &[Option<String>],
+        above: &Above,
     ) -> Result<Level, ConfigError> {
         let mut level = Level::default();
+        self.level_into(&mut level, docs, at, stats_path, above)?;
+        Ok(level)
+    }
+
+    /// Compiles the descriptors `docs` into `level`, which may already hold
+    /// others (a domain merged from several files).
+    fn level_into(
+        &self,
+        level: &mut Level,
+        docs: &[DescriptorDoc],
+        at: &str,
+        stats_path: &str,
+        above: &Above,
+    ) -> Result<(), ConfigError> {
         for (i, doc) in docs.iter().enumerate() {
             let here = format!("{at}[{i}]");
             let key = doc.key.as_ref().map(|k| k.as_str()).unwrap_or_default();
@@ -178,11 +312,6 @@ impl Compiler<'_> {
             };
             let path = format!("{stats_path}.{segment}");
 
-            if doc.quota_mode == Some(true) {
-                return Err(
-                    self.error(&format!("{here}.quota_mode"), "quota_mode is not supported")
-                );
-            }
             let share = doc.share_threshold.unwrap_or(false);
             if share && !value.is_some_and(|v| v.contains('*')) {
                 return Err(self.error(
@@ -190,20 +319,44 @@ impl Compiler<'_> {
                     format!("share_threshold can only be used with wildcard values (containing '*'), but found key '{segment}'"),
                 ));
             }
-            let mut shared_here = shared.to_vec();
-            shared_here.push(share.then(|| value.unwrap_or_default().to_owned()));
+            let mut here_and_above = above.clone();
+            here_and_above
+                .shared
+                .push(share.then(|| value.unwrap_or_default().to_owned()));
+            here_and_above.stats.push(StatsLevel {
+                key: key.to_owned(),
+                segment,
+                matched: match value {
+                    None => LevelMatch::KeyOnly,
+                    Some(v) if v.contains('*') => LevelMatch::Wildcard,
+                    Some(_) => LevelMatch::Exact,
+                },
+                value_to_metric: doc.value_to_metric.unwrap_or(false),
+                shared: share,
+            });
 
+            // Checked wherever it is, though only a rule's is ever sent.
+            let metadata = doc
+                .metadata
+                .as_ref()
+                .map(|yaml| {
+                    metadata::from_yaml(yaml)
+                        .map_err(|reason| self.error(&format!("{here}.metadata"), reason))
+                })
+                .transpose()?
+                .flatten()
+                .map(Arc::new);
             let rule = doc
                 .rate_limit
                 .as_ref()
-                .map(|rl| self.rule(rl, doc, &here, &path, &shared_here))
+                .map(|rl| self.rule(rl, doc, &here, &path, &here_and_above, metadata))
                 .transpose()?
                 .map(Arc::new);
             let children = self.level(
                 doc.descriptors.as_deref().unwrap_or_default(),
                 &format!("{here}.descriptors"),
                 &path,
-                &shared_here,
+                &here_and_above,
             )?;
             level
                 .insert(key, value, Node::new(rule, children))
@@ -214,7 +367,7 @@ impl Compiler<'_> {
                     )
                 })?;
         }
-        Ok(level)
+        Ok(())
     }
 
     fn rule(
@@ -223,7 +376,8 @@ impl Compiler<'_> {
         descriptor: &DescriptorDoc,
         here: &str,
         path: &str,
-        shared: &[Option<String>],
+        levels: &Above,
+        metadata: Option<Arc<Metadata>>,
     ) -> Result<Rule, ConfigError> {
         let at = format!("{here}.rate_limit");
         let unit_text = doc.unit.as_ref().map(|u| u.as_str()).unwrap_or_default();
@@ -290,9 +444,12 @@ impl Compiler<'_> {
             replaces,
             shadow_mode: descriptor.shadow_mode.unwrap_or(false),
             detailed_metric: descriptor.detailed_metric.unwrap_or(false),
+            quota_mode: descriptor.quota_mode.unwrap_or(false),
+            metadata,
+            stats: StatsPath::Levels(levels.stats.clone()),
             path: path.to_owned(),
             source: self.source.clone(),
-            shared_values: shared.to_vec(),
+            shared_values: levels.shared.clone(),
             failure_policy,
         })
     }
@@ -423,6 +580,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> 
 mod tests {
     use super::*;
     use crate::rules::matcher::EntryRef;
+    use crate::rules::{LevelMatch, StatsLevel, StatsPath};
 
     fn error(text: &str) -> String {
         match parse_rules_file("rules.yaml", text) {
@@ -487,6 +645,78 @@ descriptors:
                 value: "x"
             }])
             .is_none()
+        );
+        // Metadata is kept as loaded, as JSON.
+        assert_eq!(
+            serde_json::Value::Object(rule.metadata.as_deref().unwrap().clone()),
+            serde_json::json!({"team": "edge", "tags": ["a", "b"]})
+        );
+        assert!(!rule.quota_mode);
+    }
+
+    #[test]
+    fn quota_mode_and_stats_levels_are_compiled() {
+        let text = r#"
+domain: q
+descriptors:
+  - key: route
+    value_to_metric: true
+    descriptors:
+      - key: model
+        value: "gpt-*"
+        quota_mode: true
+        metadata: {backend: b1}
+        rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: plain
+    value: x
+    metadata: ~
+    rate_limit: {unit: minute, requests_per_unit: 5}
+"#;
+        let (_, tree) = parse_rules_file("q.yaml", text).unwrap();
+        let rule = tree
+            .find(&[
+                EntryRef {
+                    key: "route",
+                    value: "r1",
+                },
+                EntryRef {
+                    key: "model",
+                    value: "gpt-4",
+                },
+            ])
+            .unwrap();
+        assert!(rule.quota_mode);
+        assert_eq!(rule.metadata.as_deref().unwrap()["backend"], "b1");
+        let StatsPath::Levels(levels) = &rule.stats else {
+            panic!("{:?}", rule.stats);
+        };
+        let summary: Vec<_> = levels
+            .iter()
+            .map(|l| (l.segment.as_str(), l.matched, l.value_to_metric, l.shared))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("route", LevelMatch::KeyOnly, true, false),
+                ("model_gpt-*", LevelMatch::Wildcard, false, false),
+            ]
+        );
+        let plain = tree
+            .find(&[EntryRef {
+                key: "plain",
+                value: "x",
+            }])
+            .unwrap();
+        assert_eq!(plain.metadata, None);
+        assert_eq!(
+            plain.stats,
+            StatsPath::Levels(vec![StatsLevel {
+                key: "plain".into(),
+                segment: "plain_x".into(),
+                matched: LevelMatch::Exact,
+                value_to_metric: false,
+                shared: false,
+            }])
         );
     }
 
@@ -673,8 +903,16 @@ descriptors:
                 "rules.yaml: descriptors[0].share_threshold: share_threshold can only be used with wildcard values (containing '*'), but found key 'k_v'",
             ),
             (
-                "domain: d\ndescriptors:\n  - {key: k, quota_mode: true}",
-                "rules.yaml: descriptors[0].quota_mode: quota_mode is not supported",
+                "domain: d\ndescriptors:\n  - {key: k, metadata: [a], rate_limit: {unit: second}}",
+                "rules.yaml: descriptors[0].metadata: error parsing metadata: must be a map, not a list",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, metadata: {1: a}, rate_limit: {unit: second}}",
+                "rules.yaml: descriptors[0].metadata: error parsing metadata: keys must be strings, not a number",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - {key: k, quota_mode: yes please, rate_limit: {unit: second}}",
+                "rules.yaml: descriptors[0].quota_mode: invalid type: string \"yes please\", expected a boolean",
             ),
             (
                 "domain: d\ndescriptors:\n  - key: a\n  - key: b\n    descriptors:\n      - {key: c, rate_limit: {unit: fortnight}}",
@@ -845,6 +1083,84 @@ descriptors:
                 "{error}"
             );
             assert!(error.contains("one.yaml"), "{error}");
+        }
+
+        #[test]
+        fn merged_domains_join_their_files_trees() {
+            let dir = tempfile::tempdir().unwrap();
+            write(
+                dir.path(),
+                "a.yaml",
+                "domain: same\ndescriptors: [{key: k, value: a, rate_limit: {unit: second, requests_per_unit: 1}}, {key: w, value: 'x*', rate_limit: {unit: second, requests_per_unit: 1, name: first}}]",
+            );
+            write(
+                dir.path(),
+                "b.yaml",
+                "domain: same\ndescriptors: [{key: k, value: b, rate_limit: {unit: minute, requests_per_unit: 2}}, {key: w, value: '*', rate_limit: {unit: second, requests_per_unit: 1, name: second}}]",
+            );
+            write(dir.path(), "c.yaml", "domain: other");
+            let rules = read_snapshot(dir.path())
+                .unwrap()
+                .compile_with(DomainFiles::Merge)
+                .unwrap();
+            let tree = rules.domain("same").unwrap();
+            let find = |key, value| tree.find(&[EntryRef { key, value }]).cloned();
+            let a = find("k", "a").unwrap();
+            let b = find("k", "b").unwrap();
+            assert_eq!(a.limited().unwrap().unit, Unit::Second);
+            assert_eq!(b.limited().unwrap().unit, Unit::Minute);
+            assert!(a.source.ends_with("a.yaml") && b.source.ends_with("b.yaml"));
+            // Wildcards keep file order: a.yaml's pattern is tried first.
+            assert_eq!(find("w", "xy").unwrap().name.as_deref(), Some("first"));
+            assert_eq!(find("w", "y").unwrap().name.as_deref(), Some("second"));
+            assert!(rules.domain("other").is_some());
+            // Without merging the same files are refused.
+            let error = load_rules(dir.path()).unwrap_err().to_string();
+            assert!(
+                error.contains(
+                    "b.yaml: domain: duplicate domain 'same' in config file (already defined in"
+                ) && error.contains("a.yaml"),
+                "{error}"
+            );
+        }
+
+        #[test]
+        fn a_descriptor_in_two_merged_files_is_refused_naming_both() {
+            let dir = tempfile::tempdir().unwrap();
+            write(
+                dir.path(),
+                "one.yaml",
+                "domain: same\ndescriptors: [{key: k, value: v}]",
+            );
+            write(
+                dir.path(),
+                "two.yaml",
+                "domain: same\ndescriptors: [{key: other}, {key: k, value: v, rate_limit: {unit: second}}]",
+            );
+            let error = load_rules_with(dir.path(), DomainFiles::Merge)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(
+                    "two.yaml: descriptors[1]: duplicate descriptor composite key 'same.k_v' (already defined in"
+                ) && error.contains("one.yaml)"),
+                "{error}"
+            );
+            // A duplicate inside one of the merged files names that file.
+            write(
+                dir.path(),
+                "two.yaml",
+                "domain: same\ndescriptors: [{key: z}, {key: z}]",
+            );
+            let error = load_rules_with(dir.path(), DomainFiles::Merge)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(
+                    "two.yaml: descriptors[1]: duplicate descriptor composite key 'same.z'"
+                ) && !error.contains("already defined"),
+                "{error}"
+            );
         }
 
         #[test]

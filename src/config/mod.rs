@@ -9,13 +9,16 @@ pub mod args;
 pub mod cli;
 pub mod file;
 pub mod load;
+mod metadata;
 
 use std::fmt;
 use std::path::PathBuf;
 
 pub use args::{Cli, Command, LogFormat, ServeArgs, StoreKind};
 pub use cli::CliError;
-pub use load::{ConfigSnapshot, load_rules, parse_rules_file, read_snapshot};
+pub use load::{
+    ConfigSnapshot, DomainFiles, load_rules, load_rules_with, parse_rules_file, read_snapshot,
+};
 
 /// Why a rules file or directory was refused.
 #[derive(Debug)]

@@ -5,15 +5,17 @@
 use super::{Batch, Limiter};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::error::Error;
+use crate::metrics::AnswerSource;
 use crate::store::OverLimitCache;
 
-/// Applies `batch`, answering cached denials without the store.
+/// Applies `batch`, answering cached denials without the store; says which
+/// answers came from the cache.
 pub(super) async fn apply(
     limiter: &Limiter,
     cache: &OverLimitCache,
     domain: &str,
     batch: &Batch<'_>,
-) -> Result<Vec<Outcome>, Error> {
+) -> Result<(Vec<Outcome>, Vec<AnswerSource>), Error> {
     let cached: Vec<Option<Outcome>> = batch
         .hits
         .iter()
@@ -21,7 +23,8 @@ pub(super) async fn apply(
         .collect();
     let from_cache = cached.iter().flatten().count();
     if from_cache == 0 {
-        return limiter.call_store(batch, Some(cache)).await;
+        let outcomes = limiter.call_store(batch, Some(cache)).await?;
+        return Ok((outcomes, vec![AnswerSource::Store; batch.hits.len()]));
     }
     limiter
         .metrics
@@ -53,11 +56,19 @@ pub(super) async fn apply(
         limiter.call_store(&rest, Some(cache)).await?
     }
     .into_iter();
-    cached
+    let sources = cached
+        .iter()
+        .map(|cached| match cached {
+            Some(_) => AnswerSource::OverLimitCache,
+            None => AnswerSource::Store,
+        })
+        .collect();
+    let outcomes = cached
         .into_iter()
         .map(|cached| cached.or_else(|| from_store.next()))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| Error::Internal("store returned too few outcomes".to_owned()))
+        .ok_or_else(|| Error::Internal("store returned too few outcomes".to_owned()))?;
+    Ok((outcomes, sources))
 }
 
 /// Remembers the store's enforced denials among `outcomes`.

@@ -136,11 +136,16 @@ fn by_policy(batch: &Batch<'_>) -> Vec<Outcome> {
         .hits
         .iter()
         .zip(&batch.policies)
-        .map(|(hit, policy)| Outcome {
-            allowed: *policy != FailurePolicy::Deny,
-            remaining: 0,
-            reset_after_ms: hit.quota.window_ms,
-            retry_after_ms: None,
+        .map(|(hit, policy)| {
+            let allowed = *policy != FailurePolicy::Deny;
+            Outcome {
+                allowed,
+                remaining: 0,
+                reset_after_ms: hit.quota.window_ms,
+                retry_after_ms: None,
+                // Nothing is known: a denial counts as all over the limit.
+                used_before: if allowed { 0 } else { hit.quota.burst },
+            }
         })
         .collect()
 }

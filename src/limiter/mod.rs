@@ -28,7 +28,7 @@ use crate::algorithm::{BatchHit, Mode, Outcome, denies};
 use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 pub use crate::failure_policy::FailurePolicy;
-use crate::metrics::Metrics;
+use crate::metrics::{AnswerSource, Metrics};
 use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{Limit, Rule, Rules};
@@ -74,6 +74,19 @@ pub enum Enforcement {
     /// Every rule as if in shadow mode (`--shadow-mode`): counted and
     /// reported, never denying.
     ShadowAll,
+}
+
+/// Which descriptors of an Envoy request are quota descriptors: over their
+/// limit, they deny the request only when every quota descriptor is
+/// (envoyproxy/ratelimit's quota mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuotaMode {
+    /// Those whose rule sets `quota_mode: true`.
+    #[default]
+    PerRule,
+    /// Every descriptor that is not unlimited, with a rule or without
+    /// (`--quota-mode`, upstream's `QUOTA_MODE`).
+    Global,
 }
 
 /// One descriptor of a [`CheckRequest`].
@@ -270,10 +283,10 @@ impl Limiter {
                 .collect(),
             mode: request.mode,
         };
-        let outcomes = self.apply(request.domain, &batch).await?;
+        let (outcomes, sources) = self.apply(request.domain, &batch).await?;
 
         let mut applied: Vec<Option<(Limit, Outcome)>> = vec![None; matched.len()];
-        for ((i, rule, limit, _), outcome) in counted.iter().zip(outcomes) {
+        for (((i, rule, limit, _), outcome), source) in counted.iter().zip(outcomes).zip(sources) {
             if request.mode != Mode::DryRun {
                 self.metrics.rule(
                     request.domain,
@@ -282,6 +295,7 @@ impl Limiter {
                     request.descriptors[*i].hits,
                     limit.quota().burst,
                     &outcome,
+                    source,
                 );
             }
             applied[*i] = Some((*limit, outcome));
@@ -306,10 +320,14 @@ impl Limiter {
     }
 
     /// Applies `batch`: known denials from the over-limit cache, the rest
-    /// with one store call.
-    async fn apply(&self, domain: &str, batch: &Batch<'_>) -> Result<Vec<Outcome>, Error> {
+    /// with one store call. Says where each answer came from.
+    async fn apply(
+        &self,
+        domain: &str,
+        batch: &Batch<'_>,
+    ) -> Result<(Vec<Outcome>, Vec<AnswerSource>), Error> {
         if batch.hits.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         // Upstream's stop-increment semantics need every descriptor judged
         // together, so that mode always asks the store.
@@ -319,7 +337,11 @@ impl Limiter {
             .filter(|_| batch.mode != Mode::StopIncrementWhenOverLimit)
         {
             Some(cache) => cached::apply(self, cache, domain, batch).await,
-            None => self.call_store(batch, None).await,
+            None => {
+                let outcomes = self.call_store(batch, None).await?;
+                let sources = vec![AnswerSource::Store; outcomes.len()];
+                Ok((outcomes, sources))
+            }
         }
     }
 
@@ -414,10 +436,41 @@ impl DescriptorDecision {
     }
 }
 
+impl DescriptorDecision {
+    /// Whether this descriptor is a quota descriptor under `quota`. As
+    /// upstream, global quota mode takes in descriptors without a rule
+    /// (which are never over), but never unlimited ones.
+    pub fn is_quota(&self, quota: QuotaMode) -> bool {
+        match self {
+            DescriptorDecision::Unlimited { .. } => false,
+            DescriptorDecision::NoRule => quota == QuotaMode::Global,
+            DescriptorDecision::Limited { rule, .. } => {
+                quota == QuotaMode::Global || rule.quota_mode
+            }
+        }
+    }
+}
+
 impl Decision {
     /// Whether some descriptor denies the request (global shadow mode aside).
     pub fn over_limit(&self) -> bool {
         self.descriptors.iter().any(DescriptorDecision::denies)
+    }
+
+    /// Whether the request is over its limit with quota descriptors, as the
+    /// Envoy API judges it: some other descriptor denies, or there are
+    /// quota descriptors and every one of them is over its limit.
+    pub fn over_limit_with_quotas(&self, quota: QuotaMode) -> bool {
+        let (mut quotas, mut quotas_over) = (0usize, 0usize);
+        for descriptor in &self.descriptors {
+            if descriptor.is_quota(quota) {
+                quotas += 1;
+                quotas_over += usize::from(descriptor.denies());
+            } else if descriptor.denies() {
+                return true;
+            }
+        }
+        quotas > 0 && quotas_over == quotas
     }
 }
 

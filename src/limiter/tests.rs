@@ -228,3 +228,87 @@ async fn a_cached_denial_keeps_an_all_or_nothing_request_from_the_others() {
         assert_eq!(outcomes(&decision), [(false, 0), (true, 2)]);
     }
 }
+
+/// A decision of `(quota_mode, over)` limited descriptors plus the others given.
+fn decision(limited: &[(bool, bool)], others: Vec<DescriptorDecision>) -> Decision {
+    let limit = Limit::fixed(1, Unit::Minute);
+    let mut descriptors: Vec<DescriptorDecision> = limited
+        .iter()
+        .map(|&(quota_mode, over)| {
+            let mut rule = Rule::from_override("d", limit);
+            rule.quota_mode = quota_mode;
+            DescriptorDecision::Limited {
+                rule: Arc::new(rule),
+                limit,
+                outcome: Outcome {
+                    allowed: !over,
+                    remaining: 0,
+                    reset_after_ms: 1_000,
+                    retry_after_ms: None,
+                    used_before: 0,
+                },
+            }
+        })
+        .collect();
+    descriptors.extend(others);
+    Decision {
+        descriptors,
+        known_domain: true,
+    }
+}
+
+#[test]
+fn quota_descriptors_deny_only_together() {
+    let unlimited = || DescriptorDecision::Unlimited {
+        rule: Arc::new(Rule::from_override("d", Limit::fixed(1, Unit::Minute))),
+    };
+    use QuotaMode::{Global, PerRule};
+    type Case = (
+        &'static [(bool, bool)],
+        Vec<DescriptorDecision>,
+        QuotaMode,
+        bool,
+    );
+    let cases: Vec<Case> = vec![
+        // No quota descriptors: any over-limit descriptor denies.
+        (&[(false, true), (false, false)], vec![], PerRule, true),
+        (&[(false, false)], vec![], PerRule, false),
+        // One quota over, another within: allowed.
+        (&[(true, true), (true, false)], vec![], PerRule, false),
+        // Every quota over: denied.
+        (&[(true, true), (true, true)], vec![], PerRule, true),
+        // A hard limit over denies whatever the quotas say.
+        (&[(true, false), (false, true)], vec![], PerRule, true),
+        // Global: every descriptor is a quota one...
+        (&[(false, true), (false, false)], vec![], Global, false),
+        (&[(false, true), (false, true)], vec![], Global, true),
+        // ...including one without a rule, which is never over...
+        (
+            &[(false, true)],
+            vec![DescriptorDecision::NoRule],
+            Global,
+            false,
+        ),
+        // ...but not an unlimited one.
+        (&[(false, true)], vec![unlimited()], Global, true),
+        // Without a rule and per rule: not a quota descriptor.
+        (
+            &[(true, true)],
+            vec![DescriptorDecision::NoRule],
+            PerRule,
+            true,
+        ),
+        // Nothing limited at all.
+        (&[], vec![DescriptorDecision::NoRule], Global, false),
+    ];
+    for (limited, others, quota, expected) in cases {
+        let d = decision(limited, others);
+        assert_eq!(
+            d.over_limit_with_quotas(quota),
+            expected,
+            "{limited:?} {quota:?}"
+        );
+        // Quota mode never changes the plain judgement ShouldAllow uses.
+        assert_eq!(d.over_limit(), limited.iter().any(|&(_, over)| over));
+    }
+}

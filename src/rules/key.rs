@@ -108,7 +108,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::rules::{Limit, RuleLimit, Unit};
+    use crate::rules::{Limit, RuleLimit, StatsPath, Unit};
 
     fn rule(shared_values: Vec<Option<String>>) -> Rule {
         Rule {
@@ -117,6 +117,9 @@ mod tests {
             replaces: vec![],
             shadow_mode: false,
             detailed_metric: false,
+            quota_mode: false,
+            metadata: None,
+            stats: StatsPath::Levels(vec![]),
             path: String::new(),
             source: Arc::from(""),
             shared_values,

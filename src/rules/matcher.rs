@@ -208,7 +208,7 @@ impl Pattern {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{Limit, RuleLimit, Unit};
+    use crate::rules::{Limit, RuleLimit, StatsPath, Unit};
 
     fn rule(name: &str) -> Option<Arc<Rule>> {
         Some(Arc::new(Rule {
@@ -217,6 +217,9 @@ mod tests {
             replaces: vec![],
             shadow_mode: false,
             detailed_metric: false,
+            quota_mode: false,
+            metadata: None,
+            stats: StatsPath::Levels(vec![]),
             path: name.to_owned(),
             source: Arc::from("test"),
             shared_values: vec![],

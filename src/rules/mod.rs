@@ -9,12 +9,14 @@
 
 pub mod key;
 pub mod matcher;
+pub mod stats_key;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 pub use matcher::{DescriptorTree, Node};
+pub use stats_key::{LevelMatch, StatsKey, StatsLevel, StatsPath, stats_key};
 
 use crate::algorithm::{AlgorithmKind, Quota};
 use crate::failure_policy::FailurePolicy;
@@ -72,6 +74,11 @@ pub enum RuleLimit {
     Unlimited,
 }
 
+/// A descriptor's `metadata`: a JSON-like map, returned in Envoy's dynamic
+/// metadata (`--response-dynamic-metadata`) while the descriptor is within
+/// its limit, and shown by `/rules`.
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
+
 /// One configured (or request-supplied) limit, with everything needed to
 /// decide and report on it.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +93,14 @@ pub struct Rule {
     pub shadow_mode: bool,
     /// Report per-value metrics for this rule (kept for metrics; no effect on decisions).
     pub detailed_metric: bool,
+    /// envoyproxy/ratelimit's `quota_mode`: on the Envoy API, an over-limit
+    /// descriptor of this rule denies its request only when every quota
+    /// descriptor of the request is over its limit.
+    pub quota_mode: bool,
+    /// The descriptor's `metadata`, if it has any.
+    pub metadata: Option<Arc<Metadata>>,
+    /// How the rule's metrics are named (its stats key, see [`stats_key`]).
+    pub stats: StatsPath,
     /// Human-readable location of the rule: `domain.key_value.key`.
     pub path: String,
     /// The file the rule came from; empty for a request-supplied override.
@@ -193,7 +208,7 @@ impl Limit {
 
 impl Rule {
     /// The rule a request-supplied limit override stands for: no name, never
-    /// shadow, matched regardless of the configuration.
+    /// shadow or quota, no metadata, matched regardless of the configuration.
     pub fn from_override(domain: &str, limit: Limit) -> Self {
         Self {
             name: None,
@@ -201,6 +216,9 @@ impl Rule {
             replaces: Vec::new(),
             shadow_mode: false,
             detailed_metric: false,
+            quota_mode: false,
+            metadata: None,
+            stats: StatsPath::Override,
             path: format!("{domain}.<override>"),
             source: Arc::from(""),
             shared_values: Vec::new(),

@@ -176,6 +176,7 @@ pub(crate) mod scripted {
                 remaining,
                 reset_after_ms: 1_000,
                 retry_after_ms: None,
+                used_before: 0,
             };
             match self.next() {
                 Reply::Allow(remaining) => Ok(vec![allowed(remaining); hits.len()]),

@@ -71,6 +71,8 @@ impl OverLimitCache {
             remaining: 0,
             reset_after_ms: denied.until_ms - now,
             retry_after_ms: Some(denied.until_ms - now),
+            // Known to be at or over the limit: every hit is over it.
+            used_before: quota.burst,
         })
     }
 
@@ -151,6 +153,7 @@ mod tests {
             remaining: 0,
             reset_after_ms: retry,
             retry_after_ms: Some(retry),
+            used_before: Q.burst,
         }
     }
 
