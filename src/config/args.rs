@@ -55,6 +55,10 @@ pub enum Command {
         /// A rules file or a directory of them.
         path: PathBuf,
     },
+    /// Serve in place of envoyproxy/ratelimit: its environment variables
+    /// (RUNTIME_ROOT, REDIS_URL, USE_STATSD, …), its ports and HTTP
+    /// endpoints; no flags. The same as running the binary as `ratelimit`.
+    Upstream,
 }
 
 /// Where counters are kept.

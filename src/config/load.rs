@@ -4,8 +4,10 @@
 //! is read, recursively, in name order, except names starting with `.` — so
 //! the `..data` and `..2024_…` entries of a Kubernetes ConfigMap mount are
 //! skipped while the symlinks to the files are followed (each domain is read
-//! once; envoyproxy/ratelimit's #367 reads it twice). Each file holds one
-//! domain, and a domain may appear in only one file.
+//! once; envoyproxy/ratelimit's #367 reads it twice). The upstream mode can
+//! read those names too ([`DotFiles::Read`], upstream's
+//! `RUNTIME_IGNOREDOTFILES=false`). Each file holds one domain, and a
+//! domain may appear in only one file.
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,6 +33,16 @@ pub struct ConfigSnapshot {
     files: Vec<(String, String)>,
 }
 
+/// Whether a directory's entries whose names start with `.` are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DotFiles {
+    /// Skipped, with everything under them (`serve`'s way).
+    #[default]
+    Skip,
+    /// Read like any other (envoyproxy/ratelimit's default).
+    Read,
+}
+
 /// Loads every rules file at `path` (a file or a directory).
 ///
 /// # Errors
@@ -47,13 +59,23 @@ pub fn load_rules(path: &Path) -> Result<Rules, ConfigError> {
 ///
 /// [`ConfigError`] when a file cannot be read or is too large.
 pub fn read_snapshot(path: &Path) -> Result<ConfigSnapshot, ConfigError> {
+    read_snapshot_with(path, DotFiles::Skip)
+}
+
+/// Reads every rules file at `path` without compiling them, reading or
+/// skipping names that start with `.` as `dot_files` says.
+///
+/// # Errors
+///
+/// [`ConfigError`] when a file cannot be read or is too large.
+pub fn read_snapshot_with(path: &Path, dot_files: DotFiles) -> Result<ConfigSnapshot, ConfigError> {
     let io = |source| ConfigError::Io {
         path: path.to_owned(),
         source,
     };
     let paths = if fs::metadata(path).map_err(io)?.is_dir() {
         let mut paths = Vec::new();
-        collect_files(path, &mut paths)?;
+        collect_files(path, dot_files, &mut paths)?;
         paths
     } else {
         vec![path.to_owned()]
@@ -387,7 +409,11 @@ impl Compiler<'_> {
     }
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> {
+fn collect_files(
+    dir: &Path,
+    dot_files: DotFiles,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), ConfigError> {
     let io = |source| ConfigError::Io {
         path: dir.to_owned(),
         source,
@@ -403,7 +429,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> 
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if hidden {
+        if hidden && dot_files == DotFiles::Skip {
             continue;
         }
         let meta = fs::metadata(&path).map_err(|source| ConfigError::Io {
@@ -411,7 +437,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> 
             source,
         })?;
         if meta.is_dir() {
-            collect_files(&path, out)?;
+            collect_files(&path, dot_files, out)?;
         } else if meta.is_file() {
             out.push(path);
         }

@@ -354,6 +354,7 @@ impl TestServer {
                 grpc,
                 admin: Some(admin),
                 metrics: None,
+                upstream: None,
             },
             async {
                 let _ = rx.await;
