@@ -517,8 +517,8 @@ async fn run(
         Mode::Serve => DotFiles::Skip,
         Mode::Upstream(upstream) => {
             server = server.with_config_health(upstream.config_health);
-            if let Some((age, grace)) = upstream.max_connection_age {
-                server = server.with_max_connection_age(age, grace);
+            if let Some(age) = upstream.max_connection_age {
+                server = server.with_max_connection_age(age);
             }
             upstream.dot_files
         }

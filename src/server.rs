@@ -96,9 +96,8 @@ pub struct Server {
     tls: Option<TlsSettings>,
     shutdown_timeout: Duration,
     config_health: ConfigHealth,
-    /// gRPC connections older than this are sent a GOAWAY, and closed the
-    /// second duration later.
-    max_connection_age: Option<(Duration, Duration)>,
+    /// gRPC connections older than this are sent a GOAWAY.
+    max_connection_age: Option<Duration>,
 }
 
 // === impl Server ===
@@ -131,11 +130,13 @@ impl Server {
         self
     }
 
-    /// Sends a GOAWAY to gRPC connections older than `age` and closes them
-    /// `grace` later, so clients re-resolve (upstream's
-    /// `GRPC_MAX_CONNECTION_AGE` and `_GRACE`).
-    pub fn with_max_connection_age(mut self, age: Duration, grace: Duration) -> Self {
-        self.max_connection_age = Some((age, grace));
+    /// Sends a GOAWAY to gRPC connections older than `age`, so clients
+    /// reconnect (and re-resolve): the connection closes once its calls
+    /// have finished (upstream's `GRPC_MAX_CONNECTION_AGE`). No grace bound
+    /// is set: tonic, given one, sends no GOAWAY at all and only cuts the
+    /// connection at age + grace.
+    pub fn with_max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = Some(age);
         self
     }
 
@@ -279,10 +280,8 @@ impl Server {
 
         let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let mut builder = tonic::transport::Server::builder();
-        if let Some((age, grace)) = self.max_connection_age {
-            builder = builder
-                .max_connection_age(age)
-                .max_connection_age_grace(grace);
+        if let Some(age) = self.max_connection_age {
+            builder = builder.max_connection_age(age);
         }
         if let Some(tls) = &self.tls {
             builder = builder

@@ -66,9 +66,11 @@ pub struct UpstreamMode {
     pub dot_files: DotFiles,
     /// The log filter `LOG_LEVEL` asks for (tracing's filter syntax).
     pub log_filter: String,
-    /// `GRPC_MAX_CONNECTION_AGE` and `_GRACE`; `None` keeps connections
-    /// as long as clients do.
-    pub max_connection_age: Option<(Duration, Duration)>,
+    /// `GRPC_MAX_CONNECTION_AGE`; `None` keeps connections as long as
+    /// clients do. (`_GRACE` is checked but not applied: a connection past
+    /// its age closes once its calls have finished, see
+    /// [`crate::Server::with_max_connection_age`].)
+    pub max_connection_age: Option<Duration>,
 }
 
 /// Where Prometheus scrapes.
@@ -348,20 +350,14 @@ fn read(env: &mut Reader<'_>) -> Option<UpstreamSettings> {
             args.over_limit_cache_size = usize::try_from(entries).unwrap_or(usize::MAX);
         }
     }
-    let near_limit_ratio = env.raw("NEAR_LIMIT_RATIO");
-    match near_limit_ratio.map(str::parse::<f32>) {
-        None => {}
-        Some(Ok(ratio)) if ratio == 0.8 => {} // ratekeeper's near-limit metric uses 80 %.
-        // Wired with `semantics`: args.near_limit_ratio = ratio;
-        Some(Ok(_)) => env.not_yet(
-            "NEAR_LIMIT_RATIO",
-            near_limit_ratio.unwrap_or_default(),
-            "--near-limit-ratio",
-        ),
-        Some(Err(_)) => env.error(
-            "NEAR_LIMIT_RATIO",
-            format!("'{}' is not a number", near_limit_ratio.unwrap_or_default()),
-        ),
+    if let Some(text) = env.raw("NEAR_LIMIT_RATIO") {
+        match text.parse::<f32>() {
+            // ratekeeper's near-limit metric counts above 80 %.
+            Ok(ratio) if (ratio - 0.8).abs() < f32::EPSILON => {}
+            // Wired with `semantics`: args.near_limit_ratio = ratio;
+            Ok(_) => env.not_yet("NEAR_LIMIT_RATIO", text, "--near-limit-ratio"),
+            Err(_) => env.error("NEAR_LIMIT_RATIO", format!("'{text}' is not a number")),
+        }
     }
     args.stop_cache_key_increment_when_overlimit =
         env.bool("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", false);
@@ -558,7 +554,7 @@ fn go_listen_addr(text: &str) -> Result<SocketAddr, String> {
 
 /// `GRPC_MAX_CONNECTION_AGE` / `_GRACE`, as gRPC-Go takes them: 0 means no
 /// limit.
-fn connection_age(env: &mut Reader<'_>, age: i64, grace: i64) -> Option<(Duration, Duration)> {
+fn connection_age(env: &mut Reader<'_>, age: i64, grace: i64) -> Option<Duration> {
     let mut nonnegative = |name: &'static str, nanos: i64| match u64::try_from(nanos) {
         Ok(nanos) => Some(Duration::from_nanos(nanos)),
         Err(_) => {
@@ -569,9 +565,10 @@ fn connection_age(env: &mut Reader<'_>, age: i64, grace: i64) -> Option<(Duratio
             None
         }
     };
+    let grace = nonnegative("GRPC_MAX_CONNECTION_AGE_GRACE", grace);
     let age = nonnegative("GRPC_MAX_CONNECTION_AGE", age)?;
-    let grace = nonnegative("GRPC_MAX_CONNECTION_AGE_GRACE", grace)?;
-    (!age.is_zero()).then_some((age, grace))
+    let _ = grace;
+    (!age.is_zero()).then_some(age)
 }
 
 /// TLS on the gRPC listener.

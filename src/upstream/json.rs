@@ -127,7 +127,7 @@ impl<'de> Visitor<'de> for JsonVisitor {
         Ok(Json::Null)
     }
 
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Json, E> {
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Json, E> {
         Ok(Json::Bool)
     }
 
@@ -526,9 +526,9 @@ fn push_fraction(text: &mut String, nanos: u32) {
     if nanos == 0 {
         return;
     }
-    if nanos % 1_000_000 == 0 {
+    if nanos.is_multiple_of(1_000_000) {
         let _ = write!(text, ".{:03}", nanos / 1_000_000);
-    } else if nanos % 1_000 == 0 {
+    } else if nanos.is_multiple_of(1_000) {
         let _ = write!(text, ".{:06}", nanos / 1_000);
     } else {
         let _ = write!(text, ".{nanos:09}");

@@ -73,7 +73,7 @@ fn defaults_are_upstreams() {
     assert_eq!(serve.log_format, LogFormat::Text);
     assert_eq!(mode.log_filter, "warn");
     assert_eq!(mode.config_health, ConfigHealth::StoreOnly);
-    assert_eq!(mode.max_connection_age, Some((24 * 3600 * S, 3600 * S)));
+    assert_eq!(mode.max_connection_age, Some(24 * 3600 * S));
     assert_eq!(serve.test_frozen_clock_ms, None);
     assert!(serve.tls_cert.is_none() && serve.redis_ca_cert.is_none());
     // Everything else is serve's default.
@@ -206,7 +206,7 @@ fn connection_age_is_grpc_gos() {
             ("GRPC_MAX_CONNECTION_AGE", "30s"),
             ("GRPC_MAX_CONNECTION_AGE_GRACE", "5s")
         ]),
-        Some((30 * S, 5 * S))
+        Some(30 * S)
     );
     assert_eq!(age(&[("GRPC_MAX_CONNECTION_AGE", "0")]), None);
     assert_refused(
@@ -1127,4 +1127,3 @@ fn every_variable_is_known_and_documented() {
     }
     assert!(section.contains("`DOG_STATSD_MOGRIFIER_*`"));
 }
-
