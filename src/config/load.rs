@@ -908,6 +908,43 @@ descriptors:
         }
 
         #[test]
+        fn dot_files_are_read_when_asked_as_upstream_reads_them() {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "a.yaml", "domain: a");
+            write(dir.path(), ".b.yaml", "domain: b");
+            write(dir.path(), ".nested/c.yaml", "domain: c");
+            let domains = |dot_files| {
+                let rules = read_snapshot_with(dir.path(), dot_files)
+                    .unwrap()
+                    .compile()
+                    .unwrap();
+                rules
+                    .domains()
+                    .map(|(d, _)| d.to_owned())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(domains(DotFiles::Read), ["a", "b", "c"]);
+            assert_eq!(domains(DotFiles::Skip), ["a"]);
+            // So a ConfigMap mount read with its dot entries has every
+            // domain twice, as upstream finds it (its #367).
+            let cm = tempfile::tempdir().unwrap();
+            write(
+                cm.path(),
+                "..2026_11_29_06_00_00.123/rules.yaml",
+                "domain: cm",
+            );
+            std::os::unix::fs::symlink("..2026_11_29_06_00_00.123", cm.path().join("..data"))
+                .unwrap();
+            std::os::unix::fs::symlink("..data/rules.yaml", cm.path().join("rules.yaml")).unwrap();
+            let error = read_snapshot_with(cm.path(), DotFiles::Read)
+                .unwrap()
+                .compile()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("duplicate domain 'cm'"), "{error}");
+        }
+
+        #[test]
         fn an_empty_directory_is_a_valid_config_with_no_domains() {
             let dir = tempfile::tempdir().unwrap();
             assert_eq!(load_rules(dir.path()).unwrap().domains().count(), 0);

@@ -134,6 +134,58 @@ fn booleans_parse_as_gos_strconv() {
     assert_refused(&[("USE_STATSD", "")], "USE_STATSD", "is not a boolean");
 }
 
+#[test]
+fn every_value_parses_as_upstreams_or_is_refused() {
+    for name in [
+        "FORCE_START_WITHOUT_INITIAL_CONFIG",
+        "RUNTIME_IGNOREDOTFILES",
+        "RUNTIME_WATCH_ROOT",
+        "MERGE_DOMAIN_CONFIG",
+        "GRPC_SERVER_USE_TLS",
+        "REDIS_TLS",
+        "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
+        "REDIS_HEALTH_CHECK_ACTIVE_CONNECTION",
+        "REDIS_PERSECOND",
+        "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
+        "SHADOW_MODE",
+        "QUOTA_MODE",
+        "RESPONSE_DYNAMIC_METADATA",
+        "LIMIT_RESPONSE_HEADERS_ENABLED",
+        "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED",
+        "DISABLE_STATS",
+        "USE_STATSD",
+        "USE_DOG_STATSD",
+        "USE_PROMETHEUS",
+        "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
+        "TRACING_ENABLED",
+    ] {
+        assert_refused(&[(name, "yes")], name, "'yes' is not a boolean");
+    }
+    for name in [
+        "PORT",
+        "GRPC_PORT",
+        "DEBUG_PORT",
+        "REDIS_POOL_SIZE",
+        "REDIS_PIPELINE_LIMIT",
+        "REDIS_CLUSTER_PIPELINE_PARALLELISM",
+        "EXPIRATION_JITTER_MAX_SECONDS",
+        "LOCAL_CACHE_SIZE_IN_BYTES",
+    ] {
+        assert_refused(&[(name, "1.5")], name, "'1.5' is not an integer");
+    }
+    for name in [
+        "GRPC_MAX_CONNECTION_AGE",
+        "GRPC_MAX_CONNECTION_AGE_GRACE",
+        "REDIS_TIMEOUT",
+        "REDIS_PIPELINE_WINDOW",
+        "REDIS_STARTUP_INITIAL_INTERVAL",
+        "REDIS_STARTUP_MAX_INTERVAL",
+        "REDIS_STARTUP_MAX_ELAPSED_TIME",
+    ] {
+        assert_refused(&[(name, "10")], name, "missing unit in duration '10'");
+    }
+}
+
 // === listeners ===
 
 #[test]
