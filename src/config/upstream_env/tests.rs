@@ -2,6 +2,7 @@
 //! message.
 
 use super::*;
+use crate::config::args::StoreKind;
 
 /// The smallest environment that starts: statsd (upstream's default sink)
 /// turned off.
@@ -615,7 +616,7 @@ fn backends_other_than_redis_are_refused() {
         "BACKEND_TYPE",
         "'Redis' is not a backend",
     );
-    for name in MEMCACHE_VARIABLES {
+    for name in backend::MEMCACHE_VARIABLES {
         assert_refused(&[(name, "m:11211")], name, "memcache backend");
     }
 }
@@ -697,7 +698,7 @@ fn a_per_second_redis_is_refused() {
         "REDIS_PERSECOND",
         "not supported",
     );
-    for name in PERSECOND_VARIABLES {
+    for name in backend::PERSECOND_VARIABLES {
         assert_refused(
             &[(name, "x")],
             name,

@@ -1,6 +1,14 @@
 //! The JSON mapping both ways, and what protojson refuses.
 
+use super::write::{base64, duration_text, timestamp_text};
 use super::*;
+use crate::proto::envoy::config::core::v3::HeaderValue;
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::quota::ExpirationSpecifier;
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, Quota, RateLimit, rate_limit::Unit,
+};
+use crate::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use crate::proto::envoy::r#type::v3::RateLimitUnit;
 
 fn parsed(text: &str) -> RateLimitRequest {
     parse_request(text.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e}"))
