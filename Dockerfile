@@ -43,13 +43,21 @@ RUN mkdir -p src benches \
 COPY . .
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked ${FEATURES:+--features "$FEATURES"} \
- && install -D -m 0755 target/release/ratekeeper /out/ratekeeper
+ && install -D -m 0755 target/release/ratekeeper /out/ratekeeper \
+ && mkdir -p /out/bin \
+ && ln -s /usr/local/bin/ratekeeper /out/bin/ratelimit
 
 # glibc and libgcc only, no shell, no package manager. The binary needs
 # nothing else: TLS is rustls, and the protos are compiled in.
 FROM gcr.io/distroless/cc-debian12:nonroot
 
 COPY --from=builder /out/ratekeeper /usr/local/bin/ratekeeper
+# envoyproxy/ratelimit's image runs /bin/ratelimit; run under that name the
+# binary reads upstream's environment variables (README, "Replacing
+# envoyproxy/ratelimit"), so a Deployment written for upstream's image keeps
+# its command and env and only changes the image. (The image has no shell to
+# make the link with: it is made in the builder and copied as a link.)
+COPY --from=builder /out/bin/ /bin/
 # Default rules, so the image runs as is; a Kubernetes ConfigMap mounted as
 # the directory /etc/ratekeeper replaces them (deploy/kubernetes).
 COPY examples/config.yaml /etc/ratekeeper/config.yaml

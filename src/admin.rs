@@ -67,6 +67,14 @@ async fn ready(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {backend} store: {error}\n"),
         ),
+        Err(NotReady::NoConfig) => {
+            let mut body =
+                "not ready: no rate limit configuration with a domain is loaded\n".to_owned();
+            if let Some(error) = state.reload.last_error() {
+                body.push_str(&format!("last config refused: {error}\n"));
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+        }
         Ok(degraded) => {
             let mut body = match degraded {
                 None => "ready\n".to_owned(),

@@ -3,7 +3,8 @@
 //! A decision ("over limit") is never an error; an [`Error`] means ratekeeper
 //! could not decide. Bad input maps to `INVALID_ARGUMENT` with a message that
 //! names the field, a store failure to `UNAVAILABLE` (so the gateway's own
-//! failure mode decides), and anything else to `INTERNAL` with a generic
+//! failure mode decides), no configuration loaded yet to `UNKNOWN` (as
+//! envoyproxy/ratelimit), and anything else to `INTERNAL` with a generic
 //! message while the details go to the log.
 
 use tonic::Status;
@@ -34,6 +35,11 @@ pub enum Error {
         /// The cap on requests in flight.
         max: usize,
     },
+    /// No rate limit configuration has loaded yet (the upstream mode serves
+    /// before a first valid config, as envoyproxy/ratelimit does); its
+    /// message is upstream's.
+    #[error("no rate limit configuration loaded")]
+    NoConfig,
     /// A bug or an unexpected condition.
     #[error("internal error: {0}")]
     Internal(String),
@@ -60,6 +66,8 @@ impl From<Error> for Status {
                 Status::unavailable(format!("rate limit store unavailable: {e}"))
             }
             Error::Overloaded { .. } => Status::resource_exhausted(error.to_string()),
+            // UNKNOWN with upstream's text, as upstream answers it.
+            Error::NoConfig => Status::unknown(error.to_string()),
             Error::Config(_) | Error::Internal(_) => {
                 tracing::error!(error = %error, "internal error while deciding");
                 Status::internal("internal error")
@@ -98,6 +106,13 @@ mod tests {
             "{}",
             status.message()
         );
+    }
+
+    #[test]
+    fn no_config_is_unknown_with_upstreams_message() {
+        let status = Status::from(Error::NoConfig);
+        assert_eq!(status.code(), Code::Unknown);
+        assert_eq!(status.message(), "no rate limit configuration loaded");
     }
 
     #[test]

@@ -29,6 +29,8 @@
 //! - [`reload`]: hot reload of the rules.
 //! - [`readiness`]: readiness for `/readyz` and gRPC health.
 //! - [`server`]: the listeners, health, reflection, shutdown order.
+//! - [`upstream`]: envoyproxy/ratelimit's HTTP surface (`/healthcheck`,
+//!   `/json`, `/rlconfig`, Prometheus) for the upstream mode.
 //! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
 
 pub mod admin;
@@ -49,6 +51,7 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;
 
 pub use error::Error;
 pub use server::{Listeners, Server, TlsSettings};

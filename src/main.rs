@@ -1,7 +1,11 @@
 //! The `ratekeeper` binary: parse flags, load rules, build the store, serve.
-//! Exit codes: 0 after a clean shutdown, 64 for bad flags or config, 1 for a
-//! runtime failure (e.g. a port already in use).
+//! Run as `ratelimit` (or `ratekeeper upstream`), it reads
+//! envoyproxy/ratelimit's environment instead of flags and adds upstream's
+//! HTTP surface. Exit codes: 0 after a clean shutdown, 64 for bad flags,
+//! settings or config, 1 for a runtime failure (e.g. a port already in use).
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,18 +16,20 @@ use ratekeeper::api::{
     ShadowMode,
 };
 use ratekeeper::clock::{Clock, ManualClock, SystemClock};
+use ratekeeper::config::upstream_env::{self, UpstreamMode};
 use ratekeeper::config::{
-    CliError, Command, ConfigSnapshot, DomainFiles, ServeArgs, StoreKind, load_rules_with,
-    read_snapshot,
+    CliError, Command, ConfigSnapshot, DomainFiles, DotFiles, ServeArgs, StoreKind,
+    load_rules_with, read_snapshot_with,
 };
 use ratekeeper::reload::ReloadSettings;
-use ratekeeper::rules::RuleLimit;
+use ratekeeper::rules::{RuleLimit, Rules};
 use ratekeeper::store::redis::sentinel::SentinelSettings;
 use ratekeeper::store::redis::{RedisSettings, RedisTls};
 use ratekeeper::store::redis_cluster::RedisClusterSettings;
 use ratekeeper::store::{
     CircuitBreaker, CounterStore, MemoryStore, OverLimitCache, RedisClusterStore, RedisStore,
 };
+use ratekeeper::upstream::UpstreamListeners;
 use ratekeeper::{Listeners, Server, TlsSettings, telemetry};
 
 const EXIT_CONFIG: u8 = 64;
@@ -35,7 +41,20 @@ const EXIT_CONFIG: u8 = 64;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match ratekeeper::config::cli::parse(std::env::args_os()) {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    // envoyproxy/ratelimit's image runs /bin/ratelimit: ours links that
+    // name to this binary, so swapping the image keeps the Deployment.
+    if invoked_as_ratelimit(&argv) {
+        if argv.len() > 1 {
+            eprintln!(
+                "ratelimit takes no arguments: like envoyproxy/ratelimit it reads its settings \
+                 from environment variables (README: \"Replacing envoyproxy/ratelimit\")"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        return upstream();
+    }
+    let cli = match ratekeeper::config::cli::parse(argv) {
         Ok(cli) => cli,
         Err(CliError::Display(text)) => {
             print!("{text}");
@@ -52,7 +71,80 @@ fn main() -> ExitCode {
             path,
             merge_domain_config,
         } => check_config(&path, domain_files(merge_domain_config)),
-        Command::Serve(args) => serve(*args),
+        Command::Serve(args) => serve(*args, &Mode::Serve),
+        Command::Upstream => upstream(),
+    }
+}
+
+/// How the process was asked to serve.
+#[derive(Debug)]
+enum Mode {
+    /// `ratekeeper serve`: flags and `RATEKEEPER_*` variables.
+    Serve,
+    /// In place of envoyproxy/ratelimit, from its environment.
+    Upstream(Box<UpstreamMode>),
+}
+
+impl Mode {
+    /// How the user named the setting `flag` stands for: the flag, or the
+    /// upstream variable it came from.
+    fn name(&self, flag: &'static str) -> &'static str {
+        if matches!(self, Mode::Serve) {
+            return flag;
+        }
+        match flag {
+            "--grpc-addr" => "GRPC_HOST/GRPC_PORT",
+            "--tls-cert" => "GRPC_SERVER_TLS_CERT",
+            "--tls-key" => "GRPC_SERVER_TLS_KEY",
+            "--tls-client-ca" => "GRPC_CLIENT_TLS_CACERT",
+            "--redis-ca-cert" => "REDIS_TLS_CACERT",
+            "--redis-client-cert" => "REDIS_TLS_CLIENT_CERT",
+            "--redis-client-key" => "REDIS_TLS_CLIENT_KEY",
+            "--redis-url"
+            | "--redis-cluster-nodes"
+            | "--redis-sentinel-nodes / --redis-sentinel-master" => "REDIS_URL",
+            other => other,
+        }
+    }
+}
+
+/// Whether the binary was started under the name `ratelimit`.
+fn invoked_as_ratelimit(argv: &[OsString]) -> bool {
+    argv.first()
+        .and_then(|program| std::path::Path::new(program).file_name())
+        .is_some_and(|name| name == "ratelimit")
+}
+
+/// Serves from envoyproxy/ratelimit's environment.
+fn upstream() -> ExitCode {
+    let mut env = HashMap::new();
+    let mut errors = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => {
+                env.insert(name, value);
+            }
+            (Ok(name), Err(_))
+                if upstream_env::is_known(&name) || name.starts_with("RATEKEEPER_") =>
+            {
+                errors.push(format!("{name}: is not valid UTF-8"));
+            }
+            // Not a variable this mode reads.
+            _ => {}
+        }
+    }
+    match upstream_env::from_env(&env) {
+        Ok(settings) if errors.is_empty() => {
+            serve(settings.serve, &Mode::Upstream(Box::new(settings.mode)))
+        }
+        result => {
+            errors.extend(result.err().into_iter().flatten().map(|e| e.to_string()));
+            eprintln!("invalid envoyproxy/ratelimit settings:");
+            for error in errors {
+                eprintln!("  {error}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 
@@ -144,7 +236,7 @@ fn runtime(args: &ServeArgs) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+fn serve(args: ServeArgs, mode: &Mode) -> ExitCode {
     let runtime = match runtime(&args) {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -155,11 +247,19 @@ fn serve(args: ServeArgs) -> ExitCode {
     // The OTLP exporter's gRPC channel lives on this runtime.
     let telemetry = {
         let _runtime = runtime.enter();
-        telemetry::init(
-            args.log_format,
-            args.otlp_endpoint.as_deref(),
-            args.otlp_sample_ratio,
-        )
+        match mode {
+            Mode::Serve => telemetry::init(
+                args.log_format,
+                args.otlp_endpoint.as_deref(),
+                args.otlp_sample_ratio,
+            ),
+            Mode::Upstream(upstream) => telemetry::init_with_filter(
+                &upstream.log_filter,
+                args.log_format,
+                args.otlp_endpoint.as_deref(),
+                args.otlp_sample_ratio,
+            ),
+        }
     };
     let telemetry = match telemetry {
         Ok(telemetry) => telemetry,
@@ -168,7 +268,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let code = serve_with(args, &runtime);
+    let code = serve_with(args, mode, &runtime);
     {
         let _runtime = runtime.enter();
         telemetry.shutdown();
@@ -176,20 +276,33 @@ fn serve(args: ServeArgs) -> ExitCode {
     code
 }
 
-fn serve_with(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+fn serve_with(args: ServeArgs, mode: &Mode, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let dot_files = match mode {
+        Mode::Serve => DotFiles::Skip,
+        Mode::Upstream(upstream) => upstream.dot_files,
+    };
     // The snapshot the rules come from is also hot reload's starting point.
-    let loaded = read_snapshot(&args.config).and_then(|snapshot| {
+    let loaded = read_snapshot_with(&args.config, dot_files).and_then(|snapshot| {
         let rules = snapshot.compile_with(domain_files(args.merge_domain_config))?;
         Ok((rules, snapshot))
     });
-    let (rules, snapshot) = match loaded {
-        Ok(loaded) => loaded,
-        Err(error) => {
+    let (rules, snapshot) = match (loaded, mode) {
+        (Ok((rules, snapshot)), _) => (rules, Some(snapshot)),
+        (Err(error), Mode::Serve) => {
             tracing::error!(%error, "invalid config");
             return ExitCode::from(EXIT_CONFIG);
         }
+        // As envoyproxy/ratelimit: serve anyway, failing every call until a
+        // valid config loads (hot reload reports why this one did not).
+        (Err(_), Mode::Upstream(_)) => {
+            tracing::warn!(
+                config = %args.config.display(),
+                "no valid rate limit configuration at startup: serving without one"
+            );
+            (Rules::not_loaded(), None)
+        }
     };
-    let tls = match tls_settings(&args) {
+    let tls = match tls_settings(&args, mode) {
         Ok(tls) => tls,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "invalid TLS settings");
@@ -197,14 +310,14 @@ fn serve_with(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         }
     };
     // The Redis pool spawns nothing until used, but building it needs a runtime.
-    let store = match runtime.block_on(async { build_store(&args) }) {
+    let store = match runtime.block_on(async { build_store(&args, mode) }) {
         Ok(store) => store,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "invalid store settings");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match runtime.block_on(run(args, (rules, snapshot), store, tls)) {
+    match runtime.block_on(run(args, mode, (rules, snapshot), store, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "ratekeeper failed");
@@ -218,20 +331,30 @@ fn read(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
 }
 
-fn tls_settings(args: &ServeArgs) -> anyhow::Result<Option<TlsSettings>> {
+fn tls_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Option<TlsSettings>> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
     let settings = TlsSettings {
-        cert_pem: read(cert, "--tls-cert")?,
-        key_pem: read(key, "--tls-key")?,
+        cert_pem: read(cert, mode.name("--tls-cert"))?,
+        key_pem: read(key, mode.name("--tls-key"))?,
         client_ca_pem: args
             .tls_client_ca
             .as_deref()
-            .map(|ca| read(ca, "--tls-client-ca"))
+            .map(|ca| read(ca, mode.name("--tls-client-ca")))
             .transpose()?,
     };
-    settings.validate().map_err(anyhow::Error::msg)?;
+    settings
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| {
+            format!(
+                "{} / {} / {}",
+                mode.name("--tls-cert"),
+                mode.name("--tls-key"),
+                mode.name("--tls-client-ca")
+            )
+        })?;
     Ok(Some(settings))
 }
 
@@ -244,7 +367,7 @@ fn clock(args: &ServeArgs) -> Arc<dyn Clock> {
     }
 }
 
-fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
+fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterStore>> {
     // A shared store fails as a whole: the breaker stops waiting on it.
     let with_breaker = |store: Arc<dyn CounterStore>| -> Arc<dyn CounterStore> {
         Arc::new(CircuitBreaker::new(
@@ -256,7 +379,8 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
     Ok(match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(args.memory_max_keys, clock(args))),
         StoreKind::Redis => {
-            let redis = RedisStore::new(&redis_settings(args)?).context("--redis-url")?;
+            let redis =
+                RedisStore::new(&redis_settings(args, mode)?).context(mode.name("--redis-url"))?;
             let redis = match args.test_frozen_clock_ms {
                 Some(_) => redis.with_clock(clock(args)),
                 None => redis,
@@ -275,8 +399,8 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 master_username: args.redis_sentinel_master_username.clone(),
                 master_password: args.redis_sentinel_master_password.clone(),
             };
-            let redis = RedisStore::with_sentinels(&redis_settings(args)?, &sentinels)
-                .context("--redis-sentinel-nodes / --redis-sentinel-master")?;
+            let redis = RedisStore::with_sentinels(&redis_settings(args, mode)?, &sentinels)
+                .context(mode.name("--redis-sentinel-nodes / --redis-sentinel-master"))?;
             let redis = match args.test_frozen_clock_ms {
                 Some(_) => redis.with_clock(clock(args)),
                 None => redis,
@@ -302,10 +426,10 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 pool_size: args.redis_pool_size,
                 timeout: args.store_timeout,
                 connect_timeout: args.redis_connect_timeout,
-                tls: redis_tls(args)?,
+                tls: redis_tls(args, mode)?,
                 expiry_jitter: args.expiration_jitter_max,
             })
-            .context("--redis-cluster-nodes")?;
+            .context(mode.name("--redis-cluster-nodes"))?;
             let cluster = match args.test_frozen_clock_ms {
                 Some(_) => cluster.with_clock(clock(args)),
                 None => cluster,
@@ -316,28 +440,28 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
 }
 
 /// The settings every Redis store shares, from the flags.
-fn redis_settings(args: &ServeArgs) -> anyhow::Result<RedisSettings> {
+fn redis_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<RedisSettings> {
     Ok(RedisSettings {
         url: args.redis_url.clone(),
         pool_size: args.redis_pool_size,
         timeout: args.store_timeout,
         connect_timeout: args.redis_connect_timeout,
-        tls: redis_tls(args)?,
+        tls: redis_tls(args, mode)?,
         expiry_jitter: args.expiration_jitter_max,
     })
 }
 
 /// The certificates for `rediss://`, if any flag names one.
-fn redis_tls(args: &ServeArgs) -> anyhow::Result<Option<RedisTls>> {
+fn redis_tls(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Option<RedisTls>> {
     let ca_pem = args
         .redis_ca_cert
         .as_deref()
-        .map(|path| read(path, "--redis-ca-cert"))
+        .map(|path| read(path, mode.name("--redis-ca-cert")))
         .transpose()?;
     let client_pem = match (&args.redis_client_cert, &args.redis_client_key) {
         (Some(cert), Some(key)) => Some((
-            read(cert, "--redis-client-cert")?,
-            read(key, "--redis-client-key")?,
+            read(cert, mode.name("--redis-client-cert"))?,
+            read(key, mode.name("--redis-client-key"))?,
         )),
         _ => None,
     };
@@ -346,29 +470,51 @@ fn redis_tls(args: &ServeArgs) -> anyhow::Result<Option<RedisTls>> {
 
 async fn run(
     args: ServeArgs,
-    (rules, snapshot): (ratekeeper::rules::Rules, ConfigSnapshot),
+    mode: &Mode,
+    (rules, snapshot): (Rules, Option<ConfigSnapshot>),
     store: Arc<dyn CounterStore>,
     tls: Option<TlsSettings>,
 ) -> anyhow::Result<()> {
     // Before any port is bound: a SIGTERM from here on is a clean shutdown.
     let shutdown = ratekeeper::shutdown::signal();
-    let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
-        .await
-        .with_context(|| format!("binding --grpc-addr {}", args.grpc_addr))?;
-    let admin = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("binding --admin-addr {}", args.admin_addr))?;
-    let metrics = match args.metrics_addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding --metrics-addr {addr}"))?,
-        ),
-        None => None,
+    let bind = |addr: std::net::SocketAddr, name: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {name} {addr}"))
+    };
+    let grpc = bind(args.grpc_addr, mode.name("--grpc-addr")).await?;
+    // The upstream mode has upstream's listeners instead of the admin port
+    // (whose routes it serves on the debug port).
+    let (admin, metrics, upstream) = match mode {
+        Mode::Serve => {
+            let admin = bind(args.admin_addr, "--admin-addr").await?;
+            let metrics = match args.metrics_addr {
+                Some(addr) => Some(bind(addr, "--metrics-addr").await?),
+                None => None,
+            };
+            (Some(admin), metrics, None)
+        }
+        Mode::Upstream(upstream) => {
+            let prometheus = match &upstream.prometheus {
+                Some(prometheus) => Some((
+                    bind(prometheus.addr, "PROMETHEUS_ADDR").await?,
+                    prometheus.path.clone(),
+                )),
+                None => None,
+            };
+            let listeners = UpstreamListeners {
+                http: bind(upstream.http_addr, "HOST/PORT").await?,
+                debug: bind(upstream.debug_addr, "DEBUG_HOST/DEBUG_PORT").await?,
+                prometheus,
+            };
+            (None, None, Some(listeners))
+        }
     };
     tracing::info!(
         grpc = %grpc.local_addr()?,
-        admin = %admin.local_addr()?,
+        admin = ?admin.as_ref().map(|l| l.local_addr()).transpose()?,
+        http = ?upstream.as_ref().map(|l| l.http.local_addr()).transpose()?,
+        debug = ?upstream.as_ref().map(|l| l.debug.local_addr()).transpose()?,
         store = store.backend(),
         config = %args.config.display(),
         "ratekeeper serving"
@@ -383,6 +529,16 @@ async fn run(
     if let Some(tls) = tls {
         server = server.with_tls(tls);
     }
+    let dot_files = match mode {
+        Mode::Serve => DotFiles::Skip,
+        Mode::Upstream(upstream) => {
+            server = server.with_config_health(upstream.config_health);
+            if let Some(age) = upstream.max_connection_age {
+                server = server.with_max_connection_age(age);
+            }
+            upstream.dot_files
+        }
+    };
     let server = server
         .with_request_limits(RequestLimits {
             max_descriptors: args.max_descriptors,
@@ -425,6 +581,7 @@ async fn run(
             interval: args.config_reload_interval,
             loaded: snapshot,
             domain_files: domain_files(args.merge_domain_config),
+            dot_files,
         })
         .with_drain_delay(args.drain_delay)
         .with_max_detailed_series(args.max_detailed_metric_series)
@@ -436,8 +593,9 @@ async fn run(
         .serve(
             Listeners {
                 grpc,
-                admin: Some(admin),
+                admin,
                 metrics,
+                upstream,
             },
             shutdown,
         )

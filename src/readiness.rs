@@ -17,7 +17,10 @@
 //! Envoy's request-supplied limits) and every rule's own. Every instance
 //! shares the same store, so making them all unready while a policy could
 //! answer would only take the policy away: the gateway would drop them all.
-//! Shutdown makes the instance unready for good.
+//! Shutdown makes the instance unready for good. With a config gate
+//! ([`Readiness::with_config_gate`], upstream's
+//! `HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED`), the instance is also unready
+//! while the rules in force have no domain, or none has loaded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +55,8 @@ struct State {
     /// The last check's verdict; `None` before the first.
     last: ArcSwapOption<Checked>,
     shutting_down: AtomicBool,
+    /// When set, ready only while these rules have a domain.
+    config_gate: Option<Limiter>,
 }
 
 /// What the last check found.
@@ -74,14 +79,36 @@ pub enum NotReady {
     Unchecked,
     /// The store is down and some limit's failure policy is `error`.
     Store(String),
+    /// The config gate is on and the rules in force have no domain (or no
+    /// configuration has loaded).
+    NoConfig,
 }
 
 impl Readiness {
+    /// Readiness that also needs `limiter`'s rules to have at least one
+    /// domain (upstream's `HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED`): a
+    /// reload to a config without domains makes the instance unready, a
+    /// refused one changes nothing.
+    pub fn with_config_gate(limiter: Limiter) -> Self {
+        Self {
+            inner: Arc::new(State {
+                config_gate: Some(limiter),
+                ..State::default()
+            }),
+        }
+    }
+
     /// `Ok(None)` when ready, `Ok(Some(detail))` when ready but degraded,
     /// else why not.
     pub fn check(&self) -> Result<Option<String>, NotReady> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(NotReady::ShuttingDown);
+        }
+        if let Some(limiter) = &self.inner.config_gate {
+            let rules = limiter.rules();
+            if !rules.is_loaded() || rules.domains().next().is_none() {
+                return Err(NotReady::NoConfig);
+            }
         }
         let Some(last) = self.inner.last.load_full() else {
             return Err(NotReady::Unchecked);

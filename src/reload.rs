@@ -12,7 +12,8 @@
 //! change like any other: the process and its rules stay. Calls in flight
 //! finish with the rules they started with, and counters survive: storage
 //! keys do not depend on the config version, so an unchanged rule keeps
-//! counting.
+//! counting. The upstream mode may start with no rules in force (its first
+//! config did not load); the first valid config found then applies.
 
 use std::any::Any;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::{ConfigSnapshot, DomainFiles, read_snapshot};
+use crate::config::{ConfigSnapshot, DomainFiles, DotFiles, read_snapshot_with};
 use crate::limiter::Limiter;
 use crate::metrics::ReloadResult;
 use crate::rules::Rules;
@@ -35,11 +36,14 @@ pub struct ReloadSettings {
     pub interval: Duration,
     /// The files the serving rules were compiled from. Changes are judged
     /// against them, so a change made between loading the rules and the
-    /// first look is still applied.
-    pub loaded: ConfigSnapshot,
+    /// first look is still applied. `None` when no rules are in force yet:
+    /// the first valid files found apply.
+    pub loaded: Option<ConfigSnapshot>,
     /// What to do with a domain in several files (`--merge-domain-config`),
     /// as when the rules were first loaded.
     pub domain_files: DomainFiles,
+    /// Whether names starting with `.` are read.
+    pub dot_files: DotFiles,
 }
 
 /// The outcome of the last reload attempt, for `/readyz`.
@@ -74,8 +78,9 @@ pub async fn watch(
     status: ReloadStatus,
     stop: impl Future<Output = ()>,
 ) {
-    let mut in_force = Arc::new(settings.loaded.clone());
+    let mut in_force = settings.loaded.clone().map(Arc::new);
     let mut refused: Option<Arc<ConfigSnapshot>> = None;
+    let dot_files = settings.dot_files;
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -87,8 +92,8 @@ pub async fn watch(
         let (path, domain_files) = (settings.path.clone(), settings.domain_files);
         let (known, bad) = (in_force.clone(), refused.clone());
         let look = off_thread(move || {
-            let snapshot = read_snapshot(&path).map_err(|e| e.to_string())?;
-            Ok(if snapshot == *known {
+            let snapshot = read_snapshot_with(&path, dot_files).map_err(|e| e.to_string())?;
+            Ok(if known.is_some_and(|known| *known == snapshot) {
                 Look::InForce
             } else if bad.is_some_and(|bad| *bad == snapshot) {
                 Look::StillRefused
@@ -111,7 +116,7 @@ pub async fn watch(
             Look::StillRefused => {}
             Look::Changed(snapshot, rules) => {
                 limiter.replace_rules(rules);
-                in_force = Arc::new(snapshot);
+                in_force = Some(Arc::new(snapshot));
                 refused = None;
                 status.last_error.store(None);
                 limiter.metrics().config_reload(ReloadResult::Success);
@@ -122,7 +127,11 @@ pub async fn watch(
                 // A file that stays unreadable fails every poll: say it once.
                 if status.last_error().as_deref() != Some(&message) {
                     limiter.metrics().config_reload(ReloadResult::Failure);
-                    tracing::warn!(error = %message, "config change refused; the last good rules stay in force");
+                    if in_force.is_some() {
+                        tracing::warn!(error = %message, "config change refused; the last good rules stay in force");
+                    } else {
+                        tracing::error!(error = %message, "config refused; no rules are loaded, so every call fails with 'no rate limit configuration loaded' until a valid config loads");
+                    }
                     status.last_error.store(Some(Arc::new(message)));
                 }
             }

@@ -1,7 +1,8 @@
 //! The server: both gRPC APIs, health and reflection on one listener, the
-//! admin HTTP port on another, the readiness monitor and hot reload beside
-//! them, and graceful shutdown in one order (readiness false, drain, stop
-//! accepting, let calls finish).
+//! admin HTTP port on another (and, in the upstream mode, envoyproxy/
+//! ratelimit's HTTP, debug and Prometheus listeners: [`crate::upstream`]),
+//! the readiness monitor and hot reload beside them, and graceful shutdown
+//! in one order (readiness false, drain, stop accepting, let calls finish).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use crate::api::{
     DraftHeaders, DynamicMetadata, EnvoyCounting, EnvoyService, HeaderSettings, QuotaMode,
     RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
 };
+use crate::config::upstream_env::ConfigHealth;
 use crate::limiter::{FailurePolicy, Limiter};
 use crate::metrics::{Metrics, MetricsSettings};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -22,6 +24,7 @@ use crate::readiness::Readiness;
 use crate::reload::{ReloadSettings, ReloadStatus};
 use crate::rules::Rules;
 use crate::store::{CounterStore, OverLimitCache};
+use crate::upstream::{self, UpstreamListeners};
 use crate::{Error, admin, proto, reload};
 
 /// The listeners a server runs on, bound by the caller (tests bind port 0).
@@ -33,6 +36,8 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// Metrics only (`/metrics`, `/healthz`), if wanted.
     pub metrics: Option<TcpListener>,
+    /// envoyproxy/ratelimit's HTTP surface (the upstream mode), if wanted.
+    pub upstream: Option<UpstreamListeners>,
 }
 
 /// TLS for the gRPC listener, as PEM.
@@ -95,6 +100,9 @@ pub struct Server {
     readiness_interval: Duration,
     tls: Option<TlsSettings>,
     shutdown_timeout: Duration,
+    config_health: ConfigHealth,
+    /// gRPC connections older than this are sent a GOAWAY.
+    max_connection_age: Option<Duration>,
 }
 
 // === impl Server ===
@@ -117,7 +125,27 @@ impl Server {
             readiness_interval: Duration::from_secs(1),
             tls: None,
             shutdown_timeout: Duration::from_secs(10),
+            config_health: ConfigHealth::StoreOnly,
+            max_connection_age: None,
         }
+    }
+
+    /// Makes health (readiness, gRPC health, `/healthcheck`) also need
+    /// rules with at least one domain (upstream's
+    /// `HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED`).
+    pub fn with_config_health(mut self, health: ConfigHealth) -> Self {
+        self.config_health = health;
+        self
+    }
+
+    /// Sends a GOAWAY to gRPC connections older than `age`, so clients
+    /// reconnect (and re-resolve): the connection closes once its calls
+    /// have finished (upstream's `GRPC_MAX_CONNECTION_AGE`). No grace bound
+    /// is set: tonic, given one, sends no GOAWAY at all and only cuts the
+    /// connection at age + grace.
+    pub fn with_max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = Some(age);
+        self
     }
 
     /// Sets the request caps.
@@ -262,7 +290,10 @@ impl Server {
         let (health, health_service) = tonic_health::server::health_reporter();
         // One check before serving, so health and /readyz are right from
         // the first request (a store that is down costs one store deadline).
-        let readiness = Readiness::default();
+        let readiness = match self.config_health {
+            ConfigHealth::StoreOnly => Readiness::default(),
+            ConfigHealth::NeedsDomain => Readiness::with_config_gate(self.limiter.clone()),
+        };
         readiness.probe(&self.limiter, &health).await;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -286,11 +317,23 @@ impl Server {
 
         let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let mut builder = tonic::transport::Server::builder();
+        if let Some(age) = self.max_connection_age {
+            builder = builder.max_connection_age(age);
+        }
         if let Some(tls) = &self.tls {
             builder = builder
                 .tls_config(tls.server_config())
                 .map_err(|e| Error::Internal(format!("tls: {e}")))?;
         }
+        let envoy = EnvoyService::new(
+            self.limiter.clone(),
+            self.limits,
+            self.envoy_counting,
+            self.shadow,
+        )
+        .with_headers(self.headers.clone())
+        .with_quota_mode(self.quota)
+        .with_dynamic_metadata(self.dynamic_metadata);
         let grpc = builder
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -304,18 +347,8 @@ impl Server {
                 .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .add_service(
-                RateLimitServiceServer::new(
-                    EnvoyService::new(
-                        self.limiter.clone(),
-                        self.limits,
-                        self.envoy_counting,
-                        self.shadow,
-                    )
-                    .with_headers(self.headers.clone())
-                    .with_quota_mode(self.quota)
-                    .with_dynamic_metadata(self.dynamic_metadata),
-                )
-                .max_decoding_message_size(self.limits.max_request_bytes),
+                RateLimitServiceServer::new(envoy.clone())
+                    .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
@@ -342,33 +375,47 @@ impl Server {
                 .await;
             }
         };
-        let http = |listener: Option<TcpListener>, router: axum::Router, name: &'static str| {
-            let stop = stopped(stop_rx.clone());
-            async move {
-                match listener {
-                    Some(listener) => axum::serve(listener, router)
+        // Every HTTP listener: admin, metrics, and upstream's in that mode.
+        let mut http_listeners: Vec<(TcpListener, axum::Router, &'static str)> = Vec::new();
+        if let Some(listener) = listeners.admin {
+            http_listeners.push((listener, admin::router(admin_state.clone()), "admin"));
+        }
+        if let Some(listener) = listeners.metrics {
+            http_listeners.push((
+                listener,
+                admin::metrics_router(admin_state.clone()),
+                "metrics",
+            ));
+        }
+        if let Some(upstream) = listeners.upstream {
+            let router = upstream::http_router(
+                envoy.clone(),
+                readiness.clone(),
+                self.limits.max_request_bytes,
+            );
+            http_listeners.push((upstream.http, router, "http"));
+            let router = upstream::debug_router(admin_state.clone());
+            http_listeners.push((upstream.debug, router, "debug"));
+            if let Some((listener, path)) = upstream.prometheus {
+                let router = upstream::prometheus_router(self.limiter.clone(), path);
+                http_listeners.push((listener, router, "prometheus"));
+            }
+        }
+        let admin = futures_util::future::try_join_all(http_listeners.into_iter().map(
+            |(listener, router, name)| {
+                let stop = stopped(stop_rx.clone());
+                async move {
+                    axum::serve(listener, router)
                         .with_graceful_shutdown(stop)
                         .await
-                        .map_err(|e| Error::Internal(format!("{name} server: {e}"))),
-                    None => Ok(()),
+                        .map_err(|e| Error::Internal(format!("{name} server: {e}")))
                 }
-            }
-        };
-        let admin = async {
-            let (admin, metrics) = tokio::join!(
-                http(listeners.admin, admin::router(admin_state.clone()), "admin"),
-                http(
-                    listeners.metrics,
-                    admin::metrics_router(admin_state.clone()),
-                    "metrics"
-                ),
-            );
-            admin.and(metrics)
-        };
+            },
+        ));
         let servers = async {
             let (grpc, admin, (), ()) = tokio::join!(grpc, admin, reloading, monitoring);
             grpc.map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
-            admin
+            admin.map(drop)
         };
         tokio::pin!(servers);
 

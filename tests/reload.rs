@@ -42,8 +42,9 @@ async fn start(config: &Path) -> TestServer {
     let server = Server::new(rules, store).with_reload(ReloadSettings {
         path: config.to_owned(),
         interval: Duration::from_millis(20),
-        loaded: snapshot,
+        loaded: Some(snapshot),
         domain_files: DomainFiles::Refuse,
+        dot_files: Default::default(),
     });
     TestServer::start(server).await
 }
@@ -239,8 +240,9 @@ async fn a_change_before_the_first_look_is_applied() {
     let server = TestServer::start(Server::new(rules, store).with_reload(ReloadSettings {
         path: dir.path().to_owned(),
         interval: Duration::from_millis(20),
-        loaded: snapshot,
+        loaded: Some(snapshot),
         domain_files: DomainFiles::Refuse,
+        dot_files: Default::default(),
     }))
     .await;
     let mut client = server.client().await;
@@ -276,8 +278,9 @@ async fn shrinking_a_used_up_token_bucket_denies_and_fails_nothing(backend: comm
         ReloadSettings {
             path: dir.path().to_owned(),
             interval: Duration::from_millis(20),
-            loaded: snapshot,
+            loaded: Some(snapshot),
             domain_files: DomainFiles::Refuse,
+            dot_files: Default::default(),
         },
     ))
     .await;

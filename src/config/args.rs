@@ -61,6 +61,10 @@ pub enum Command {
         #[arg(long, env = "RATEKEEPER_MERGE_DOMAIN_CONFIG", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
         merge_domain_config: bool,
     },
+    /// Serve in place of envoyproxy/ratelimit: its environment variables
+    /// (RUNTIME_ROOT, REDIS_URL, USE_STATSD, …), its ports and HTTP
+    /// endpoints; no flags. The same as running the binary as `ratelimit`.
+    Upstream,
 }
 
 /// Where counters are kept.

@@ -4,9 +4,11 @@
 //! is read, recursively, in name order, except names starting with `.` — so
 //! the `..data` and `..2024_…` entries of a Kubernetes ConfigMap mount are
 //! skipped while the symlinks to the files are followed (each domain is read
-//! once; envoyproxy/ratelimit's #367 reads it twice). Each file holds one
-//! domain, and a domain may appear in only one file unless the files are
-//! merged ([`DomainFiles::Merge`], upstream's `MERGE_DOMAIN_CONFIG`).
+//! once; envoyproxy/ratelimit's #367 reads it twice). The upstream mode can
+//! read those names too ([`DotFiles::Read`], upstream's
+//! `RUNTIME_IGNOREDOTFILES=false`). Each file holds one domain, and a
+//! domain may appear in only one file unless the files are merged
+//! ([`DomainFiles::Merge`], upstream's `MERGE_DOMAIN_CONFIG`).
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,6 +33,16 @@ pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 pub struct ConfigSnapshot {
     /// (file name, content), in name order.
     files: Vec<(String, String)>,
+}
+
+/// Whether a directory's entries whose names start with `.` are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DotFiles {
+    /// Skipped, with everything under them (`serve`'s way).
+    #[default]
+    Skip,
+    /// Read like any other (envoyproxy/ratelimit's default).
+    Read,
 }
 
 /// Loads every rules file at `path` (a file or a directory).
@@ -59,13 +71,23 @@ pub fn load_rules_with(path: &Path, domain_files: DomainFiles) -> Result<Rules, 
 ///
 /// [`ConfigError`] when a file cannot be read or is too large.
 pub fn read_snapshot(path: &Path) -> Result<ConfigSnapshot, ConfigError> {
+    read_snapshot_with(path, DotFiles::Skip)
+}
+
+/// Reads every rules file at `path` without compiling them, reading or
+/// skipping names that start with `.` as `dot_files` says.
+///
+/// # Errors
+///
+/// [`ConfigError`] when a file cannot be read or is too large.
+pub fn read_snapshot_with(path: &Path, dot_files: DotFiles) -> Result<ConfigSnapshot, ConfigError> {
     let io = |source| ConfigError::Io {
         path: path.to_owned(),
         source,
     };
     let paths = if fs::metadata(path).map_err(io)?.is_dir() {
         let mut paths = Vec::new();
-        collect_files(path, &mut paths)?;
+        collect_files(path, dot_files, &mut paths)?;
         paths
     } else {
         vec![path.to_owned()]
@@ -544,7 +566,11 @@ impl Compiler<'_> {
     }
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> {
+fn collect_files(
+    dir: &Path,
+    dot_files: DotFiles,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), ConfigError> {
     let io = |source| ConfigError::Io {
         path: dir.to_owned(),
         source,
@@ -560,7 +586,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> 
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if hidden {
+        if hidden && dot_files == DotFiles::Skip {
             continue;
         }
         let meta = fs::metadata(&path).map_err(|source| ConfigError::Io {
@@ -568,7 +594,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConfigError> 
             source,
         })?;
         if meta.is_dir() {
-            collect_files(&path, out)?;
+            collect_files(&path, dot_files, out)?;
         } else if meta.is_file() {
             out.push(path);
         }
@@ -1195,6 +1221,43 @@ descriptors:
             write(dir.path(), "big.yaml", &huge);
             let error = load_rules(dir.path()).unwrap_err().to_string();
             assert!(error.contains("big.yaml: file is"), "{error}");
+        }
+
+        #[test]
+        fn dot_files_are_read_when_asked_as_upstream_reads_them() {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "a.yaml", "domain: a");
+            write(dir.path(), ".b.yaml", "domain: b");
+            write(dir.path(), ".nested/c.yaml", "domain: c");
+            let domains = |dot_files| {
+                let rules = read_snapshot_with(dir.path(), dot_files)
+                    .unwrap()
+                    .compile()
+                    .unwrap();
+                rules
+                    .domains()
+                    .map(|(d, _)| d.to_owned())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(domains(DotFiles::Read), ["a", "b", "c"]);
+            assert_eq!(domains(DotFiles::Skip), ["a"]);
+            // So a ConfigMap mount read with its dot entries has every
+            // domain twice, as upstream finds it (its #367).
+            let cm = tempfile::tempdir().unwrap();
+            write(
+                cm.path(),
+                "..2026_11_29_06_00_00.123/rules.yaml",
+                "domain: cm",
+            );
+            std::os::unix::fs::symlink("..2026_11_29_06_00_00.123", cm.path().join("..data"))
+                .unwrap();
+            std::os::unix::fs::symlink("..data/rules.yaml", cm.path().join("rules.yaml")).unwrap();
+            let error = read_snapshot_with(cm.path(), DotFiles::Read)
+                .unwrap()
+                .compile()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("duplicate domain 'cm'"), "{error}");
         }
 
         #[test]

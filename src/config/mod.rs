@@ -1,5 +1,7 @@
-//! Configuration: command-line flags ([`args`]) and the rules files
-//! ([`file`] for the YAML shape, [`load`] to validate and compile it).
+//! Configuration: command-line flags ([`args`]), envoyproxy/ratelimit's
+//! environment for the upstream mode ([`upstream_env`], with Go's value
+//! syntax in [`go_syntax`]) and the rules files ([`file`] for the YAML
+//! shape, [`load`] to validate and compile it).
 //!
 //! Rules files use envoyproxy/ratelimit's YAML unchanged. A load is all or
 //! nothing: the first problem found refuses the whole set, with the file, the
@@ -8,8 +10,10 @@
 pub mod args;
 pub mod cli;
 pub mod file;
+pub mod go_syntax;
 pub mod load;
 mod metadata;
+pub mod upstream_env;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,7 +21,8 @@ use std::path::PathBuf;
 pub use args::{Cli, Command, LogFormat, ServeArgs, StoreKind};
 pub use cli::CliError;
 pub use load::{
-    ConfigSnapshot, DomainFiles, load_rules, load_rules_with, parse_rules_file, read_snapshot,
+    ConfigSnapshot, DomainFiles, DotFiles, load_rules, load_rules_with, parse_rules_file,
+    read_snapshot, read_snapshot_with,
 };
 
 /// Why a rules file or directory was refused.

@@ -228,10 +228,14 @@ impl Limiter {
     /// # Errors
     ///
     /// [`Error::Storage`] when the store fails and a failure policy in force
-    /// is `error`; nothing is decided then.
+    /// is `error`; nothing is decided then. [`Error::NoConfig`] while no
+    /// configuration has loaded.
     pub async fn check(&self, request: &CheckRequest<'_>) -> Result<Decision, Error> {
         let _admitted = self.admission.admit()?;
         let rules = self.rules.load_full();
+        if !rules.is_loaded() {
+            return Err(Error::NoConfig);
+        }
         let Some(tree) = rules.domain(request.domain) else {
             return Ok(Decision {
                 descriptors: vec![DescriptorDecision::NoRule; request.descriptors.len()],

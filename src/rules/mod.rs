@@ -117,6 +117,11 @@ pub struct Rule {
 #[derive(Debug, Default, Clone)]
 pub struct Rules {
     domains: HashMap<String, DescriptorTree>,
+    /// No configuration has loaded yet: the upstream mode serves this way
+    /// after a first config that did not load, and every decision fails
+    /// until one does (as envoyproxy/ratelimit). `false` for every loaded
+    /// set, empty or not.
+    unloaded: bool,
 }
 
 // === impl Unit ===
@@ -240,7 +245,25 @@ impl Rule {
 impl Rules {
     /// Rules made of the given domain trees.
     pub fn new(domains: HashMap<String, DescriptorTree>) -> Self {
-        Self { domains }
+        Self {
+            domains,
+            unloaded: false,
+        }
+    }
+
+    /// The state before any configuration has loaded: no domains, and
+    /// [`Rules::is_loaded`] false.
+    pub fn not_loaded() -> Self {
+        Self {
+            domains: HashMap::new(),
+            unloaded: true,
+        }
+    }
+
+    /// Whether these rules came from a configuration that loaded (possibly
+    /// with no domain at all).
+    pub fn is_loaded(&self) -> bool {
+        !self.unloaded
     }
 
     /// The tree of `domain`, if it is configured.

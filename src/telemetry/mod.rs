@@ -104,6 +104,30 @@ pub fn init(
 ) -> anyhow::Result<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    install(filter, format, otlp_endpoint, sample_ratio)
+}
+
+/// As [`init`], with the log filter given (the upstream mode's, from
+/// `LOG_LEVEL`) instead of read from `RUST_LOG`.
+///
+/// # Errors
+///
+/// As [`init`].
+pub fn init_with_filter(
+    filter: &str,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    sample_ratio: f64,
+) -> anyhow::Result<Telemetry> {
+    install(EnvFilter::new(filter), format, otlp_endpoint, sample_ratio)
+}
+
+fn install(
+    filter: EnvFilter,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    sample_ratio: f64,
+) -> anyhow::Result<Telemetry> {
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
