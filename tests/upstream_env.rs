@@ -566,6 +566,110 @@ async fn shadow_mode_and_the_local_cache() {
     );
 }
 
+/// The Envoy surface's settings, from upstream's variables: domains merged
+/// across files, quota mode per rule with the metadata it routes by,
+/// dynamic metadata, exactly upstream's three headers under the names
+/// given, and the near-limit ratio of the per-rule metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_domains_quota_mode_metadata_headers_and_near_limit_ratio() {
+    use std::collections::BTreeMap;
+
+    use prost_types::value::Kind;
+
+    let redis = RedisServer::start();
+    let runtime = RuntimeDir::new();
+    runtime.write(
+        "a.yaml",
+        "domain: shop\ndescriptors:\n  - key: backend\n    value: a\n    quota_mode: true\n    metadata: {route: a}\n    rate_limit: {unit: minute, requests_per_unit: 1}\n",
+    );
+    runtime.write(
+        "b.yaml",
+        "domain: shop\ndescriptors:\n  - key: backend\n    value: b\n    quota_mode: true\n    metadata: {route: b}\n    rate_limit: {unit: minute, requests_per_unit: 1}\n  - key: plain\n    rate_limit: {unit: minute, requests_per_unit: 10}\n",
+    );
+    let env = [
+        single_redis_env(redis.port),
+        pairs(&[
+            ("MERGE_DOMAIN_CONFIG", "true"),
+            ("RESPONSE_DYNAMIC_METADATA", "true"),
+            ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
+            ("LIMIT_REMAINING_HEADER", "X-Left"),
+            ("NEAR_LIMIT_RATIO", "0.5"),
+        ]),
+        frozen(),
+    ]
+    .concat();
+    let upstream = Upstream::start(&runtime, &env).await;
+    upstream.wait_health(200).await;
+    let mut envoy = upstream.envoy().await;
+    let route_of =
+        |response: &ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitResponse| {
+            let metadata = response
+                .dynamic_metadata
+                .as_ref()
+                .expect("dynamic metadata");
+            assert_eq!(
+                metadata.fields["domain"].kind,
+                Some(Kind::StringValue("shop".to_owned()))
+            );
+            match &metadata.fields.get("metadata").and_then(|m| m.kind.clone()) {
+                Some(Kind::StructValue(rules)) => match &rules.fields["route"].kind {
+                    Some(Kind::StringValue(route)) => route.clone(),
+                    other => panic!("route {other:?}"),
+                },
+                _ => String::new(),
+            }
+        };
+
+    // Quota a has room: OK, a's route, upstream's three headers by name.
+    let a = envoy
+        .should_rate_limit(envoy_request(
+            "shop",
+            &[&[("backend", "a")], &[("plain", "p")]],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.overall_code, Code::Ok as i32);
+    assert_eq!(route_of(&a), "a");
+    let headers: BTreeMap<String, String> = a
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    assert_eq!(
+        headers.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["RateLimit-Limit", "RateLimit-Reset", "X-Left"],
+        "exactly upstream's three headers: {headers:?}"
+    );
+
+    // Quota a is spent, b has room: quota mode answers OK (the status of a
+    // is not rewritten), and only b's route is left in the metadata.
+    let both = || envoy_request("shop", &[&[("backend", "a")], &[("backend", "b")]]);
+    let b = envoy.should_rate_limit(both()).await.unwrap().into_inner();
+    assert_eq!(b.overall_code, Code::Ok as i32);
+    assert_eq!(b.statuses[0].code, Code::OverLimit as i32);
+    assert_eq!(route_of(&b), "b");
+
+    // Every quota over: over limit.
+    let spent = envoy.should_rate_limit(both()).await.unwrap().into_inner();
+    assert_eq!(spent.overall_code, Code::OverLimit as i32);
+
+    // NEAR_LIMIT_RATIO 0.5 of 10: hits 6 to 10 are near the limit (one
+    // counted above on `plain`, nine more here).
+    for _ in 0..9 {
+        envoy
+            .should_rate_limit(envoy_request("shop", &[&[("plain", "p")]]))
+            .await
+            .unwrap();
+    }
+    let metrics = request(upstream.debug, "GET", "/metrics", "").await.body;
+    let near = metrics
+        .lines()
+        .find(|l| l.starts_with("ratelimit_rule_near_limit_total") && l.contains("plain"))
+        .unwrap_or_else(|| panic!("no near-limit series for plain:\n{metrics}"));
+    assert!(near.ends_with(" 5"), "{near}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_cache_key_increment_when_overlimit() {
     let redis = RedisServer::start();
@@ -891,32 +995,12 @@ fn refused_settings_exit_64_naming_the_variable() {
             "REDIS_URL: 'redis://r:6379' is not host:port",
         ),
         (
-            &[("QUOTA_MODE", "true")],
-            "QUOTA_MODE: true is not supported yet",
-        ),
-        (
-            &[("NEAR_LIMIT_RATIO", "0.5")],
-            "NEAR_LIMIT_RATIO: 0.5 is not supported yet",
-        ),
-        (
             &[("CACHE_KEY_PREFIX", "rl_")],
             "CACHE_KEY_PREFIX: 'rl_' is not supported yet",
         ),
         (
-            &[("LIMIT_RESPONSE_HEADERS_ENABLED", "true")],
-            "LIMIT_RESPONSE_HEADERS_ENABLED: true is not supported yet",
-        ),
-        (
             &[("LIMIT_RESET_HEADER", "X-Reset")],
             "LIMIT_RESET_HEADER: has no effect",
-        ),
-        (
-            &[("RESPONSE_DYNAMIC_METADATA", "true")],
-            "RESPONSE_DYNAMIC_METADATA: true is not supported yet",
-        ),
-        (
-            &[("MERGE_DOMAIN_CONFIG", "true")],
-            "MERGE_DOMAIN_CONFIG: true is not supported yet",
         ),
         (
             &[("SHADOW_MODE", "yes")],

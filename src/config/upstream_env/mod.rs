@@ -194,9 +194,7 @@ fn read(env: &mut Reader<'_>) -> Option<UpstreamSettings> {
         );
     }
     let config = config_dir(&root, &subdirectory, &app_directory);
-    if env.bool("MERGE_DOMAIN_CONFIG", false) {
-        env.not_yet("MERGE_DOMAIN_CONFIG", "true", "--merge-domain-config");
-    }
+    let merge_domain_config = env.bool("MERGE_DOMAIN_CONFIG", false);
 
     let mut args = match serve_defaults(&config) {
         Ok(args) => args,
@@ -224,6 +222,7 @@ fn read(env: &mut Reader<'_>) -> Option<UpstreamSettings> {
             format!("'{proto}' is not supported; only tcp (the default)"),
         );
     }
+    args.merge_domain_config = merge_domain_config;
     args.grpc_addr = grpc_addr;
     let max_age = env.duration("GRPC_MAX_CONNECTION_AGE", "24h");
     let max_age_grace = env.duration("GRPC_MAX_CONNECTION_AGE_GRACE", "1h");
@@ -266,49 +265,37 @@ fn read(env: &mut Reader<'_>) -> Option<UpstreamSettings> {
     }
     if let Some(text) = env.raw("NEAR_LIMIT_RATIO") {
         match text.parse::<f32>() {
-            // ratekeeper's near-limit metric counts above 80 %.
-            Ok(ratio) if (ratio - 0.8).abs() < f32::EPSILON => {}
-            // Wired with `semantics`: args.near_limit_ratio = ratio;
-            Ok(_) => env.not_yet("NEAR_LIMIT_RATIO", text, "--near-limit-ratio"),
+            Ok(ratio) if (0.0..=1.0).contains(&ratio) => args.near_limit_ratio = ratio,
+            Ok(_) => env.error(
+                "NEAR_LIMIT_RATIO",
+                format!("{text} is out of range: use a ratio from 0 to 1 (default 0.8)"),
+            ),
             Err(_) => env.error("NEAR_LIMIT_RATIO", format!("'{text}' is not a number")),
         }
     }
     args.stop_cache_key_increment_when_overlimit =
         env.bool("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", false);
     args.shadow_mode = env.bool("SHADOW_MODE", false);
-    if env.bool("QUOTA_MODE", false) {
-        // Wired with `semantics`: args.quota_mode = true;
-        env.not_yet("QUOTA_MODE", "true", "--quota-mode");
-    }
-    if env.bool("RESPONSE_DYNAMIC_METADATA", false) {
-        // Wired with `semantics`: args.response_dynamic_metadata = true;
-        env.not_yet(
-            "RESPONSE_DYNAMIC_METADATA",
-            "true",
-            "--response-dynamic-metadata",
-        );
-    }
-    let headers = env.bool("LIMIT_RESPONSE_HEADERS_ENABLED", false);
-    if headers {
-        // Wired with `semantics` (exactly upstream's three headers):
-        // args.response_headers = true;
-        env.not_yet(
-            "LIMIT_RESPONSE_HEADERS_ENABLED",
-            "true",
-            "--response-headers",
-        );
-    }
-    // Wired with the headers: args.limit_header (--limit-header),
-    // args.remaining_header, args.reset_header.
-    for name in [
-        "LIMIT_LIMIT_HEADER",
-        "LIMIT_REMAINING_HEADER",
-        "LIMIT_RESET_HEADER",
-    ] {
-        env.refuse_if_given(
-            name,
-            "it names a header of LIMIT_RESPONSE_HEADERS_ENABLED=true, which is not supported yet",
-        );
+    args.quota_mode = env.bool("QUOTA_MODE", false);
+    args.response_dynamic_metadata = env.bool("RESPONSE_DYNAMIC_METADATA", false);
+    // Exactly upstream's three headers, named as upstream names them.
+    args.response_headers = env.bool("LIMIT_RESPONSE_HEADERS_ENABLED", false);
+    if args.response_headers {
+        args.limit_header = env.string("LIMIT_LIMIT_HEADER", "RateLimit-Limit");
+        args.remaining_header = env.string("LIMIT_REMAINING_HEADER", "RateLimit-Remaining");
+        args.reset_header = env.string("LIMIT_RESET_HEADER", "RateLimit-Reset");
+    } else {
+        for name in [
+            "LIMIT_LIMIT_HEADER",
+            "LIMIT_REMAINING_HEADER",
+            "LIMIT_RESET_HEADER",
+        ] {
+            env.refuse_if_given(
+                name,
+                "it names a header of LIMIT_RESPONSE_HEADERS_ENABLED=true, which is off: \
+                 remove it, or set LIMIT_RESPONSE_HEADERS_ENABLED=true",
+            );
+        }
     }
     let config_health = if env.bool("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", false) {
         ConfigHealth::NeedsDomain

@@ -101,7 +101,7 @@ fn every_problem_is_reported_at_once() {
     let errors = from_env(&env(&[
         ("PORT", "http"),
         ("REDIS_TYPE", "ring"),
-        ("QUOTA_MODE", "true"),
+        ("QUOTA_MODE", "maybe"),
         ("LOG_LEVEL", "loud"),
     ]))
     .unwrap_err();
@@ -401,11 +401,20 @@ fn config_comes_from_files_only() {
         "FORCE_START_WITHOUT_INITIAL_CONFIG",
         "is not a boolean",
     );
-    ok(&[("MERGE_DOMAIN_CONFIG", "false")]);
+    assert!(
+        !ok(&[("MERGE_DOMAIN_CONFIG", "false")])
+            .serve
+            .merge_domain_config
+    );
+    assert!(
+        ok(&[("MERGE_DOMAIN_CONFIG", "true")])
+            .serve
+            .merge_domain_config
+    );
     assert_refused(
-        &[("MERGE_DOMAIN_CONFIG", "true")],
+        &[("MERGE_DOMAIN_CONFIG", "both")],
         "MERGE_DOMAIN_CONFIG",
-        "true is not supported yet (it will map to ratekeeper's --merge-domain-config)",
+        "is not a boolean",
     );
 }
 
@@ -833,44 +842,57 @@ fn the_local_cache_size_becomes_entries() {
 }
 
 #[test]
-fn features_not_on_main_yet_are_refused_until_wired() {
-    ok(&[
+fn envoy_surface_settings_map_onto_their_flags() {
+    let off = ok(&[
         ("QUOTA_MODE", "false"),
         ("RESPONSE_DYNAMIC_METADATA", "false"),
         ("LIMIT_RESPONSE_HEADERS_ENABLED", "false"),
-        ("CACHE_KEY_PREFIX", ""),
-        ("NEAR_LIMIT_RATIO", "0.8"),
     ]);
-    assert_refused(
-        &[("QUOTA_MODE", "true")],
-        "QUOTA_MODE",
-        "true is not supported yet (it will map to ratekeeper's --quota-mode)",
+    assert!(!off.serve.quota_mode && !off.serve.response_dynamic_metadata);
+    assert!(!off.serve.response_headers && !off.serve.draft_rate_limit_headers);
+    assert!((off.serve.near_limit_ratio - 0.8).abs() < f32::EPSILON);
+
+    let on = ok(&[
+        ("QUOTA_MODE", "1"),
+        ("RESPONSE_DYNAMIC_METADATA", "T"),
+        ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
+        ("NEAR_LIMIT_RATIO", "0.5"),
+    ]);
+    assert!(on.serve.quota_mode && on.serve.response_dynamic_metadata);
+    // Exactly upstream's three headers, under upstream's default names.
+    assert!(on.serve.response_headers && !on.serve.draft_rate_limit_headers);
+    assert_eq!(
+        [
+            on.serve.limit_header.as_str(),
+            &on.serve.remaining_header,
+            &on.serve.reset_header
+        ],
+        ["RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"]
     );
-    assert_refused(
-        &[("RESPONSE_DYNAMIC_METADATA", "true")],
-        "RESPONSE_DYNAMIC_METADATA",
-        "--response-dynamic-metadata",
+    assert!((on.serve.near_limit_ratio - 0.5).abs() < f32::EPSILON);
+
+    let named = ok(&[
+        ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
+        ("LIMIT_LIMIT_HEADER", "X-Limit"),
+        ("LIMIT_REMAINING_HEADER", "X-Left"),
+        ("LIMIT_RESET_HEADER", "X-Reset"),
+    ]);
+    assert_eq!(
+        [
+            named.serve.limit_header.as_str(),
+            &named.serve.remaining_header,
+            &named.serve.reset_header
+        ],
+        ["X-Limit", "X-Left", "X-Reset"]
     );
-    assert_refused(
-        &[("LIMIT_RESPONSE_HEADERS_ENABLED", "true")],
-        "LIMIT_RESPONSE_HEADERS_ENABLED",
-        "--response-headers",
-    );
-    assert_refused(
-        &[("CACHE_KEY_PREFIX", "rl:")],
-        "CACHE_KEY_PREFIX",
-        "'rl:' is not supported yet (it will map to ratekeeper's --key-layout envoy-ratelimit --cache-key-prefix)",
-    );
-    assert_refused(
-        &[("NEAR_LIMIT_RATIO", "0.9")],
-        "NEAR_LIMIT_RATIO",
-        "--near-limit-ratio",
-    );
-    assert_refused(
-        &[("NEAR_LIMIT_RATIO", "most")],
-        "NEAR_LIMIT_RATIO",
-        "'most' is not a number",
-    );
+
+    for (value, message) in [
+        ("0.9x", "'0.9x' is not a number"),
+        ("1.5", "1.5 is out of range"),
+        ("-0.1", "-0.1 is out of range"),
+    ] {
+        assert_refused(&[("NEAR_LIMIT_RATIO", value)], "NEAR_LIMIT_RATIO", message);
+    }
     for name in [
         "LIMIT_LIMIT_HEADER",
         "LIMIT_REMAINING_HEADER",
@@ -879,9 +901,14 @@ fn features_not_on_main_yet_are_refused_until_wired() {
         assert_refused(
             &[(name, "X-Limit")],
             name,
-            "LIMIT_RESPONSE_HEADERS_ENABLED=true",
+            "LIMIT_RESPONSE_HEADERS_ENABLED=true, which is off",
         );
     }
+    assert_refused(
+        &[("CACHE_KEY_PREFIX", "rl:")],
+        "CACHE_KEY_PREFIX",
+        "'rl:' is not supported yet (it will map to ratekeeper's --key-layout envoy-ratelimit --cache-key-prefix)",
+    );
 }
 
 // === logs, metrics, tracing ===
