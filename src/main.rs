@@ -10,10 +10,12 @@ use anyhow::Context as _;
 use ratekeeper::api::{EnvoyCounting, RequestLimits, ResponseHeaders, ShadowMode};
 use ratekeeper::clock::{Clock, ManualClock, SystemClock};
 use ratekeeper::config::{
-    CliError, Command, ConfigSnapshot, ServeArgs, StoreKind, load_rules, read_snapshot,
+    CliError, Command, ConfigSnapshot, KeyLayoutKind, ServeArgs, StoreKind, load_rules,
+    read_snapshot,
 };
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::RuleLimit;
+use ratekeeper::store::envoy_layout::EnvoyLayout;
 use ratekeeper::store::redis::sentinel::SentinelSettings;
 use ratekeeper::store::redis::{RedisSettings, RedisTls};
 use ratekeeper::store::redis_cluster::RedisClusterSettings;
@@ -244,6 +246,10 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 Some(_) => redis.with_clock(clock(args)),
                 None => redis,
             };
+            let redis = match envoy_layout(args) {
+                Some(layout) => redis.with_envoy_layout(layout),
+                None => redis,
+            };
             with_breaker(Arc::new(redis))
         }
         StoreKind::RedisSentinel => {
@@ -262,6 +268,10 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 .context("--redis-sentinel-nodes / --redis-sentinel-master")?;
             let redis = match args.test_frozen_clock_ms {
                 Some(_) => redis.with_clock(clock(args)),
+                None => redis,
+            };
+            let redis = match envoy_layout(args) {
+                Some(layout) => redis.with_envoy_layout(layout),
                 None => redis,
             };
             with_breaker(Arc::new(redis))
@@ -293,8 +303,25 @@ fn build_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn CounterStore>> {
                 Some(_) => cluster.with_clock(clock(args)),
                 None => cluster,
             };
+            let cluster = match envoy_layout(args) {
+                Some(layout) => cluster.with_envoy_layout(layout),
+                None => cluster,
+            };
             with_breaker(Arc::new(cluster))
         }
+    })
+}
+
+/// envoyproxy/ratelimit's keys, when `--key-layout envoy-ratelimit` asks for
+/// them: windows from this host's clock (as upstream's), the jitter in whole
+/// seconds (the flags refuse a fraction).
+fn envoy_layout(args: &ServeArgs) -> Option<EnvoyLayout> {
+    (args.key_layout == KeyLayoutKind::EnvoyRatelimit).then(|| {
+        EnvoyLayout::new(
+            args.cache_key_prefix.clone().unwrap_or_default(),
+            clock(args),
+            args.expiration_jitter_max.as_secs(),
+        )
     })
 }
 
@@ -353,6 +380,7 @@ async fn run(
         grpc = %grpc.local_addr()?,
         admin = %admin.local_addr()?,
         store = store.backend(),
+        key_layout = ?args.key_layout,
         config = %args.config.display(),
         "ratekeeper serving"
     );

@@ -71,6 +71,17 @@ pub enum StoreKind {
     RedisSentinel,
 }
 
+/// How counters are keyed in a Redis store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyLayoutKind {
+    /// ratekeeper's own keys: injective, versioned, hash-tagged.
+    Ratekeeper,
+    /// envoyproxy/ratelimit's keys and commands for every limit it can
+    /// express, so old and new instances enforce one limit during a
+    /// migration.
+    EnvoyRatelimit,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -172,8 +183,22 @@ pub struct ServeArgs {
     /// TTL, so the keys of one window do not all expire in the same
     /// millisecond (envoyproxy/ratelimit's EXPIRATION_JITTER_MAX_SECONDS).
     /// A key never outlives its state by more than this. 0 turns it off.
+    /// With `--key-layout envoy-ratelimit`, upstream's keys get whole seconds
+    /// in `[0, this)`, as upstream draws them.
     #[arg(long, env = "RATEKEEPER_EXPIRATION_JITTER_MAX", default_value = "0s", value_parser = humantime::parse_duration)]
     pub expiration_jitter_max: Duration,
+
+    /// Redis stores: `ratekeeper` keys, or `envoy-ratelimit`: count every
+    /// limit envoyproxy/ratelimit can express in its keys with its commands,
+    /// so that during a rolling migration old and new instances enforce one
+    /// limit (its key collisions come back meanwhile; see the README).
+    #[arg(long, env = "RATEKEEPER_KEY_LAYOUT", value_enum, default_value_t = KeyLayoutKind::Ratekeeper)]
+    pub key_layout: KeyLayoutKind,
+
+    /// With `--key-layout envoy-ratelimit`: prepended verbatim to every key
+    /// (envoyproxy/ratelimit's CACHE_KEY_PREFIX; empty by default).
+    #[arg(long, env = "RATEKEEPER_CACHE_KEY_PREFIX")]
+    pub cache_key_prefix: Option<String>,
 
     /// Most live counters the memory store keeps.
     #[arg(long, env = "RATEKEEPER_MEMORY_MAX_KEYS", default_value_t = DEFAULT_MEMORY_MAX_KEYS,

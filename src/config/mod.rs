@@ -13,7 +13,7 @@ pub mod load;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use args::{Cli, Command, LogFormat, ServeArgs, StoreKind};
+pub use args::{Cli, Command, KeyLayoutKind, LogFormat, ServeArgs, StoreKind};
 pub use cli::CliError;
 pub use load::{ConfigSnapshot, load_rules, parse_rules_file, read_snapshot};
 

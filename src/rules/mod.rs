@@ -5,15 +5,19 @@
 //! envoyproxy/ratelimit exactly: level by level, exact value before wildcard
 //! before key-only, no backtracking, and only the node reached by the last
 //! entry may carry the limit. [`key`] turns a match into the storage key of its
-//! counter. Nothing here is async or reads a clock.
+//! counter, or [`envoy_key`] into envoyproxy/ratelimit's, as the store's
+//! [`KeyLayout`] says. Nothing here is async or reads a clock.
 
+pub mod envoy_key;
 pub mod key;
+pub mod layout;
 pub mod matcher;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+pub use layout::KeyLayout;
 pub use matcher::{DescriptorTree, Node};
 
 use crate::algorithm::{AlgorithmKind, Quota};
