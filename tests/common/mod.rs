@@ -8,6 +8,7 @@ pub mod fault_proxy;
 pub mod pki;
 pub mod process;
 pub mod sentinel;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
