@@ -380,7 +380,7 @@ async fn run(
         grpc = %grpc.local_addr()?,
         admin = %admin.local_addr()?,
         store = store.backend(),
-        key_layout = ?args.key_layout,
+        key_layout = args.key_layout.as_str(),
         config = %args.config.display(),
         "ratekeeper serving"
     );

@@ -82,6 +82,16 @@ pub enum KeyLayoutKind {
     EnvoyRatelimit,
 }
 
+impl KeyLayoutKind {
+    /// The name the flag takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyLayoutKind::Ratekeeper => "ratekeeper",
+            KeyLayoutKind::EnvoyRatelimit => "envoy-ratelimit",
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -407,6 +417,18 @@ mod tests {
         assert!(args.admin_addr.ip().is_loopback());
         assert_eq!(args.store, StoreKind::Memory);
         assert_eq!(args.store_timeout, Duration::from_millis(15));
+        assert_eq!(args.key_layout, KeyLayoutKind::Ratekeeper);
+        assert_eq!(args.cache_key_prefix, None);
+    }
+
+    #[test]
+    fn key_layout_names_are_the_flags() {
+        for kind in KeyLayoutKind::value_variants() {
+            let value = kind.to_possible_value().unwrap();
+            assert_eq!(value.get_name(), kind.as_str());
+            let args = serve(&["--config", "r", "--key-layout", kind.as_str()]).unwrap();
+            assert_eq!(args.key_layout, *kind);
+        }
     }
 
     #[test]

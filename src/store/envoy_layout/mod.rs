@@ -133,12 +133,12 @@ impl EnvoyLayout {
         indexes: &[usize],
         mode: Mode,
     ) -> UpstreamCall<'r> {
+        // (Only upstream hits are given; another would be left out, and the
+        // call's answer found short.)
         let (hits, ttls) = indexes
             .iter()
-            .map(|&i| {
-                let upstream = resolved.keys[i]
-                    .as_ref()
-                    .expect("only upstream hits are called with upstream commands");
+            .filter_map(|&i| Some((i, resolved.keys[i].as_ref()?)))
+            .map(|(i, upstream)| {
                 let hit = BatchHit {
                     key: &upstream.key,
                     algorithm: hits[i].algorithm,

@@ -21,14 +21,18 @@ use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::store::envoy_layout::{EnvoyLayout, Resolved, UpstreamCall};
 use crate::store::{StoreError, groups};
 
-/// One group of a phase: upstream's keys, or ratekeeper's own.
-enum Part<'r, 'h> {
+/// One group of a phase: upstream's keys, or ratekeeper's own (the
+/// index of its decision).
+enum Part<'r> {
     Upstream(UpstreamCall<'r>),
-    Own {
-        hits: Vec<BatchHit<'h>>,
-        mode: Mode,
-        decision: Encoded,
-    },
+    Own(usize),
+}
+
+/// A group of ratekeeper's own keys, as its function call carries it.
+struct Own<'h> {
+    hits: Vec<BatchHit<'h>>,
+    mode: Mode,
+    decision: Encoded,
 }
 
 /// Decides `hits` in `mode` on `node`, in `layout`.
@@ -70,7 +74,8 @@ async fn phase(
     groups: &[Vec<usize>],
     modes: Vec<Mode>,
 ) -> Result<Vec<Vec<Outcome>>, StoreError> {
-    let parts: Vec<Part<'_, '_>> = groups
+    let mut owns: Vec<Own<'_>> = Vec::new();
+    let parts: Vec<Part<'_>> = groups
         .iter()
         .zip(modes)
         .map(|(group, mode)| {
@@ -78,37 +83,26 @@ async fn phase(
                 Part::Upstream(layout.call(resolved, hits, group, mode))
             } else {
                 let own: Vec<BatchHit<'_>> = group.iter().map(|&i| hits[i]).collect();
-                Part::Own {
+                owns.push(Own {
                     decision: Encoded::new(&own, mode),
                     hits: own,
                     mode,
-                }
+                });
+                Part::Own(owns.len() - 1)
             }
         })
         .collect();
-    let assembled: Vec<Option<Assembled<'_>>> = parts
-        .iter()
-        .map(|part| match part {
-            Part::Own { decision, .. } => Some(assemble(&[decision])),
-            Part::Upstream(_) => None,
-        })
-        .collect();
+    let assembled: Vec<Assembled<'_>> = owns.iter().map(|own| assemble(&[&own.decision])).collect();
+    let commands = |part: &Part<'_>, runner: Runner| match part {
+        Part::Upstream(upstream) => upstream.commands(),
+        Part::Own(j) => vec![batching.code.call(runner, &batching.time, &assembled[*j])],
+    };
 
     let call = node.call().await?;
     let mut conn = call.connection();
-    let commands = |part: &Part<'_, '_>, assembled: &Option<Assembled<'_>>, runner: Runner| match (
-        part, assembled,
-    ) {
-        (Part::Upstream(upstream), _) => upstream.commands(),
-        (Part::Own { .. }, Some(assembled)) => {
-            vec![batching.code.call(runner, &batching.time, assembled)]
-        }
-        (Part::Own { .. }, None) => unreachable!("every own part is assembled"),
-    };
     let sent: Vec<Vec<Cmd>> = parts
         .iter()
-        .zip(&assembled)
-        .map(|(part, assembled)| commands(part, assembled, call.runner()))
+        .map(|part| commands(part, call.runner()))
         .collect();
     let mut replies = match pipeline(&mut conn, &sent).await {
         Ok(replies) => replies,
@@ -131,10 +125,10 @@ async fn phase(
                 .load_script(&mut conn)
                 .await
                 .map(|()| call.runner()),
-            Part::Own { .. } => batching.code.load(&mut conn).await,
+            Part::Own(_) => batching.code.load(&mut conn).await,
         };
         let again = match runner {
-            Ok(runner) => pipeline(&mut conn, &[commands(part, &assembled[i], runner)]).await,
+            Ok(runner) => pipeline(&mut conn, &[commands(part, runner)]).await,
             Err(error) => Err(error),
         };
         match again {
@@ -153,28 +147,17 @@ async fn phase(
 
     parts
         .iter()
-        .zip(&assembled)
         .zip(replies)
-        .map(|((part, assembled), replies)| match (part, assembled) {
-            (Part::Upstream(upstream), _) => upstream.outcomes(replies),
-            (
-                Part::Own {
-                    hits,
-                    mode,
-                    decision,
-                },
-                Some(assembled),
-            ) => own_outcomes(hits, *mode, decision, assembled, replies),
-            (Part::Own { .. }, None) => unreachable!("every own part is assembled"),
+        .map(|(part, replies)| match part {
+            Part::Upstream(upstream) => upstream.outcomes(replies),
+            Part::Own(j) => own_outcomes(&owns[*j], &assembled[*j], replies),
         })
         .collect()
 }
 
 /// The outcomes of ratekeeper's own keys from their function call's reply.
 fn own_outcomes(
-    hits: &[BatchHit<'_>],
-    mode: Mode,
-    decision: &Encoded,
+    own: &Own<'_>,
     assembled: &Assembled<'_>,
     replies: Vec<Value>,
 ) -> Result<Vec<Outcome>, StoreError> {
@@ -188,10 +171,10 @@ fn own_outcomes(
             )));
         }
     };
-    let (now, found) = share_out(&[decision], &assembled.layout, reply)
+    let (now, found) = share_out(&[&own.decision], &assembled.layout, reply)
         .swap_remove(0)
         .map_err(|e| store_error(&e))?;
-    outcomes_of(hits, mode, now, &found).map_err(|e| store_error(&e))
+    outcomes_of(&own.hits, own.mode, now, &found).map_err(|e| store_error(&e))
 }
 
 /// Sends every part's commands in one round trip; each part gets its
