@@ -472,6 +472,22 @@ async fn limits_upstream_cannot_express_keep_ratekeepers_keys() {
         "bucket empty"
     );
     assert_eq!(mixed.get(&mixed.key(user, MINUTE)), Some(2));
+
+    // Redis forgets both kinds of code (SCRIPT FLUSH, FUNCTION FLUSH): each
+    // part of a pipeline that found its code gone is loaded again and sent
+    // once more, alone; the part that ran is not run twice.
+    let mut conn = mixed.redis.connection();
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query(&mut conn)
+        .unwrap();
+    let response = mixed.envoy(&[user, five], 1).await;
+    assert_eq!(response.overall_code, Code::Ok as i32);
+    assert_eq!(statuses(&response)[1].limit_remaining, 8, "five: 2 of 10");
+    assert_eq!(mixed.get(&mixed.key(user, MINUTE)), Some(3));
+    assert!(mixed.allow(&[user], 1, false).await);
+    assert_eq!(mixed.get(&mixed.key(user, MINUTE)), Some(4));
 }
 
 /// Upstream's commands and nothing else: an Envoy request is one `INCRBY`
@@ -771,19 +787,7 @@ descriptors:
 async fn a_slot_migrating_key_by_key_counts_each_hit_once() {
     let cluster = RedisCluster::start();
     let clock = Arc::new(ManualClock::new(T0));
-    let store = ratekeeper::store::RedisClusterStore::new(
-        &ratekeeper::store::redis_cluster::RedisClusterSettings {
-            nodes: cluster.urls(),
-            pool_size: 2,
-            timeout: Duration::from_millis(500),
-            connect_timeout: Duration::from_millis(500),
-            tls: None,
-            expiry_jitter: Duration::ZERO,
-        },
-    )
-    .unwrap()
-    .with_clock(clock.clone() as Arc<dyn Clock>)
-    .with_envoy_layout(EnvoyLayout::new(PREFIX, clock.clone(), 0));
+    let store = cluster_store(&cluster, &clock);
     let server = TestServer::with(rules(&[TAGGED_RULES]), Arc::new(store)).await;
     let mut envoy = server.envoy().await;
     let mut allow = server.client().await;
@@ -904,4 +908,101 @@ fn upstream_after_move(cluster: &RedisCluster, key: &str, port: u16) -> Option<u
         .arg(key)
         .query(&mut cluster.connection(port))
         .unwrap()
+}
+
+/// On a cluster too, a request mixing upstream's keys with ratekeeper's
+/// own is decided in groups (one per slot and kind): Envoy's hits count in
+/// both, and all-or-nothing takes nothing when one group denies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_both_kinds_of_keys_are_decided_together() {
+    let cluster = RedisCluster::start();
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = cluster_store(&cluster, &clock);
+    let server = TestServer::with(rules(&[OWN_RULES]), Arc::new(store)).await;
+    let mut envoy = server.envoy().await;
+    let mut allow = server.client().await;
+    let upstream = Upstream::on_cluster(&cluster.ports)
+        .await
+        .with_prefix(PREFIX);
+    let user: Entries<'_> = &[("user", "frank")];
+    let bucket: Entries<'_> = &[("bucket", "c")];
+    let user_key = upstream.key("d", user, MINUTE, NOW_S);
+
+    let response = envoy
+        .should_rate_limit(envoy_request("d", &[user, bucket]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        statuses(&response)
+            .iter()
+            .map(|s| s.limit_remaining)
+            .collect::<Vec<_>>(),
+        [4, 1]
+    );
+    let denied = allow
+        .should_allow(allow_request("d", &[user, bucket], 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!denied.allowed);
+    assert_eq!(upstream.get(&user_key).await, Some(1), "nothing taken");
+    assert!(
+        allow
+            .should_allow(allow_request("d", &[user, bucket], 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
+    assert_eq!(upstream.get(&user_key).await, Some(2));
+    // A node that forgot the script gets it again.
+    for master in cluster.masters() {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query(&mut cluster.connection(master))
+            .unwrap();
+    }
+    assert!(
+        allow
+            .should_allow(allow_request("d", &[user], 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
+    assert_eq!(upstream.get(&user_key).await, Some(3));
+    // The token bucket's key is ratekeeper's, hash-tagged.
+    let own: usize = cluster
+        .masters()
+        .into_iter()
+        .map(|m| {
+            cluster
+                .keys_on(m)
+                .iter()
+                .filter(|k| k.starts_with(b"rk4:{"))
+                .count()
+        })
+        .sum();
+    assert_eq!(own, 1);
+}
+
+/// A cluster store in the envoy-ratelimit layout at the test clock.
+fn cluster_store(
+    cluster: &RedisCluster,
+    clock: &Arc<ManualClock>,
+) -> ratekeeper::store::RedisClusterStore {
+    ratekeeper::store::RedisClusterStore::new(
+        &ratekeeper::store::redis_cluster::RedisClusterSettings {
+            nodes: cluster.urls(),
+            pool_size: 2,
+            timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(500),
+            tls: None,
+            expiry_jitter: Duration::ZERO,
+        },
+    )
+    .unwrap()
+    .with_clock(clock.clone() as Arc<dyn Clock>)
+    .with_envoy_layout(EnvoyLayout::new(PREFIX, clock.clone(), 0))
 }
