@@ -3,7 +3,9 @@
 //! Everything that decides takes `now` as an argument (milliseconds); the
 //! memory store asks a [`Clock`] for it once per batch. Tests pass a
 //! [`ManualClock`] and move time by hand instead of sleeping. The Redis store
-//! reads Redis's own `TIME` instead, so every instance agrees on the window.
+//! reads Redis's own `TIME` instead, so every instance agrees on the window
+//! (except for envoyproxy/ratelimit's keys in the migration layout, whose
+//! windows follow this host's clock, as upstream's own instances do).
 //! Windows need the wall clock ([`SystemClock`], Unix ms); timers that only
 //! measure durations (the circuit breaker's cooldown) use
 //! [`MonotonicClock`], which a wall-clock step cannot stretch.

@@ -18,11 +18,12 @@ use ratekeeper::api::{
 use ratekeeper::clock::{Clock, ManualClock, SystemClock};
 use ratekeeper::config::upstream_env::{self, UpstreamMode};
 use ratekeeper::config::{
-    CliError, Command, ConfigSnapshot, DomainFiles, DotFiles, ServeArgs, StoreKind,
+    CliError, Command, ConfigSnapshot, DomainFiles, DotFiles, KeyLayoutKind, ServeArgs, StoreKind,
     load_rules_with, read_snapshot_with,
 };
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::{RuleLimit, Rules};
+use ratekeeper::store::envoy_layout::EnvoyLayout;
 use ratekeeper::store::redis::sentinel::SentinelSettings;
 use ratekeeper::store::redis::{RedisSettings, RedisTls};
 use ratekeeper::store::redis_cluster::RedisClusterSettings;
@@ -385,6 +386,10 @@ fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterS
                 Some(_) => redis.with_clock(clock(args)),
                 None => redis,
             };
+            let redis = match envoy_layout(args) {
+                Some(layout) => redis.with_envoy_layout(layout),
+                None => redis,
+            };
             with_breaker(Arc::new(redis))
         }
         StoreKind::RedisSentinel => {
@@ -403,6 +408,10 @@ fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterS
                 .context(mode.name("--redis-sentinel-nodes / --redis-sentinel-master"))?;
             let redis = match args.test_frozen_clock_ms {
                 Some(_) => redis.with_clock(clock(args)),
+                None => redis,
+            };
+            let redis = match envoy_layout(args) {
+                Some(layout) => redis.with_envoy_layout(layout),
                 None => redis,
             };
             with_breaker(Arc::new(redis))
@@ -434,8 +443,25 @@ fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterS
                 Some(_) => cluster.with_clock(clock(args)),
                 None => cluster,
             };
+            let cluster = match envoy_layout(args) {
+                Some(layout) => cluster.with_envoy_layout(layout),
+                None => cluster,
+            };
             with_breaker(Arc::new(cluster))
         }
+    })
+}
+
+/// envoyproxy/ratelimit's keys, when `--key-layout envoy-ratelimit` asks for
+/// them: windows from this host's clock (as upstream's), the jitter in whole
+/// seconds (the flags refuse a fraction).
+fn envoy_layout(args: &ServeArgs) -> Option<EnvoyLayout> {
+    (args.key_layout == KeyLayoutKind::EnvoyRatelimit).then(|| {
+        EnvoyLayout::new(
+            args.cache_key_prefix.clone().unwrap_or_default(),
+            clock(args),
+            args.expiration_jitter_max.as_secs(),
+        )
     })
 }
 
@@ -516,6 +542,7 @@ async fn run(
         http = ?upstream.as_ref().map(|l| l.http.local_addr()).transpose()?,
         debug = ?upstream.as_ref().map(|l| l.debug.local_addr()).transpose()?,
         store = store.backend(),
+        key_layout = args.key_layout.as_str(),
         config = %args.config.display(),
         "ratekeeper serving"
     );

@@ -233,6 +233,62 @@ fn serve_refuses_flags_without_effect_naming_both() {
     );
 }
 
+/// The migration key layout applies to the Redis stores only; its prefix
+/// to that layout only; and its jitter is whole seconds, as upstream's.
+#[test]
+fn serve_refuses_the_key_layout_in_the_wrong_combinations() {
+    let config = ["--config", EXAMPLE];
+    let redis = ["--config", EXAMPLE, "--store", "redis"];
+    assert_refused(
+        &[&config[..], &["--key-layout", "envoy-ratelimit"]].concat(),
+        "--key-layout has no effect with --store memory (the default); it applies to --store redis, redis-cluster or redis-sentinel",
+    );
+    assert_refused(
+        &[&redis[..], &["--cache-key-prefix", "rl:"]].concat(),
+        "--cache-key-prefix has no effect without --key-layout envoy-ratelimit",
+    );
+    assert_refused(
+        &[&redis[..], &["--key-layout", "upstream"]].concat(),
+        "invalid value 'upstream' for '--key-layout <KEY_LAYOUT>'",
+    );
+    assert_refused(
+        &[
+            &redis[..],
+            &[
+                "--key-layout",
+                "envoy-ratelimit",
+                "--expiration-jitter-max",
+                "2500ms",
+            ],
+        ]
+        .concat(),
+        "--expiration-jitter-max 2s 500ms: its fraction of a second has no effect with --key-layout envoy-ratelimit",
+    );
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_KEY_LAYOUT", "envoy-ratelimit")],
+        "RATEKEEPER_KEY_LAYOUT (--key-layout) has no effect with --store memory (the default)",
+    );
+    assert_refused_with_env(
+        &redis,
+        &[("RATEKEEPER_CACHE_KEY_PREFIX", "rl:")],
+        "RATEKEEPER_CACHE_KEY_PREFIX (--cache-key-prefix) has no effect without --key-layout envoy-ratelimit",
+    );
+    assert_refused_with_env(
+        &redis,
+        &[("RATEKEEPER_KEY_LAYOUT", "upstream")],
+        "the environment variable RATEKEEPER_KEY_LAYOUT",
+    );
+    assert_refused_with_env(
+        &redis,
+        &[
+            ("RATEKEEPER_KEY_LAYOUT", "envoy-ratelimit"),
+            ("RATEKEEPER_EXPIRATION_JITTER_MAX", "300ms"),
+        ],
+        "RATEKEEPER_EXPIRATION_JITTER_MAX (--expiration-jitter-max) 300ms: its fraction of a second has no effect with RATEKEEPER_KEY_LAYOUT (--key-layout) envoy-ratelimit",
+    );
+}
+
 /// `--metrics-addr` opens a port with `/metrics` and `/healthz` only: what a
 /// scraper needs, nothing of the rules or the store.
 #[tokio::test]

@@ -384,8 +384,9 @@ async fn merged_domains_reload_merged(backend: common::Backend) {
         ReloadSettings {
             path: dir.path().to_owned(),
             interval: Duration::from_millis(20),
-            loaded: snapshot,
+            loaded: Some(snapshot),
             domain_files: DomainFiles::Merge,
+            dot_files: Default::default(),
         },
     ))
     .await;

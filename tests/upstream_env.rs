@@ -670,6 +670,108 @@ async fn merged_domains_quota_mode_metadata_headers_and_near_limit_ratio() {
     assert!(near.ends_with(" 5"), "{near}");
 }
 
+/// A rolling swap: ratekeeper started from the same environment as the
+/// old instances (`CACHE_KEY_PREFIX` included) counts in upstream's keys by
+/// default, so it and an old envoyproxy/ratelimit instance (the emulator,
+/// writing keys as upstream does) hold one exact limit between them under
+/// 64 concurrent callers; `RATEKEEPER_KEY_LAYOUT=ratekeeper` leaves those
+/// keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_swap_counts_in_upstreams_keys_with_the_old_instances() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use common::upstream_emulator::{Limit, Upstream as OldInstance};
+
+    const HOUR: u64 = 3_600;
+    let redis = RedisServer::start();
+    let runtime = RuntimeDir::new();
+    runtime.write(
+        "shop.yaml",
+        "domain: shop\ndescriptors:\n  - key: user\n    rate_limit: {unit: hour, requests_per_unit: 300}\n",
+    );
+    // Exactness, not latency, is under test: debug builds share two cores.
+    let env = [
+        single_redis_env(redis.port),
+        pairs(&[
+            ("CACHE_KEY_PREFIX", "rl_"),
+            ("RATEKEEPER_TEST_STORE_TIMEOUT", "2s"),
+        ]),
+        frozen(),
+    ]
+    .concat();
+    let mut swapped = Upstream::start(&runtime, &env).await;
+    swapped.wait_health(200).await;
+    let old = OldInstance::on(&redis.url())
+        .await
+        .with_prefix("rl_")
+        .with_jitter(300);
+    let now_s = T0 / 1_000;
+    let limit = Limit {
+        requests_per_unit: 300,
+        unit_seconds: HOUR,
+    };
+    let allowed = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    for caller in 0..64 {
+        let (allowed, old) = (allowed.clone(), old.clone());
+        let mut envoy = (caller % 2 == 0).then_some(swapped.envoy().await);
+        callers.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let ok = match &mut envoy {
+                    Some(envoy) => {
+                        let answer = envoy
+                            .should_rate_limit(envoy_request("shop", &[&[("user", "u1")]]))
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        answer.overall_code == Code::Ok as i32
+                    }
+                    None => {
+                        let user: &[(&str, &str)] = &[("user", "u1")];
+                        !old.should_rate_limit("shop", &[(user, limit)], 1, now_s)
+                            .await[0]
+                            .over_limit
+                    }
+                };
+                if ok {
+                    allowed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    assert_eq!(allowed.load(Ordering::Relaxed), 300, "one limit for both");
+    let key = old.key("shop", &[("user", "u1")], HOUR, now_s);
+    assert_eq!(key, format!("rl_shop_user_u1_{}", now_s / HOUR * HOUR));
+    assert_eq!(
+        old.get(&key).await,
+        Some(640),
+        "every call counted in upstream's key"
+    );
+    swapped.terminate().await;
+
+    // After the rollout: ratekeeper's own keys, upstream's key untouched.
+    let env = [
+        single_redis_env(redis.port),
+        pairs(&[("RATEKEEPER_KEY_LAYOUT", "ratekeeper")]),
+        frozen(),
+    ]
+    .concat();
+    let own = Upstream::start(&runtime, &env).await;
+    own.wait_health(200).await;
+    let mut envoy = own.envoy().await;
+    let answer = envoy
+        .should_rate_limit(envoy_request("shop", &[&[("user", "u1")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.overall_code, Code::Ok as i32, "a fresh count");
+    assert_eq!(old.get(&key).await, Some(640));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_cache_key_increment_when_overlimit() {
     let redis = RedisServer::start();
@@ -995,8 +1097,11 @@ fn refused_settings_exit_64_naming_the_variable() {
             "REDIS_URL: 'redis://r:6379' is not host:port",
         ),
         (
-            &[("CACHE_KEY_PREFIX", "rl_")],
-            "CACHE_KEY_PREFIX: 'rl_' is not supported yet",
+            &[
+                ("RATEKEEPER_KEY_LAYOUT", "ratekeeper"),
+                ("CACHE_KEY_PREFIX", "rl_"),
+            ],
+            "CACHE_KEY_PREFIX: has no effect with RATEKEEPER_KEY_LAYOUT=ratekeeper",
         ),
         (
             &[("LIMIT_RESET_HEADER", "X-Reset")],
@@ -1036,7 +1141,7 @@ fn refused_settings_exit_64_naming_the_variable() {
     }
     // Several at once, each on its line.
     let mut all = listeners.clone();
-    all.extend(pairs(&[("QUOTA_MODE", "true"), ("REDIS_TYPE", "ring")]));
+    all.extend(pairs(&[("QUOTA_MODE", "maybe"), ("REDIS_TYPE", "ring")]));
     let (code, stderr) = refused_start(Invocation::AsRatelimit, &all, &[]);
     assert_eq!(code, Some(64));
     assert!(

@@ -81,6 +81,27 @@ pub enum StoreKind {
     RedisSentinel,
 }
 
+/// How counters are keyed in a Redis store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyLayoutKind {
+    /// ratekeeper's own keys: injective, versioned, hash-tagged.
+    Ratekeeper,
+    /// envoyproxy/ratelimit's keys and commands for every limit it can
+    /// express, so old and new instances enforce one limit during a
+    /// migration.
+    EnvoyRatelimit,
+}
+
+impl KeyLayoutKind {
+    /// The name the flag takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyLayoutKind::Ratekeeper => "ratekeeper",
+            KeyLayoutKind::EnvoyRatelimit => "envoy-ratelimit",
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -182,8 +203,22 @@ pub struct ServeArgs {
     /// TTL, so the keys of one window do not all expire in the same
     /// millisecond (envoyproxy/ratelimit's EXPIRATION_JITTER_MAX_SECONDS).
     /// A key never outlives its state by more than this. 0 turns it off.
+    /// With `--key-layout envoy-ratelimit`, upstream's keys get whole seconds
+    /// in `[0, this)`, as upstream draws them.
     #[arg(long, env = "RATEKEEPER_EXPIRATION_JITTER_MAX", default_value = "0s", value_parser = humantime::parse_duration)]
     pub expiration_jitter_max: Duration,
+
+    /// Redis stores: `ratekeeper` keys, or `envoy-ratelimit`: count every
+    /// limit envoyproxy/ratelimit can express in its keys with its commands,
+    /// so that during a rolling migration old and new instances enforce one
+    /// limit (its key collisions come back meanwhile; see the README).
+    #[arg(long, env = "RATEKEEPER_KEY_LAYOUT", value_enum, default_value_t = KeyLayoutKind::Ratekeeper)]
+    pub key_layout: KeyLayoutKind,
+
+    /// With `--key-layout envoy-ratelimit`: prepended verbatim to every key
+    /// (envoyproxy/ratelimit's CACHE_KEY_PREFIX; empty by default).
+    #[arg(long, env = "RATEKEEPER_CACHE_KEY_PREFIX")]
+    pub cache_key_prefix: Option<String>,
 
     /// Most live counters the memory store keeps.
     #[arg(long, env = "RATEKEEPER_MEMORY_MAX_KEYS", default_value_t = DEFAULT_MEMORY_MAX_KEYS,
@@ -436,6 +471,18 @@ mod tests {
         assert_eq!(bounds.near_limit_ratio, 0.0);
         let bounds = serve(&["--config", "x", "--near-limit-ratio", "1"]).unwrap();
         assert_eq!(bounds.near_limit_ratio, 1.0);
+        assert_eq!(args.key_layout, KeyLayoutKind::Ratekeeper);
+        assert_eq!(args.cache_key_prefix, None);
+    }
+
+    #[test]
+    fn key_layout_names_are_the_flags() {
+        for kind in KeyLayoutKind::value_variants() {
+            let value = kind.to_possible_value().unwrap();
+            assert_eq!(value.get_name(), kind.as_str());
+            let args = serve(&["--config", "r", "--key-layout", kind.as_str()]).unwrap();
+            assert_eq!(args.key_layout, *kind);
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args as _, CommandFactory, FromArgMatches};
 
-use super::args::{Cli, Command, ServeArgs, StoreKind};
+use super::args::{Cli, Command, KeyLayoutKind, ServeArgs, StoreKind};
 
 /// Why the command line was refused, with the text to print.
 #[derive(Debug)]
@@ -85,7 +85,8 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
     };
     // A single rules file holds one domain: nothing to merge.
     let merges = !args.config.is_file();
-    let rules: [(&str, Needs); 22] = [
+    let envoy_layout = args.key_layout == KeyLayoutKind::EnvoyRatelimit;
+    let rules: [(&str, Needs); 24] = [
         ("redis_url", Needs::Store(REDIS, "--store redis")),
         ("redis_pool_size", Needs::Store(SHARED, SHARED_STORES)),
         (
@@ -117,6 +118,11 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
         ("breaker_failures", Needs::Store(SHARED, SHARED_STORES)),
         ("breaker_cooldown", Needs::Store(SHARED, SHARED_STORES)),
         ("expiration_jitter_max", Needs::Store(SHARED, SHARED_STORES)),
+        ("key_layout", Needs::Store(SHARED, SHARED_STORES)),
+        (
+            "cache_key_prefix",
+            Needs::Flag(envoy_layout, "--key-layout envoy-ratelimit"),
+        ),
         (
             "memory_max_keys",
             Needs::Store(&[StoreKind::Memory], "--store memory"),
@@ -147,7 +153,7 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
     } else {
         format!("--store {} (the default)", store_name(args.store))
     };
-    rules
+    let mut found: Vec<String> = rules
         .into_iter()
         .filter(|(id, _)| given(id))
         .filter_map(|(id, needs)| match needs {
@@ -162,7 +168,23 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
                 name(matches, id)
             )),
         })
-        .collect()
+        .collect();
+    // Upstream's keys get whole seconds of jitter, as upstream draws them.
+    let jitter = args.expiration_jitter_max;
+    if envoy_layout && given("expiration_jitter_max") && jitter.subsec_nanos() != 0 {
+        found.push(format!(
+            "{} {}: its fraction of a second has no effect with {}, whose jitter is whole seconds (upstream's EXPIRATION_JITTER_MAX_SECONDS)",
+            name(matches, "expiration_jitter_max"),
+            humantime::format_duration(jitter),
+            layout_name(matches),
+        ));
+    }
+    found
+}
+
+/// How the user chose the envoy-ratelimit layout.
+fn layout_name(matches: &ArgMatches) -> String {
+    format!("{} envoy-ratelimit", name(matches, "key_layout"))
 }
 
 /// How the user named the flag `id`: `--flag`, or the variable that set it.
@@ -290,6 +312,36 @@ mod tests {
                 &["--reset-header", "X-Reset"],
                 "--reset-header has no effect without --response-headers",
             ),
+            (
+                &["--key-layout", "envoy-ratelimit"],
+                "--key-layout has no effect with --store memory (the default); it applies to --store redis, redis-cluster or redis-sentinel",
+            ),
+            (
+                &["--store", "redis", "--cache-key-prefix", "rl:"],
+                "--cache-key-prefix has no effect without --key-layout envoy-ratelimit",
+            ),
+            (
+                &[
+                    "--store",
+                    "redis",
+                    "--key-layout",
+                    "ratekeeper",
+                    "--cache-key-prefix",
+                    "rl:",
+                ],
+                "--cache-key-prefix has no effect without --key-layout envoy-ratelimit",
+            ),
+            (
+                &[
+                    "--store",
+                    "redis",
+                    "--key-layout",
+                    "envoy-ratelimit",
+                    "--expiration-jitter-max",
+                    "1500ms",
+                ],
+                "--expiration-jitter-max 1s 500ms: its fraction of a second has no effect with --key-layout envoy-ratelimit, whose jitter is whole seconds",
+            ),
         ];
         for (args, expected) in cases {
             let text = refused(args);
@@ -353,6 +405,17 @@ mod tests {
             ],
             &["--response-headers", "--reset-header", "X-Reset"],
             &["--memory-max-keys", "10"],
+            &[
+                "--store",
+                "redis-sentinel",
+                "--key-layout",
+                "envoy-ratelimit",
+                "--cache-key-prefix",
+                "rl:",
+                "--expiration-jitter-max",
+                "300s",
+            ],
+            &["--store", "redis", "--expiration-jitter-max", "1500ms"],
         ] {
             let argv = ["ratekeeper", "serve", "--config", "r.yaml"]
                 .iter()

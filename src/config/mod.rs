@@ -18,7 +18,7 @@ pub mod upstream_env;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use args::{Cli, Command, LogFormat, ServeArgs, StoreKind};
+pub use args::{Cli, Command, KeyLayoutKind, LogFormat, ServeArgs, StoreKind};
 pub use cli::CliError;
 pub use load::{
     ConfigSnapshot, DomainFiles, DotFiles, load_rules, load_rules_with, parse_rules_file,

@@ -3,8 +3,8 @@
 //! [`Limiter::check`] takes a request already validated and translated by the
 //! API layer, finds each descriptor's rule (or its request-supplied limit
 //! override), drops rules named by another matched rule's `replaces`, builds
-//! one storage key per counted descriptor and hands the whole batch to the
-//! store in one call. Descriptors without a limit never reach the store, so a
+//! one storage key per counted descriptor (in the store's [`KeyLayout`]) and
+//! hands the whole batch to the store in one call. Descriptors without a limit never reach the store, so a
 //! request that matches nothing is answered even when the store is down.
 //!
 //! Its other jobs live beside it: [`admission`] sheds requests past the cap
@@ -29,9 +29,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 pub use crate::failure_policy::FailurePolicy;
 use crate::metrics::{AnswerSource, Metrics};
-use crate::rules::key::storage_key;
 use crate::rules::matcher::EntryRef;
-use crate::rules::{Limit, Rule, Rules};
+use crate::rules::{KeyLayout, Limit, Rule, Rules};
 use crate::store::{CounterStore, OverLimitCache, StoreError};
 use admission::Admission;
 pub use admission::DEFAULT_MAX_IN_FLIGHT;
@@ -43,6 +42,8 @@ pub struct Limiter {
     /// Swapped whole on reload; readers never lock.
     rules: Arc<ArcSwap<Rules>>,
     store: Arc<dyn CounterStore>,
+    /// How the store's keys are built: the store says.
+    key_layout: KeyLayout,
     metrics: Metrics,
     /// Answers when the store fails.
     degraded: Degraded,
@@ -147,6 +148,7 @@ impl Limiter {
     pub fn new(rules: Rules, store: Arc<dyn CounterStore>) -> Self {
         Self {
             rules: Arc::new(ArcSwap::from_pointee(rules)),
+            key_layout: store.key_layout(),
             store,
             metrics: Metrics::new(),
             degraded: Degraded::new(FailurePolicy::default(), Arc::new(SystemClock)),
@@ -260,12 +262,11 @@ impl Limiter {
             .filter_map(|(i, rule)| {
                 let rule = rule.as_deref()?;
                 let limit = *rule.limited()?;
-                let key = storage_key(
+                let key = self.key_layout.key(
                     request.domain,
                     &request.descriptors[i].entries,
                     rule,
-                    limit.algorithm.tag(),
-                    limit.window_ms(),
+                    &limit,
                 );
                 Some((i, rule, limit, key))
             })

@@ -5,9 +5,12 @@
 //! envoyproxy/ratelimit exactly: level by level, exact value before wildcard
 //! before key-only, no backtracking, and only the node reached by the last
 //! entry may carry the limit. [`key`] turns a match into the storage key of its
-//! counter. Nothing here is async or reads a clock.
+//! counter, or [`envoy_key`] into envoyproxy/ratelimit's, as the store's
+//! [`KeyLayout`] says. Nothing here is async or reads a clock.
 
+pub mod envoy_key;
 pub mod key;
+pub mod layout;
 pub mod matcher;
 pub mod stats_key;
 
@@ -15,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+pub use layout::KeyLayout;
 pub use matcher::{DescriptorTree, Node};
 pub use stats_key::{LevelMatch, StatsKey, StatsLevel, StatsPath, stats_key};
 

@@ -160,6 +160,10 @@ impl CounterStore for CircuitBreaker {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+
+    fn key_layout(&self) -> crate::rules::KeyLayout {
+        self.inner.key_layout()
+    }
 }
 
 // === impl Call ===

@@ -5,9 +5,13 @@
 //! semantics: in memory under the locks of the keys involved, in Redis as one
 //! Lua script call (one round trip), in a Redis Cluster as one script call
 //! per hash slot, sent at once. An over-limit answer is an ordinary
-//! [`Outcome`]; a [`StoreError`] means the store could not decide.
+//! [`Outcome`]; a [`StoreError`] means the store could not decide. The
+//! Redis stores can count instead in envoyproxy/ratelimit's keys
+//! ([`envoy_layout`]), for a rolling migration from it.
 
 pub mod breaker;
+pub mod envoy_layout;
+pub(crate) mod groups;
 pub mod memory;
 pub mod over_limit_cache;
 pub mod redis;
@@ -19,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::algorithm::{BatchHit, Mode, Outcome};
+use crate::rules::KeyLayout;
 
 pub use breaker::CircuitBreaker;
 pub use memory::MemoryStore;
@@ -48,6 +53,13 @@ pub trait CounterStore: Send + Sync + fmt::Debug {
 
     /// Short backend name for logs and metrics (`memory`, `redis`).
     fn backend(&self) -> &'static str;
+
+    /// The layout the limiter must build this store's keys in:
+    /// ratekeeper's own unless the store counts in envoyproxy/ratelimit's
+    /// keys.
+    fn key_layout(&self) -> KeyLayout {
+        KeyLayout::Ratekeeper
+    }
 }
 
 /// Why a store call failed.

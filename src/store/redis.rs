@@ -15,7 +15,8 @@
 //!
 //! The Redis is one fixed address (a URL; behind a DNS name or a virtual IP
 //! that may move to a new primary), or the master a set of sentinels name
-//! ([`sentinel`]).
+//! ([`sentinel`]). In the envoy-ratelimit key layout, the limits upstream
+//! can express are counted in upstream's keys instead ([`upstream_keys`]).
 
 pub(crate) mod coalesce;
 pub(crate) mod connect;
@@ -24,6 +25,7 @@ pub(crate) mod encode;
 pub(crate) mod lane;
 pub(crate) mod node;
 pub mod sentinel;
+pub(crate) mod upstream_keys;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -33,6 +35,8 @@ use async_trait::async_trait;
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
+use crate::rules::KeyLayout;
+use crate::store::envoy_layout::EnvoyLayout;
 use coalesce::{Batching, Job};
 use connect::FixedConnector;
 use encode::Encoded;
@@ -169,6 +173,9 @@ pub struct RedisStore {
     timeout: Duration,
     /// Follows the sentinels' failovers, when the master is found by them.
     _sentinel: Option<Arc<sentinel::Follower>>,
+    /// Counts upstream's limits in upstream's keys (the envoy-ratelimit
+    /// key layout); `None` for ratekeeper's own layout.
+    layout: Option<Arc<EnvoyLayout>>,
 }
 
 // === impl RedisStore ===
@@ -224,6 +231,16 @@ impl RedisStore {
             batching,
             timeout: settings.timeout,
             _sentinel: None,
+            layout: None,
+        }
+    }
+
+    /// Counts every limit upstream can express in envoyproxy/ratelimit's
+    /// keys, as `layout` says (the migration key layout).
+    pub fn with_envoy_layout(self, layout: EnvoyLayout) -> Self {
+        Self {
+            layout: Some(Arc::new(layout)),
+            ..self
         }
     }
 
@@ -318,6 +335,7 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("live_connections", &self.node.live_lanes())
             .field("timeout", &self.timeout)
+            .field("layout", &self.layout)
             .finish()
     }
 }
@@ -329,9 +347,14 @@ impl CounterStore for RedisStore {
             return Ok(Vec::new());
         }
         super::within(self.timeout, async {
-            decide_on(&self.node, 0, hits, mode)
-                .await
-                .map_err(|e| store_error(&e))
+            match &self.layout {
+                None => decide_on(&self.node, 0, hits, mode)
+                    .await
+                    .map_err(|e| store_error(&e)),
+                Some(layout) => {
+                    upstream_keys::decide(&self.node, &self.batching, layout, hits, mode).await
+                }
+            }
         })
         .await
     }
@@ -350,6 +373,12 @@ impl CounterStore for RedisStore {
 
     fn backend(&self) -> &'static str {
         "redis"
+    }
+
+    fn key_layout(&self) -> KeyLayout {
+        self.layout
+            .as_ref()
+            .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
     }
 }
 

@@ -18,18 +18,16 @@
 //! `ASKING`, `TRYAGAIN` and `CLUSTERDOWN` are retried, all within the
 //! call's deadline.
 //!
-//! Decisions within a slot are atomic, as on a single Redis. Across slots:
-//! - `Independent` (Envoy) and dry runs are exact, each slot on its own;
-//! - all-or-nothing (`ShouldAllow`) first judges every slot without writing,
-//!   and only when all admit does it apply them (per slot, all-or-nothing).
-//!   A denied request therefore takes nothing. If another caller takes the
-//!   last hit of some slot between the two steps, the request is denied and
-//!   the slots already applied keep their hits: a race can cost quota, never
-//!   admit past a limit;
-//! - upstream's stop-increment mode likewise judges first, then counts only
-//!   the over-limit descriptors when there are any.
+//! Decisions within a slot are atomic, as on a single Redis; across slots
+//! they follow [`super::groups`]: Envoy's independent hits and dry runs are
+//! exact, all-or-nothing and stop-increment requests judge every slot
+//! first (a race can cost quota, never admit past a limit).
+//!
+//! In the envoy-ratelimit key layout, upstream's keys (which carry no hash
+//! tag) are counted with upstream's commands ([`upstream_keys`]).
 
 mod topology;
+mod upstream_keys;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,13 +35,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::{join_all, try_join_all};
 
+use super::envoy_layout::EnvoyLayout;
 use super::redis::coalesce::Batching;
 use super::redis::coalesce::share_out;
 use super::redis::encode::{Encoded, assemble};
 use super::redis::node::Node;
 use super::redis::{RedisTls, decide_on, no_connection, outcomes_of, store_error};
-use super::{CounterStore, StoreError};
+use super::{CounterStore, StoreError, groups};
 use crate::algorithm::{BatchHit, Mode, Outcome};
+use crate::rules::KeyLayout;
 use topology::{Cluster, Redirect, slot};
 
 /// Attempts of one slot's call across redirections and retries (all within
@@ -76,6 +76,16 @@ pub struct RedisClusterStore {
     cluster: Arc<Cluster>,
     batching: Arc<Batching>,
     timeout: Duration,
+    /// Counts upstream's limits in upstream's keys (the envoy-ratelimit
+    /// key layout); `None` for ratekeeper's own layout.
+    layout: Option<Arc<EnvoyLayout>>,
+}
+
+/// Where a slot's call goes next.
+struct Target {
+    node: Arc<Node>,
+    /// Send `ASKING` first: the slot is being migrated there.
+    asking: bool,
 }
 
 impl RedisClusterStore {
@@ -110,7 +120,17 @@ impl RedisClusterStore {
             cluster: Cluster::new(seeds, settings, batching.clone()),
             batching,
             timeout: settings.timeout,
+            layout: None,
         })
+    }
+
+    /// Counts every limit upstream can express in envoyproxy/ratelimit's
+    /// keys, as `layout` says (the migration key layout).
+    pub fn with_envoy_layout(self, layout: EnvoyLayout) -> Self {
+        Self {
+            layout: Some(Arc::new(layout)),
+            ..self
+        }
     }
 
     /// Makes the script use `clock` instead of Redis `TIME` (tests only).
@@ -123,45 +143,62 @@ impl RedisClusterStore {
     /// others for that slot), following redirections.
     async fn eval(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
         let slot = slot(hits[0].key);
-        let mut node = self.cluster.master_of(slot).await?;
-        let mut asking = false;
+        let mut to = self.master_of(slot).await?;
         let mut last = None;
         for _ in 0..MAX_ATTEMPTS {
-            let result = if asking {
-                self.asking(&node, hits, mode).await
+            let result = if to.asking {
+                self.asking(&to.node, hits, mode).await
             } else {
-                decide_on(&node, slot, hits, mode).await
+                decide_on(&to.node, slot, hits, mode).await
             };
-            let error = match result {
+            match result {
                 Ok(outcomes) => return Ok(outcomes),
-                Err(error) => error,
-            };
-            match Redirect::of(&error) {
-                Some(Redirect::Moved { slot, address }) => {
-                    node = self.cluster.moved(slot, &address);
-                    asking = false;
-                }
-                Some(Redirect::Ask { address }) => {
-                    node = self.cluster.node(&address);
-                    asking = true;
-                }
-                Some(Redirect::TryAgain) => {
-                    self.cluster.request_refresh();
-                    last = Some(store_error(&error));
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    node = self.cluster.master_of(slot).await?;
-                    asking = false;
-                }
-                None => {
-                    // A failing master may have failed over: look again.
-                    self.cluster.request_refresh();
-                    return Err(store_error(&error));
-                }
+                Err(error) => to = self.follow(slot, &error, &mut last).await?,
             }
         }
-        Err(last.unwrap_or_else(|| {
-            StoreError::Backend(format!("slot {slot}: redirected {MAX_ATTEMPTS} times"))
-        }))
+        Err(redirected_too_often(slot, last))
+    }
+
+    /// The master of `slot`, as a call's first target.
+    async fn master_of(&self, slot: u16) -> Result<Target, StoreError> {
+        Ok(Target {
+            node: self.cluster.master_of(slot).await?,
+            asking: false,
+        })
+    }
+
+    /// Where a call on `slot` goes after it failed with `error`: the node a
+    /// redirection names (after `ASKING` when the slot is being migrated),
+    /// or the slot's master again shortly when the cluster says to try
+    /// again (`last` keeps that error, for when the attempts run out). Any
+    /// other error ends the call.
+    async fn follow(
+        &self,
+        slot: u16,
+        error: &redis::RedisError,
+        last: &mut Option<StoreError>,
+    ) -> Result<Target, StoreError> {
+        match Redirect::of(error) {
+            Some(Redirect::Moved { slot, address }) => Ok(Target {
+                node: self.cluster.moved(slot, &address),
+                asking: false,
+            }),
+            Some(Redirect::Ask { address }) => Ok(Target {
+                node: self.cluster.node(&address),
+                asking: true,
+            }),
+            Some(Redirect::TryAgain) => {
+                self.cluster.request_refresh();
+                *last = Some(store_error(error));
+                tokio::time::sleep(RETRY_PAUSE).await;
+                self.master_of(slot).await
+            }
+            None => {
+                // A failing master may have failed over: look again.
+                self.cluster.request_refresh();
+                Err(store_error(error))
+            }
+        }
     }
 
     /// The decision on the node a slot is migrating to, after `ASKING`:
@@ -193,70 +230,37 @@ impl RedisClusterStore {
         outcomes_of(hits, mode, now, &found)
     }
 
-    /// Runs every slot's group at once, each in its mode; the outcomes come
-    /// back in the order of `hits`.
+    /// Runs every slot's group at once, each in its mode.
     async fn eval_groups(
         &self,
         hits: &[BatchHit<'_>],
-        groups: &[SlotGroup],
-        modes: impl Fn(&SlotGroup) -> Mode,
-    ) -> Result<Vec<Outcome>, StoreError> {
-        let calls = groups.iter().map(|group| {
-            let group_hits: Vec<BatchHit<'_>> = group.indexes.iter().map(|&i| hits[i]).collect();
-            let mode = modes(group);
+        slots: &[Vec<usize>],
+        modes: Vec<Mode>,
+    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+        let calls = slots.iter().zip(modes).map(|(group, mode)| {
+            let group_hits: Vec<BatchHit<'_>> = group.iter().map(|&i| hits[i]).collect();
             async move { self.eval(&group_hits, mode).await }
         });
-        let replies = try_join_all(calls).await?;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; hits.len()];
-        for (group, reply) in groups.iter().zip(replies) {
-            for (&i, outcome) in group.indexes.iter().zip(reply) {
-                outcomes[i] = Some(outcome);
-            }
-        }
-        outcomes
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| StoreError::Protocol("a slot returned too few outcomes".to_owned()))
+        try_join_all(calls).await
     }
 
     async fn decide(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
-        let groups = group_by_slot(hits);
-        if let [_] = groups.as_slice() {
+        let slots = group_by_slot(hits);
+        if let [_] = slots.as_slice() {
             return self.eval(hits, mode).await;
         }
-        match mode {
-            Mode::Independent | Mode::DryRun => self.eval_groups(hits, &groups, |_| mode).await,
-            Mode::AllOrNothing => {
-                let judged = self.eval_groups(hits, &groups, |_| Mode::DryRun).await?;
-                let admitted = !hits
-                    .iter()
-                    .zip(&judged)
-                    .any(|(hit, outcome)| hit.denies(outcome));
-                if !admitted {
-                    return Ok(judged);
-                }
-                self.eval_groups(hits, &groups, |_| Mode::AllOrNothing)
-                    .await
-            }
-            Mode::StopIncrementWhenOverLimit => {
-                let judged = self.eval_groups(hits, &groups, |_| Mode::DryRun).await?;
-                let over: Vec<bool> = judged.iter().map(|o| !o.allowed).collect();
-                if !over.contains(&true) {
-                    return self.eval_groups(hits, &groups, |_| Mode::Independent).await;
-                }
-                // Only the over-limit descriptors count: their slots decide
-                // again by stop-increment, the others are only judged.
-                self.eval_groups(hits, &groups, |group| {
-                    if group.indexes.iter().any(|&i| over[i]) {
-                        Mode::StopIncrementWhenOverLimit
-                    } else {
-                        Mode::DryRun
-                    }
-                })
-                .await
-            }
-        }
+        groups::decide(hits, &slots, mode, |modes| {
+            self.eval_groups(hits, &slots, modes)
+        })
+        .await
     }
+}
+
+/// A call that was redirected or told to try again as often as it may.
+fn redirected_too_often(slot: u16, last: Option<StoreError>) -> StoreError {
+    last.unwrap_or_else(|| {
+        StoreError::Backend(format!("slot {slot}: redirected {MAX_ATTEMPTS} times"))
+    })
 }
 
 impl std::fmt::Debug for RedisClusterStore {
@@ -274,7 +278,13 @@ impl CounterStore for RedisClusterStore {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        super::within(self.timeout, self.decide(hits, mode)).await
+        super::within(self.timeout, async {
+            match &self.layout {
+                None => self.decide(hits, mode).await,
+                Some(layout) => self.decide_in_layout(layout, hits, mode).await,
+            }
+        })
+        .await
     }
 
     /// Pings every master at once: ready while any answers (the slots of a
@@ -322,27 +332,27 @@ impl CounterStore for RedisClusterStore {
     fn backend(&self) -> &'static str {
         "redis_cluster"
     }
+
+    fn key_layout(&self) -> KeyLayout {
+        self.layout
+            .as_ref()
+            .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
+    }
 }
 
-/// The hits of one request that live on one slot, by index.
-#[derive(Debug)]
-struct SlotGroup {
-    slot: u16,
-    indexes: Vec<usize>,
-}
-
-/// Groups hits by slot, in order of first appearance. A request has a few
-/// descriptors, so a scan beats a map.
-fn group_by_slot(hits: &[BatchHit<'_>]) -> Vec<SlotGroup> {
-    let mut groups: Vec<SlotGroup> = Vec::new();
+/// The hits of one request grouped by slot (indexes, in order of first
+/// appearance). A request has a few descriptors, so a scan beats a map.
+fn group_by_slot(hits: &[BatchHit<'_>]) -> Vec<Vec<usize>> {
+    let mut slots: Vec<u16> = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, hit) in hits.iter().enumerate() {
         let slot = slot(hit.key);
-        match groups.iter_mut().find(|group| group.slot == slot) {
-            Some(group) => group.indexes.push(i),
-            None => groups.push(SlotGroup {
-                slot,
-                indexes: vec![i],
-            }),
+        match slots.iter().position(|&s| s == slot) {
+            Some(at) => groups[at].push(i),
+            None => {
+                slots.push(slot);
+                groups.push(vec![i]);
+            }
         }
     }
     groups
@@ -376,10 +386,7 @@ mod tests {
             hit(b"rk4:{bbbb}:y"),
             hit(b"rk4:{cccc}:x"),
         ];
-        let groups: Vec<Vec<usize>> = group_by_slot(&hits)
-            .into_iter()
-            .map(|g| g.indexes)
-            .collect();
+        let groups: Vec<Vec<usize>> = group_by_slot(&hits);
         assert_eq!(groups, [vec![0, 2], vec![1, 3], vec![4]]);
     }
 

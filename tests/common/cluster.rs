@@ -276,6 +276,11 @@ impl RedisCluster {
         cmd.query(&mut connection).unwrap()
     }
 
+    /// A connection to the node on `port`.
+    pub fn connection(&self, port: u16) -> redis::Connection {
+        node_connection(port).unwrap()
+    }
+
     /// Keys stored on the node on `port`.
     pub fn keys_on(&self, port: u16) -> Vec<Vec<u8>> {
         let mut connection = node_connection(port).unwrap();

@@ -9,6 +9,7 @@ pub mod pki;
 pub mod process;
 pub mod sentinel;
 pub mod upstream;
+pub mod upstream_emulator;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

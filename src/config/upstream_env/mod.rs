@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use clap::{Args as _, FromArgMatches as _};
 
-use super::args::{LogFormat, ServeArgs};
+use super::args::{KeyLayoutKind, LogFormat, ServeArgs};
 pub use super::load::DotFiles;
 use listeners::{check_listeners, connection_age, grpc_tls, listen_addr};
 use reader::Reader;
@@ -44,8 +44,21 @@ pub const OVER_LIMIT_CACHE_ENTRY_BYTES: i64 = 128;
 pub const FREECACHE_MIN_BYTES: i64 = 512 * 1024;
 
 /// The variable that freezes the clock in tests (the hidden
-/// `--test-frozen-clock-ms`); the only `RATEKEEPER_` variable this mode reads.
+/// `--test-frozen-clock-ms`).
 pub const TEST_FROZEN_CLOCK_VAR: &str = "RATEKEEPER_TEST_FROZEN_CLOCK_MS";
+
+/// Tests only: the store deadline (`--store-timeout`, which upstream's
+/// variables do not reach), so that an exactness test of a debug build on a
+/// loaded machine is not failed by its 15 ms.
+pub const TEST_STORE_TIMEOUT_VAR: &str = "RATEKEEPER_TEST_STORE_TIMEOUT";
+
+/// The key layout (`--key-layout`). This mode counts in upstream's keys by
+/// default, so that old and new instances enforce one limit while a
+/// Deployment rolls from envoyproxy/ratelimit to ratekeeper;
+/// `RATEKEEPER_KEY_LAYOUT=ratekeeper` leaves them once no old instance is
+/// left. With the two test variables, the only `RATEKEEPER_` variables
+/// this mode reads.
+pub const KEY_LAYOUT_VAR: &str = "RATEKEEPER_KEY_LAYOUT";
 
 /// Everything the upstream mode needs.
 #[derive(Debug, Clone)]
@@ -233,16 +246,7 @@ fn read(env: &mut Reader<'_>) -> Option<UpstreamSettings> {
     backend::redis(env, &mut args);
 
     // --- behaviour ---
-    let prefix = env.string("CACHE_KEY_PREFIX", "");
-    if !prefix.is_empty() {
-        // Wired with `layout`: args.key_layout = KeyLayout::EnvoyRatelimit;
-        // args.cache_key_prefix = Some(prefix).
-        env.not_yet(
-            "CACHE_KEY_PREFIX",
-            &format!("'{prefix}'"),
-            "--key-layout envoy-ratelimit --cache-key-prefix",
-        );
-    }
+    key_layout(env, &mut args);
     let jitter = env.int("EXPIRATION_JITTER_MAX_SECONDS", 300);
     match u64::try_from(jitter) {
         Ok(seconds) => args.expiration_jitter_max = Duration::from_secs(seconds),
@@ -330,6 +334,12 @@ fn read(env: &mut Reader<'_>) -> Option<UpstreamSettings> {
             ),
         }
     }
+    if env.given(TEST_STORE_TIMEOUT_VAR) {
+        match u64::try_from(env.duration(TEST_STORE_TIMEOUT_VAR, "15ms")) {
+            Ok(nanos) if nanos > 0 => args.store_timeout = Duration::from_nanos(nanos),
+            _ => env.error(TEST_STORE_TIMEOUT_VAR, "must be above 0"),
+        }
+    }
 
     let mode = UpstreamMode {
         http_addr,
@@ -344,14 +354,47 @@ fn read(env: &mut Reader<'_>) -> Option<UpstreamSettings> {
     Some(UpstreamSettings { serve: args, mode })
 }
 
-/// `RATEKEEPER_*` variables (but the test clock) and `RUST_LOG` would do
-/// nothing here: this mode reads upstream's variables only.
+/// Upstream's keys (and `CACHE_KEY_PREFIX`) unless `RATEKEEPER_KEY_LAYOUT`
+/// says `ratekeeper` (see [`KEY_LAYOUT_VAR`]).
+fn key_layout(env: &mut Reader<'_>, args: &mut ServeArgs) {
+    let prefix = env.string("CACHE_KEY_PREFIX", "");
+    match env.raw(KEY_LAYOUT_VAR) {
+        None | Some("envoy-ratelimit") => {
+            args.key_layout = KeyLayoutKind::EnvoyRatelimit;
+            args.cache_key_prefix = (!prefix.is_empty()).then_some(prefix);
+        }
+        Some("ratekeeper") => {
+            args.key_layout = KeyLayoutKind::Ratekeeper;
+            if !prefix.is_empty() {
+                env.error(
+                    "CACHE_KEY_PREFIX",
+                    format!(
+                        "has no effect with {KEY_LAYOUT_VAR}=ratekeeper (ratekeeper's own keys): \
+                         remove it, or count in upstream's keys"
+                    ),
+                );
+            }
+        }
+        Some(other) => env.error(
+            KEY_LAYOUT_VAR,
+            format!(
+                "'{other}' is not a key layout: use envoy-ratelimit (the default) or ratekeeper"
+            ),
+        ),
+    }
+}
+
+/// `RATEKEEPER_*` variables (but the test clock and the key layout) and
+/// `RUST_LOG` would do nothing here: this mode reads upstream's variables.
 fn refuse_foreign_variables(env: &mut Reader<'_>) {
     let mut foreign: Vec<&String> = env
         .env
         .keys()
         .filter(|name| {
-            (name.starts_with("RATEKEEPER_") && *name != TEST_FROZEN_CLOCK_VAR)
+            (name.starts_with("RATEKEEPER_")
+                && *name != TEST_FROZEN_CLOCK_VAR
+                && *name != TEST_STORE_TIMEOUT_VAR
+                && *name != KEY_LAYOUT_VAR)
                 || *name == "RUST_LOG"
         })
         .collect();

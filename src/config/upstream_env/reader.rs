@@ -88,13 +88,4 @@ impl<'a> Reader<'a> {
             self.error(name, format!("has no effect: {why}; remove it"));
         }
     }
-
-    /// A behaviour another branch is adding as `flag`: refused when asked
-    /// for until then.
-    pub(super) fn not_yet(&mut self, name: &'static str, value: &str, flag: &str) {
-        self.error(
-            name,
-            format!("{value} is not supported yet (it will map to ratekeeper's {flag}); remove it"),
-        );
-    }
 }

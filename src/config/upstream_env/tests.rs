@@ -904,10 +904,37 @@ fn envoy_surface_settings_map_onto_their_flags() {
             "LIMIT_RESPONSE_HEADERS_ENABLED=true, which is off",
         );
     }
+}
+
+#[test]
+fn upstreams_keys_by_default_with_its_prefix_and_ratekeepers_on_request() {
+    use crate::config::args::KeyLayoutKind;
+
+    let default = ok(&[]);
+    assert_eq!(default.serve.key_layout, KeyLayoutKind::EnvoyRatelimit);
+    assert_eq!(default.serve.cache_key_prefix, None);
+    let prefixed = ok(&[("CACHE_KEY_PREFIX", "rl:")]);
+    assert_eq!(prefixed.serve.key_layout, KeyLayoutKind::EnvoyRatelimit);
+    assert_eq!(prefixed.serve.cache_key_prefix.as_deref(), Some("rl:"));
+    let explicit = ok(&[
+        ("RATEKEEPER_KEY_LAYOUT", "envoy-ratelimit"),
+        ("CACHE_KEY_PREFIX", "rl:"),
+    ]);
+    assert_eq!(explicit.serve.cache_key_prefix.as_deref(), Some("rl:"));
+    let own = ok(&[("RATEKEEPER_KEY_LAYOUT", "ratekeeper")]);
+    assert_eq!(own.serve.key_layout, KeyLayoutKind::Ratekeeper);
     assert_refused(
-        &[("CACHE_KEY_PREFIX", "rl:")],
+        &[
+            ("RATEKEEPER_KEY_LAYOUT", "ratekeeper"),
+            ("CACHE_KEY_PREFIX", "rl:"),
+        ],
         "CACHE_KEY_PREFIX",
-        "'rl:' is not supported yet (it will map to ratekeeper's --key-layout envoy-ratelimit --cache-key-prefix)",
+        "has no effect with RATEKEEPER_KEY_LAYOUT=ratekeeper",
+    );
+    assert_refused(
+        &[("RATEKEEPER_KEY_LAYOUT", "mine")],
+        "RATEKEEPER_KEY_LAYOUT",
+        "'mine' is not a key layout",
     );
 }
 
@@ -1141,6 +1168,15 @@ fn ratekeepers_own_variables_are_refused_but_the_test_clock() {
         TEST_FROZEN_CLOCK_VAR,
         "not a number",
     );
+    assert_eq!(
+        ok(&[(TEST_STORE_TIMEOUT_VAR, "1s")]).serve.store_timeout,
+        Duration::from_secs(1)
+    );
+    assert_refused(
+        &[(TEST_STORE_TIMEOUT_VAR, "0s")],
+        TEST_STORE_TIMEOUT_VAR,
+        "above 0",
+    );
     // Anything else is not ours to judge.
     ok(&[("HOME", "/root"), ("KUBERNETES_SERVICE_HOST", "10.0.0.1")]);
 }
@@ -1199,7 +1235,10 @@ fn every_variable_is_known_and_documented() {
         .split("\n## ")
         .next()
         .unwrap_or_default();
-    for name in known.iter().filter(|name| **name != TEST_FROZEN_CLOCK_VAR) {
+    for name in known
+        .iter()
+        .filter(|name| ![TEST_FROZEN_CLOCK_VAR, TEST_STORE_TIMEOUT_VAR].contains(name))
+    {
         assert!(
             section.contains(&format!("`{name}`")),
             "README's table lacks {name}"

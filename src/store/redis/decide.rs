@@ -180,14 +180,16 @@ fn found_state(hit: &BatchHit<'_>, now: u64, x: u64, y: u64) -> Option<Stored> {
     })
 }
 
-/// The states a decision found, then changed as `apply_batch` goes.
+/// The states a decision found, then changed as `apply_batch` goes (also
+/// read by the envoy-ratelimit layout's script replies).
 #[derive(Default)]
-struct FoundView<'k> {
+pub(crate) struct FoundView<'k> {
     states: Vec<(&'k [u8], Option<Stored>)>,
 }
 
 impl<'k> FoundView<'k> {
-    fn seed(&mut self, key: &'k [u8], stored: Option<Stored>) {
+    /// The state `key` was found in (the first one seeded counts).
+    pub(crate) fn seed(&mut self, key: &'k [u8], stored: Option<Stored>) {
         if !self.states.iter().any(|(k, _)| *k == key) {
             self.states.push((key, stored));
         }
