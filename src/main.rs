@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         if argv.len() > 1 {
             eprintln!(
                 "ratelimit takes no arguments: like envoyproxy/ratelimit it reads its settings \
-                 from environment variables (README: \"Replacing envoyproxy/ratelimit\")"
+                 from environment variables (docs/migrating-from-envoy-ratelimit.md)"
             );
             return ExitCode::from(EXIT_CONFIG);
         }

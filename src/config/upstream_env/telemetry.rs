@@ -74,7 +74,7 @@ pub(super) fn metrics(env: &mut Reader<'_>) -> Option<PrometheusListener> {
     );
     env.refuse_if_given(
         "PROMETHEUS_MAPPER_YAML",
-        "ratekeeper's metric names are its own (README, Metrics)",
+        "ratekeeper's metric names are its own (docs/operations.md, Metrics)",
     );
     if env.bool("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS", false) {
         env.error(

@@ -1227,11 +1227,11 @@ fn every_variable_is_known_and_documented() {
     }
     assert!(is_known("REDIS_SENTINEL_AUTH"));
     assert!(!is_known("HOME"));
-    let readme = include_str!("../../../README.md");
-    let section = readme
-        .split("## Replacing envoyproxy/ratelimit")
+    let guide = include_str!("../../../docs/migrating-from-envoy-ratelimit.md");
+    let section = guide
+        .split("## The upstream mode")
         .nth(1)
-        .expect("README has the upstream mode's section")
+        .expect("the migration guide has the upstream mode's section")
         .split("\n## ")
         .next()
         .unwrap_or_default();
@@ -1241,7 +1241,7 @@ fn every_variable_is_known_and_documented() {
     {
         assert!(
             section.contains(&format!("`{name}`")),
-            "README's table lacks {name}"
+            "the migration guide's table lacks {name}"
         );
     }
     assert!(section.contains("`DOG_STATSD_MOGRIFIER_*`"));
