@@ -403,3 +403,117 @@ descriptors:
         10_025
     );
 }
+
+/// On a real Redis Cluster: every limit of a descriptor lives on one slot,
+/// so one script call decides all of them, and 64 concurrent callers on 10
+/// users are admitted exactly the tighter limit's worth per user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_keeps_a_descriptors_limits_on_one_slot() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use common::TestServer;
+    use common::cluster::RedisCluster;
+    use ratekeeper::clock::ManualClock;
+    use ratekeeper::store::RedisClusterStore;
+    use ratekeeper::store::redis_cluster::RedisClusterSettings;
+
+    let cluster = RedisCluster::start();
+    let store = RedisClusterStore::new(&RedisClusterSettings {
+        nodes: cluster.urls(),
+        pool_size: 2,
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_millis(500),
+        tls: None,
+        expiry_jitter: Duration::ZERO,
+    })
+    .unwrap()
+    .with_clock(Arc::new(ManualClock::new(common::T0)));
+    let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+    let channel = server.channel().await;
+    let allowed: Arc<Vec<AtomicU64>> = Arc::new((0..10).map(|_| AtomicU64::new(0)).collect());
+    let callers: Vec<_> = (0..64)
+        .map(|caller| {
+            let allowed = allowed.clone();
+            let mut client = RateLimiterClient::new(channel.clone());
+            tokio::spawn(async move {
+                for call in 0..5 {
+                    let user = (caller + call) % 10;
+                    let name = format!("user-{user}");
+                    if ask(&mut client, &[&[("user", &name)]], 1).await.allowed {
+                        allowed[user].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let counts: Vec<u64> = allowed.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    assert_eq!(counts, [10; 10], "allowed per user");
+
+    // Both keys of each user sit on one master.
+    let masters = cluster.masters();
+    for user in 0..10 {
+        let marker = format!("user-{user}|");
+        let holders: Vec<(u16, usize)> = masters
+            .iter()
+            .map(|port| {
+                let keys = cluster.keys_on(*port);
+                let mine = keys
+                    .iter()
+                    .filter(|k| String::from_utf8_lossy(k).contains(&marker))
+                    .count();
+                (*port, mine)
+            })
+            .filter(|(_, mine)| *mine > 0)
+            .collect();
+        assert_eq!(holders.len(), 1, "user-{user}'s keys: {holders:?}");
+        assert_eq!(holders[0].1, 2, "user-{user}: one key per limit");
+    }
+
+    // One script call per request, whatever the number of limits.
+    cluster.reset_stats();
+    let mut client = RateLimiterClient::new(channel.clone());
+    for _ in 0..5 {
+        assert!(ask(&mut client, &[&[("user", "fresh")]], 1).await.allowed);
+    }
+    let scripts: u64 = masters
+        .iter()
+        .map(|port| cluster.calls(*port, "fcall"))
+        .sum();
+    assert_eq!(scripts, 5);
+}
+
+/// `check-config` (the real binary) prints every limit of a descriptor, and
+/// refuses a bad list naming the file, the path and the reason.
+#[test]
+fn check_config_shows_every_limit_and_refuses_bad_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |text: &str| {
+        let path = dir.path().join("rules.yaml");
+        std::fs::write(&path, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_ratekeeper"))
+            .args(["check-config", path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = run(RULES);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .contains("multi.user: 10 per second (fixed_window) and 25 per minute (fixed_window)"),
+        "{stdout}"
+    );
+    let out = run("domain: d\ndescriptors:\n  - key: k\n    rate_limits: []\n");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("descriptors[0].rate_limits: rate_limits needs at least one limit"),
+        "{stderr}"
+    );
+}
