@@ -316,6 +316,7 @@ both_stores!(
     sixty_four_concurrent_callers_are_exact,
     envoy_reports_the_most_restrictive_limit,
     rules_and_metrics_see_the_rule_once,
+    the_over_limit_cache_charges_no_other_limit,
 );
 
 /// The error for a rules file with one descriptor `user` whose limits are
@@ -516,4 +517,70 @@ fn check_config_shows_every_limit_and_refuses_bad_lists() {
         stderr.contains("descriptors[0].rate_limits: rate_limits needs at least one limit"),
         "{stderr}"
     );
+}
+
+/// In the envoy-ratelimit key layout (migrations), the first limit counts
+/// in upstream's key and the others in keys of their own; the decisions
+/// are the same as in ratekeeper's layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_envoy_ratelimit_layout_counts_every_limit() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use common::{RedisServer, TestServer};
+    use ratekeeper::clock::{Clock, ManualClock};
+    use ratekeeper::store::envoy_layout::EnvoyLayout;
+
+    let redis = RedisServer::start();
+    let clock = Arc::new(ManualClock::new(common::T0));
+    let store = common::redis_store(&redis.url(), Duration::from_secs(2))
+        .with_clock(clock.clone() as Arc<dyn Clock>)
+        .with_envoy_layout(EnvoyLayout::new("p_", clock.clone(), 0));
+    let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+    let mut client = server.client().await;
+    for expected in [10, 10, 5, 0] {
+        assert_eq!(drain(&mut client, &[USER]).await.0, expected);
+        clock.advance(1_000);
+    }
+    let mut connection = redis.connection();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut connection)
+        .unwrap();
+    let start = common::T0 / 1_000;
+    for second in [start, start + 1, start + 2] {
+        let key = format!("p_multi_user_alice_{second}");
+        assert!(keys.contains(&key), "{key} in {keys:?}");
+    }
+    assert!(keys.iter().any(|k| k.starts_with("rk4:")), "{keys:?}");
+}
+
+/// With the over-limit cache, a limit known to be over answers without the
+/// store, and the request's other limits are still not charged: the minute
+/// keeps exactly what the admitted calls took.
+async fn the_over_limit_cache_charges_no_other_limit(backend: Backend) {
+    use std::sync::Arc;
+
+    use common::{TestServer, TestStore};
+    use ratekeeper::Server;
+    use ratekeeper::clock::ManualClock;
+    use ratekeeper::store::OverLimitCache;
+
+    let clock = Arc::new(ManualClock::new(common::T0));
+    let store = TestStore::new(backend, clock.clone());
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), store.store.clone())
+            .with_over_limit_cache(OverLimitCache::new(1_000, clock.clone())),
+    )
+    .await;
+    let mut client = server.client().await;
+    for expected in [10, 10, 5, 0] {
+        // Many denials per second, most of them from the cache.
+        let (admitted, _) = drain(&mut client, &[USER]).await;
+        for _ in 0..20 {
+            assert!(!ask(&mut client, &[USER], 1).await.allowed);
+        }
+        assert_eq!(admitted, expected);
+        clock.advance(1_000);
+    }
 }
