@@ -205,4 +205,102 @@ mod tests {
             keys[1]
         );
     }
+
+    mod exactness {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::algorithm::{Quota, Stored};
+
+        const T: u64 = 1_700_000_000_000;
+
+        fn limit() -> impl Strategy<Value = (AlgorithmKind, Quota)> {
+            (0usize..3, 0usize..3, 1u64..20, 1u64..20).prop_map(|(kind, w, limit, burst)| {
+                let algorithm = [
+                    AlgorithmKind::FixedWindow,
+                    AlgorithmKind::SlidingWindow,
+                    AlgorithmKind::TokenBucket,
+                ][kind];
+                let window_ms = [1_000, 3_000, 60_000][w];
+                let burst = if algorithm == AlgorithmKind::TokenBucket {
+                    burst
+                } else {
+                    limit
+                };
+                (
+                    algorithm,
+                    Quota {
+                        limit,
+                        window_ms,
+                        burst,
+                    },
+                )
+            })
+        }
+
+        /// The state of a limit at `now`, as a store reads it.
+        fn live(stored: Option<Stored>, now: u64) -> [u64; 3] {
+            stored
+                .filter(|s| s.expires_at_ms > now)
+                .map_or([0; 3], |s| s.state)
+        }
+
+        proptest! {
+            /// Whatever the limits and their history, a folded denial's
+            /// `retry_after` is exact: one ms earlier some limit still
+            /// denies the same hits, at it every limit admits them.
+            #[test]
+            fn the_folded_retry_after_is_exact(
+                limits in proptest::collection::vec(limit(), 2..4),
+                history in proptest::collection::vec((0u64..700, 1u64..6), 0..40),
+                hits in 1u64..6,
+            ) {
+                let mut stored: Vec<Option<Stored>> = vec![None; limits.len()];
+                let mut now = T;
+                let evaluate = |stored: &[Option<Stored>], hits: u64, at: u64| -> Vec<_> {
+                    limits
+                        .iter()
+                        .zip(stored)
+                        .map(|((algorithm, quota), s)| {
+                            algorithm.algorithm().evaluate(quota, live(*s, at), hits, at)
+                        })
+                        .collect()
+                };
+                // All-or-nothing history: the hits count only when every
+                // limit admits them.
+                for (dt, h) in history {
+                    now += dt;
+                    let evals = evaluate(&stored, h, now);
+                    if evals.iter().all(|e| e.outcome.allowed) {
+                        for (s, e) in stored.iter_mut().zip(&evals) {
+                            *s = Some(e.admitted);
+                        }
+                    }
+                }
+                let outcomes: Vec<Outcome> =
+                    evaluate(&stored, hits, now).iter().map(|e| e.outcome).collect();
+                let (_, folded) = fold(&outcomes);
+                let admits = |at: u64| {
+                    evaluate(&stored, hits, at).iter().all(|e| e.outcome.allowed)
+                };
+                prop_assert_eq!(folded.allowed, admits(now));
+                prop_assert_eq!(
+                    folded.remaining,
+                    outcomes.iter().map(|o| o.remaining).min().unwrap()
+                );
+                if let Some(wait) = folded.retry_after_ms {
+                    prop_assert!(wait > 0);
+                    prop_assert!(!admits(now + wait - 1), "admitted before {wait}");
+                    prop_assert!(admits(now + wait), "denied at {wait}");
+                } else if !folded.allowed {
+                    // Never admissible: some limit is smaller than the hits.
+                    let capacity = |(a, q): &(AlgorithmKind, Quota)| {
+                        if *a == AlgorithmKind::TokenBucket { q.burst } else { q.limit }
+                    };
+                    let too_big = limits.iter().any(|l| hits > capacity(l));
+                    prop_assert!(too_big);
+                }
+            }
+        }
+    }
 }
