@@ -309,6 +309,69 @@ async fn rules_and_metrics_see_the_rule_once(backend: Backend) {
     assert_eq!(limits, [(10, "second"), (25, "minute")]);
 }
 
+/// Envoy's response headers: upstream's three show the limit reported, the
+/// draft's `RateLimit-Policy` lists every limit of the descriptor.
+async fn headers_show_the_reported_limit_and_list_every_limit(backend: Backend) {
+    use std::sync::Arc;
+
+    use common::{TestServer, TestStore};
+    use ratekeeper::Server;
+    use ratekeeper::api::{DraftHeaders, ResponseHeaders};
+    use ratekeeper::clock::ManualClock;
+
+    let clock = Arc::new(ManualClock::new(common::T0));
+    let store = TestStore::new(backend, clock.clone());
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), store.store.clone())
+            .with_response_headers(Some(ResponseHeaders::default()))
+            .with_draft_rate_limit_headers(DraftHeaders::On),
+    )
+    .await;
+    let mut envoy = server.envoy().await;
+    let mut request = envoy_request("multi", &[USER]);
+    request.hits_addend = 10;
+    let mut last = envoy
+        .should_rate_limit(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let headers: Vec<(String, String)> = last
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    let expected = [
+        ("RateLimit-Limit", "10"),
+        ("RateLimit-Remaining", "0"),
+        ("RateLimit-Reset", "1"),
+        (
+            "RateLimit-Policy",
+            "\"per-user\";q=10;w=1, \"per-user\";q=25;w=60",
+        ),
+        ("RateLimit", "\"per-user\";r=0;t=1"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    assert_eq!(headers, expected);
+    // Then 10 and 5 in the next two seconds fill the minute; 6 more are
+    // over both limits: the request waits for the minute, 18 s.
+    for hits in [10, 5, 6] {
+        clock.advance(if hits == 6 { 0 } else { 1_000 });
+        request.hits_addend = hits;
+        last = envoy
+            .should_rate_limit(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+    }
+    let retry = last
+        .response_headers_to_add
+        .iter()
+        .find(|h| h.key == "Retry-After")
+        .map(|h| h.value.clone());
+    assert_eq!(last.overall_code(), Code::OverLimit);
+    assert_eq!(retry.as_deref(), Some("18"));
+}
+
 both_stores!(
     admits_exactly_the_most_restrictive_limits_worth,
     a_denied_request_charges_no_limit,
@@ -317,6 +380,7 @@ both_stores!(
     envoy_reports_the_most_restrictive_limit,
     rules_and_metrics_see_the_rule_once,
     the_over_limit_cache_charges_no_other_limit,
+    headers_show_the_reported_limit_and_list_every_limit,
 );
 
 /// The error for a rules file with one descriptor `user` whose limits are
