@@ -291,6 +291,7 @@ impl Workload {
                 .collect(),
             cost: u64::from(self.cost),
             dry_run: false,
+            reservation_ttl: None,
         }
     }
 

@@ -40,6 +40,9 @@ pub enum Error {
     /// message is upstream's.
     #[error("no rate limit configuration loaded")]
     NoConfig,
+    /// A reservation could not be made or settled.
+    #[error(transparent)]
+    Reservation(#[from] crate::reservation::ReservationError),
     /// A bug or an unexpected condition.
     #[error("internal error: {0}")]
     Internal(String),
@@ -66,6 +69,7 @@ impl From<Error> for Status {
                 Status::unavailable(format!("rate limit store unavailable: {e}"))
             }
             Error::Overloaded { .. } => Status::resource_exhausted(error.to_string()),
+            Error::Reservation(e) => e.clone().into(),
             // UNKNOWN with upstream's text, as upstream answers it.
             Error::NoConfig => Status::unknown(error.to_string()),
             Error::Config(_) | Error::Internal(_) => {

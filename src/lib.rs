@@ -21,6 +21,7 @@
 //! - [`store`]: `CounterStore` with the memory and Redis backends.
 //! - [`limiter`]: match → hits → one store call → decision.
 //! - [`failure_policy`]: what to answer when the store fails.
+//! - [`reservation`]: reserve an estimated cost, then settle the actual one.
 //! - [`fuzzing`]: fuzz targets for the config loader, matcher and keys.
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services (with the Envoy
 //!   answer's quota mode, headers and dynamic metadata).
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod proto;
 pub mod readiness;
 pub mod reload;
+pub mod reservation;
 pub mod rules;
 pub mod server;
 pub mod shutdown;

@@ -22,6 +22,7 @@ use ratekeeper::config::{
     load_rules_with, read_snapshot_with,
 };
 use ratekeeper::reload::ReloadSettings;
+use ratekeeper::reservation::Ledger;
 use ratekeeper::rules::{RuleLimit, Rules};
 use ratekeeper::store::envoy_layout::EnvoyLayout;
 use ratekeeper::store::redis::sentinel::SentinelSettings;
@@ -385,7 +386,11 @@ fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterS
         ))
     };
     Ok(match args.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(args.memory_max_keys, clock(args))),
+        StoreKind::Memory => Arc::new(MemoryStore::with_ledger(
+            args.memory_max_keys,
+            clock(args),
+            Ledger::new(args.max_reservations, args.max_reservation_ttl),
+        )),
         StoreKind::Redis => {
             let redis =
                 RedisStore::new(&redis_settings(args, mode)?).context(mode.name("--redis-url"))?;

@@ -34,6 +34,7 @@
 //! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
 //! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
 //! | `ratelimit_over_limit_cache_hits_total` | counter | domain | descriptors denied from the over-limit cache, without a store call |
+//! | `ratelimit_reservations_total` | counter | event | reservations `reserved` (opened by an admitted `ShouldAllow` with a TTL), `settled` (by `Settle`; retries not counted) and `expired` (found unsettled past their TTL: charged at their estimate) |
 //! | `ratelimit_detailed_metric_folded_total` | counter | domain | descriptors whose stats key carries runtime values, counted under the rule's path because the per-value series cap was reached |
 
 use std::collections::HashSet;
@@ -80,6 +81,8 @@ pub const DEGRADED_TOTAL: &str = "ratelimit_degraded_total";
 pub const OVER_LIMIT_CACHE_HITS_TOTAL: &str = "ratelimit_over_limit_cache_hits_total";
 /// Descriptors of detailed rules folded into their rule's series.
 pub const DETAILED_METRIC_FOLDED_TOTAL: &str = "ratelimit_detailed_metric_folded_total";
+/// Reservations reserved, settled and expired.
+pub const RESERVATIONS_TOTAL: &str = "ratelimit_reservations_total";
 
 /// Default cap on distinct per-value (`detailed_metric`) rule labels.
 pub const DEFAULT_MAX_DETAILED_SERIES: usize = 1_000;
@@ -282,6 +285,11 @@ impl Metrics {
             None,
             "Descriptors counted under their rule's path instead of a per-value key: the per-value series cap was reached.",
         );
+        describe(
+            RESERVATIONS_TOTAL,
+            None,
+            "Reservations reserved, settled, and expired unsettled (charged at their estimate).",
+        );
         let handle = recorder.handle();
         Self {
             inner: Arc::new(Inner {
@@ -389,6 +397,14 @@ impl Metrics {
             vec![Label::new("domain", domain.to_owned())],
         )
         .increment(count);
+    }
+
+    /// Counts `count` reservation events (`reserved`, `settled`, `expired`).
+    pub fn reservations(&self, event: &'static str, count: u64) {
+        if count > 0 {
+            self.counter(RESERVATIONS_TOTAL, vec![Label::new("event", event)])
+                .increment(count);
+        }
     }
 
     /// Counts a request answered by the failure policy.

@@ -20,8 +20,10 @@ use crate::limiter::{FailurePolicy, Limiter};
 use crate::metrics::{Metrics, MetricsSettings};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
+use crate::proto::ratekeeper::v1::reservations_server::ReservationsServer;
 use crate::readiness::Readiness;
 use crate::reload::{ReloadSettings, ReloadStatus};
+use crate::reservation::service::ReservationService;
 use crate::rules::Rules;
 use crate::store::{CounterStore, OverLimitCache};
 use crate::upstream::{self, UpstreamListeners};
@@ -348,6 +350,10 @@ impl Server {
             )
             .add_service(
                 RateLimitServiceServer::new(envoy.clone())
+                    .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .add_service(
+                ReservationsServer::new(ReservationService::new(self.limiter.clone(), self.limits))
                     .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));

@@ -48,6 +48,7 @@ fn batch(first: u64) -> ShouldAllowRequest {
             .collect(),
         cost: 1,
         dry_run: false,
+        reservation_ttl: None,
     }
 }
 

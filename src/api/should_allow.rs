@@ -14,6 +14,7 @@ use crate::limiter::{
 };
 use crate::metrics::Surface;
 use crate::proto::ratekeeper::v1 as pb;
+use crate::reservation::service::requested_ttl;
 
 /// The `RateLimiter` gRPC service.
 #[derive(Debug, Clone)]
@@ -104,8 +105,20 @@ impl ShouldAllowService {
         &self,
         request: &pb::ShouldAllowRequest,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
+        let mut grant = None;
         let result = match self.translate(request) {
-            Ok(check) => self.limiter.check(&check).await,
+            Ok(check) => match requested_ttl(request) {
+                Ok(None) => self.limiter.check(&check).await,
+                Ok(Some(ttl_ms)) => self
+                    .limiter
+                    .reserve(&check, request.cost.max(1), ttl_ms)
+                    .await
+                    .map(|(decision, reserved)| {
+                        grant = reserved;
+                        decision
+                    }),
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error),
         };
         let answered = finish(
@@ -117,7 +130,11 @@ impl ShouldAllowService {
             // Quota mode is the Envoy API's: here every rule is a hard limit.
             Decision::over_limit,
         )?;
-        let response = to_response(&answered);
+        let mut response = to_response(&answered);
+        if let Some(grant) = grant {
+            response.reservation_id = grant.id;
+            response.reservation_ttl = Some(duration_from_ms(grant.ttl_ms));
+        }
         tracing::Span::current().record("allowed", response.allowed);
         Ok(Response::new(response))
     }
@@ -147,6 +164,7 @@ fn to_response(answered: &Answered) -> pb::ShouldAllowResponse {
         allowed,
         results,
         retry_after,
+        ..Default::default()
     }
 }
 

@@ -225,6 +225,16 @@ pub struct ServeArgs {
           value_parser = parse_positive)]
     pub memory_max_keys: usize,
 
+    /// Longest reservation (`ShouldAllow`'s `reservation_ttl`); longer ones
+    /// are shortened to it.
+    #[arg(long, env = "RATEKEEPER_MAX_RESERVATION_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub max_reservation_ttl: Duration,
+
+    /// Most reservations open at once; past it, reserving is refused.
+    #[arg(long, env = "RATEKEEPER_MAX_RESERVATIONS", default_value_t = crate::reservation::ledger::DEFAULT_MAX_OPEN,
+          value_parser = parse_positive)]
+    pub max_reservations: usize,
+
     /// Most descriptors in one request.
     #[arg(long, env = "RATEKEEPER_MAX_DESCRIPTORS", default_value_t = crate::api::DEFAULT_MAX_DESCRIPTORS,
           value_parser = parse_positive)]

@@ -86,7 +86,7 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
     // A single rules file holds one domain: nothing to merge.
     let merges = !args.config.is_file();
     let envoy_layout = args.key_layout == KeyLayoutKind::EnvoyRatelimit;
-    let rules: [(&str, Needs); 24] = [
+    let rules: [(&str, Needs); 26] = [
         ("redis_url", Needs::Store(REDIS, "--store redis")),
         ("redis_pool_size", Needs::Store(SHARED, SHARED_STORES)),
         (
@@ -125,6 +125,14 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
         ),
         (
             "memory_max_keys",
+            Needs::Store(&[StoreKind::Memory], "--store memory"),
+        ),
+        (
+            "max_reservation_ttl",
+            Needs::Store(&[StoreKind::Memory], "--store memory"),
+        ),
+        (
+            "max_reservations",
             Needs::Store(&[StoreKind::Memory], "--store memory"),
         ),
         (

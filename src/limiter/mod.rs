@@ -15,6 +15,7 @@
 mod admission;
 mod cached;
 mod degraded;
+mod reserve;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 pub use crate::failure_policy::FailurePolicy;
 use crate::metrics::{AnswerSource, Metrics};
+use crate::reservation::Grant;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{KeyLayout, Limit, Rule, Rules, multi};
 use crate::store::{CounterStore, OverLimitCache, StoreError};
@@ -235,16 +237,27 @@ impl Limiter {
     /// is `error`; nothing is decided then. [`Error::NoConfig`] while no
     /// configuration has loaded.
     pub async fn check(&self, request: &CheckRequest<'_>) -> Result<Decision, Error> {
+        Ok(self.decide(request, None).await?.0)
+    }
+
+    /// Decides `request`, charging its hits through `reserve` (opening a
+    /// reservation) when given, else with [`Limiter::apply`].
+    async fn decide(
+        &self,
+        request: &CheckRequest<'_>,
+        reserve: Option<&reserve::Reserve<'_>>,
+    ) -> Result<(Decision, Option<Grant>), Error> {
         let _admitted = self.admission.admit()?;
         let rules = self.rules.load_full();
         if !rules.is_loaded() {
             return Err(Error::NoConfig);
         }
         let Some(tree) = rules.domain(request.domain) else {
-            return Ok(Decision {
+            let decision = Decision {
                 descriptors: vec![DescriptorDecision::NoRule; request.descriptors.len()],
                 known_domain: false,
-            });
+            };
+            return Ok((decision, None));
         };
 
         let mut matched: Vec<Option<Arc<Rule>>> = request
@@ -289,7 +302,13 @@ impl Limiter {
                 .collect(),
             mode: request.mode,
         };
-        let (outcomes, sources) = self.apply(request.domain, &batch).await?;
+        let (outcomes, sources, grant) = match reserve {
+            None => {
+                let (outcomes, sources) = self.apply(request.domain, &batch).await?;
+                (outcomes, sources, None)
+            }
+            Some(reserve) => reserve.apply(self, request.domain, &batch).await?,
+        };
 
         // The limits of one descriptor are adjacent: fold each run into the
         // descriptor's answer.
@@ -327,10 +346,11 @@ impl Limiter {
                 (Some(rule), None) => DescriptorDecision::Unlimited { rule },
             })
             .collect();
-        Ok(Decision {
+        let decision = Decision {
             descriptors,
             known_domain: true,
-        })
+        };
+        Ok((decision, grant))
     }
 
     /// Applies `batch`: known denials from the over-limit cache, the rest

@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use super::{CounterStore, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome, StateView, Stored, apply_batch};
 use crate::clock::Clock;
+use crate::reservation::{Ledger, ReservationStore};
 
 /// Number of independently locked shards.
 const SHARDS: usize = 64;
@@ -66,6 +67,8 @@ struct Inner {
     router: RandomState,
     max_keys_per_shard: usize,
     clock: Arc<dyn Clock>,
+    /// Reservations charged to these counters.
+    ledger: Ledger,
 }
 
 #[derive(Debug, Default)]
@@ -107,13 +110,79 @@ impl MemoryStore {
     /// A store that keeps at most about `max_keys` live counters and reads
     /// time from `clock`.
     pub fn new(max_keys: usize, clock: Arc<dyn Clock>) -> Self {
+        Self::with_ledger(max_keys, clock, Ledger::default())
+    }
+
+    /// As [`MemoryStore::new`], keeping reservations in `ledger`.
+    pub fn with_ledger(max_keys: usize, clock: Arc<dyn Clock>, ledger: Ledger) -> Self {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 router: RandomState::new(),
                 max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
                 clock,
+                ledger,
             }),
+        }
+    }
+
+    /// The reservations charged to these counters.
+    pub(crate) fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    /// The store's time.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Applies `hits` as [`CounterStore::apply`] does, and says at which
+    /// instant they were judged (a reservation records its windows from it).
+    pub(crate) fn apply_at(&self, hits: &[BatchHit<'_>], mode: Mode) -> (Vec<Outcome>, u64) {
+        let mut view = self.lock_for(hits);
+        let now_ms = view.now_ms;
+        let outcomes = apply_batch(&mut view, hits, mode, now_ms);
+        view.commit(hits, &outcomes, self.inner.max_keys_per_shard);
+        (outcomes, now_ms)
+    }
+
+    /// Rewrites the counters at `keys`, in order, under their shards'
+    /// locks: `change(i, live state, now)` returns the new state of
+    /// `keys[i]`, or `None` to leave it (settling a reservation).
+    pub(crate) fn rewrite(
+        &self,
+        keys: &[&[u8]],
+        mut change: impl FnMut(usize, Option<Stored>, u64) -> Option<Stored>,
+    ) {
+        let router = &self.inner.router;
+        let mut indices: Vec<usize> = keys.iter().map(|k| shard_of(router, k)).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> = indices
+            .into_iter()
+            .map(|i| (i, lock(&self.inner.shards[i])))
+            .collect();
+        let now_ms = self.inner.clock.now_ms();
+        for (i, key) in keys.iter().enumerate() {
+            let index = shard_of(router, key);
+            let Some((_, shard)) = guards.iter_mut().find(|(at, _)| *at == index) else {
+                unreachable!("every key's shard was locked");
+            };
+            let live = shard
+                .entries
+                .get(*key)
+                .map(|e| e.stored)
+                .filter(|s| s.expires_at_ms > now_ms);
+            let Some(stored) = change(i, live, now_ms) else {
+                continue;
+            };
+            match shard.entries.get_mut(*key) {
+                Some(entry) => entry.stored = stored,
+                None => {
+                    shard.make_room(now_ms, self.inner.max_keys_per_shard, 1);
+                    shard.upsert(key, stored, 0);
+                }
+            }
         }
     }
 
@@ -164,6 +233,10 @@ impl CounterStore for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    fn reservations(&self) -> Option<Arc<dyn ReservationStore>> {
+        Some(Arc::new(self.clone()))
     }
 }
 

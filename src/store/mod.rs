@@ -60,6 +60,12 @@ pub trait CounterStore: Send + Sync + fmt::Debug {
     fn key_layout(&self) -> KeyLayout {
         KeyLayout::Ratekeeper
     }
+
+    /// The reservations kept beside these counters (reserve, then settle);
+    /// `None` when this backend keeps none.
+    fn reservations(&self) -> Option<std::sync::Arc<dyn crate::reservation::ReservationStore>> {
+        None
+    }
 }
 
 /// Why a store call failed.

@@ -434,6 +434,7 @@ pub fn allow_request(
             .collect(),
         cost,
         dry_run: false,
+        reservation_ttl: None,
     }
 }
 

@@ -1,0 +1,411 @@
+//! Reserve, then settle, end to end over gRPC: `ShouldAllow` with a
+//! `reservation_ttl` charges an estimate and answers a reservation id;
+//! `Reservations/Settle` charges the difference or refunds it, exactly once.
+//! Memory store (which keeps reservations); the Redis store refuses them
+//! clearly. Time is a manual clock: nothing here waits for real time.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Backend, Harness, T0, TestServer, allow_request, http_get, rules};
+use ratekeeper::clock::ManualClock;
+use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
+use ratekeeper::proto::ratekeeper::v1::reservations_client::ReservationsClient;
+use ratekeeper::proto::ratekeeper::v1::{
+    SettleRequest, SettleResponse, SettleStatus, ShouldAllowRequest, ShouldAllowResponse,
+};
+use ratekeeper::reservation::Ledger;
+use ratekeeper::store::MemoryStore;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const RULES: &str = r#"
+domain: llm
+descriptors:
+  - key: fixed
+    rate_limit: {unit: hour, requests_per_unit: 1000000, name: fixed}
+  - key: sliding
+    rate_limit: {algorithm: sliding_window, unit: hour, requests_per_unit: 1000000, name: sliding}
+  - key: bucket
+    rate_limit: {algorithm: token_bucket, unit: hour, requests_per_unit: 1000000, name: bucket}
+  - key: small
+    rate_limit: {unit: hour, requests_per_unit: 10, name: small}
+  - key: tokens
+    rate_limit: {algorithm: token_bucket, unit: minute, requests_per_unit: 10, name: tokens}
+"#;
+
+const ALL: [&[(&str, &str)]; 3] = [&[("fixed", "t")], &[("sliding", "t")], &[("bucket", "t")]];
+const SMALL: &[(&str, &str)] = &[("small", "t")];
+const TOKENS: &[(&str, &str)] = &[("tokens", "t")];
+
+struct Fixture {
+    limiter: RateLimiterClient<Channel>,
+    reservations: ReservationsClient<Channel>,
+    clock: Arc<ManualClock>,
+    harness: Harness,
+}
+
+async fn fixture(backend: Backend) -> Fixture {
+    let harness = Harness::start(backend, RULES).await;
+    let channel = harness.server.channel().await;
+    Fixture {
+        limiter: RateLimiterClient::new(channel.clone()),
+        reservations: ReservationsClient::new(channel),
+        clock: harness.clock.clone(),
+        harness,
+    }
+}
+
+fn reserve_request(
+    descriptors: &[&[(&str, &str)]],
+    estimate: u64,
+    ttl: Duration,
+) -> ShouldAllowRequest {
+    ShouldAllowRequest {
+        reservation_ttl: Some(prost_types::Duration {
+            seconds: ttl.as_secs() as i64,
+            nanos: ttl.subsec_nanos() as i32,
+        }),
+        ..allow_request("llm", descriptors, estimate)
+    }
+}
+
+fn settle_request(id: &str, actual: u64) -> SettleRequest {
+    SettleRequest {
+        domain: "llm".to_owned(),
+        reservation_id: id.to_owned(),
+        actual_cost: actual,
+    }
+}
+
+fn ms(d: &prost_types::Duration) -> u64 {
+    d.seconds as u64 * 1_000 + d.nanos as u64 / 1_000_000
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+impl Fixture {
+    async fn reserve(
+        &mut self,
+        descriptors: &[&[(&str, &str)]],
+        estimate: u64,
+        ttl: Duration,
+    ) -> ShouldAllowResponse {
+        self.limiter
+            .should_allow(reserve_request(descriptors, estimate, ttl))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn settle(&mut self, id: &str, actual: u64) -> Result<SettleResponse, tonic::Status> {
+        self.reservations
+            .settle(settle_request(id, actual))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// What each descriptor has left, asked with a dry run.
+    async fn remaining(&mut self, descriptors: &[&[(&str, &str)]]) -> Vec<u64> {
+        let request = ShouldAllowRequest {
+            dry_run: true,
+            ..allow_request("llm", descriptors, 1)
+        };
+        let response = self
+            .limiter
+            .should_allow(request)
+            .await
+            .unwrap()
+            .into_inner();
+        response.results.iter().map(|r| r.remaining).collect()
+    }
+}
+
+/// The issue's guarantee: 64 callers reserving an estimate and settling
+/// their actual costs at once leave every counter (fixed window, sliding
+/// window, token bucket) charged at exactly the sum of the actual costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reserve_and_settle_charge_exactly_the_settled_costs() {
+    let f = fixture(Backend::Memory).await;
+    let channel = f.harness.server.channel().await;
+    let callers: Vec<_> = (0..64u64)
+        .map(|i| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                let mut limiter = RateLimiterClient::new(channel.clone());
+                let mut reservations = ReservationsClient::new(channel);
+                let mut charged = 0;
+                for round in 0..4u64 {
+                    let estimate = 500;
+                    let actual = (i * 7 + round * 131) % 997;
+                    let response = limiter
+                        .should_allow(reserve_request(&ALL, estimate, MINUTE))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert!(response.allowed);
+                    let settled = reservations
+                        .settle(settle_request(&response.reservation_id, actual))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(settled.status(), SettleStatus::Settled);
+                    assert_eq!(
+                        (settled.estimated_cost, settled.actual_cost),
+                        (estimate, actual)
+                    );
+                    charged += actual;
+                }
+                charged
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for caller in callers {
+        total += caller.await.unwrap();
+    }
+    let mut f = f;
+    assert_eq!(f.remaining(&ALL).await, vec![1_000_000 - total; 3]);
+}
+
+#[tokio::test]
+async fn a_retried_settle_answers_the_same_and_changes_nothing() {
+    let mut f = fixture(Backend::Memory).await;
+    let reserved = f.reserve(&[SMALL], 6, MINUTE).await;
+    assert!(reserved.allowed);
+    assert!(!reserved.reservation_id.is_empty());
+    assert_eq!(reserved.reservation_ttl.as_ref().map(ms), Some(60_000));
+    assert_eq!(f.remaining(&[SMALL]).await, vec![4]);
+
+    let first = f.settle(&reserved.reservation_id, 2).await.unwrap();
+    assert_eq!(first.status(), SettleStatus::Settled);
+    assert_eq!(f.remaining(&[SMALL]).await, vec![8]);
+    for _ in 0..3 {
+        let again = f.settle(&reserved.reservation_id, 2).await.unwrap();
+        assert_eq!(again.status(), SettleStatus::AlreadySettled);
+        assert_eq!((again.estimated_cost, again.actual_cost), (6, 2));
+    }
+    let other = f.settle(&reserved.reservation_id, 3).await.unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition, "{other:?}");
+    assert!(
+        other
+            .message()
+            .contains("already settled with actual_cost 2"),
+        "{other:?}"
+    );
+    assert_eq!(f.remaining(&[SMALL]).await, vec![8]);
+}
+
+#[tokio::test]
+async fn an_extra_charge_is_added_without_an_admission_check() {
+    let mut f = fixture(Backend::Memory).await;
+    let reserved = f.reserve(&[SMALL], 2, MINUTE).await;
+    assert!(reserved.allowed);
+    f.settle(&reserved.reservation_id, 14).await.unwrap();
+    // 14 of 10: the work is done, so it counts, and the key stays denied.
+    assert_eq!(f.remaining(&[SMALL]).await, vec![0]);
+    assert!(!f.reserve(&[SMALL], 1, MINUTE).await.allowed);
+}
+
+#[tokio::test]
+async fn an_unsettled_reservation_stays_charged_at_its_estimate() {
+    let mut f = fixture(Backend::Memory).await;
+    let reserved = f.reserve(&[SMALL], 7, Duration::from_secs(5)).await;
+    assert!(reserved.allowed);
+    f.clock.advance(5_000);
+    let late = f.settle(&reserved.reservation_id, 1).await.unwrap_err();
+    assert_eq!(late.code(), Code::NotFound, "{late:?}");
+    assert_eq!(f.remaining(&[SMALL]).await, vec![3]);
+    // The expiry is counted.
+    f.reserve(&[SMALL], 1, MINUTE).await;
+    let metrics = http_get(f.harness.server.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains(r#"ratelimit_reservations_total{event="expired"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"ratelimit_reservations_total{event="reserved"} 2"#));
+}
+
+#[tokio::test]
+async fn a_refund_is_floored_at_zero() {
+    let mut f = fixture(Backend::Memory).await;
+    let reserved = f.reserve(&[TOKENS], 10, Duration::from_secs(300)).await;
+    assert!(reserved.allowed);
+    // The bucket refills in full; refunding the 10 must not make room for
+    // more than the burst.
+    f.clock.advance(60_000);
+    f.settle(&reserved.reservation_id, 0).await.unwrap();
+    assert!(f.reserve(&[TOKENS], 10, MINUTE).await.allowed);
+    assert!(!f.reserve(&[TOKENS], 1, MINUTE).await.allowed);
+}
+
+#[tokio::test]
+async fn admission_counts_outstanding_reservations() {
+    let mut f = fixture(Backend::Memory).await;
+    let held = f.reserve(&[SMALL], 8, MINUTE).await;
+    assert!(held.allowed);
+    let denied = f.reserve(&[SMALL], 3, MINUTE).await;
+    assert!(!denied.allowed);
+    assert!(denied.reservation_id.is_empty());
+    assert_eq!(denied.reservation_ttl, None);
+    let plain = f
+        .limiter
+        .should_allow(allow_request("llm", &[SMALL], 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!plain.allowed);
+    f.settle(&held.reservation_id, 2).await.unwrap();
+    let after = f.reserve(&[SMALL], 3, MINUTE).await;
+    assert!(after.allowed);
+    assert_eq!(after.results[0].remaining, 5);
+}
+
+#[tokio::test]
+async fn an_unmatched_request_gets_a_reservation_that_settles() {
+    let mut f = fixture(Backend::Memory).await;
+    let reserved = f.reserve(&[&[("nothing", "x")]], 3, MINUTE).await;
+    assert!(reserved.allowed);
+    let settled = f.settle(&reserved.reservation_id, 9).await.unwrap();
+    assert_eq!(settled.status(), SettleStatus::Settled);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let mut f = fixture(Backend::Memory).await;
+    let held = f.reserve(&[SMALL], 4, MINUTE).await;
+    let refused = |request: ShouldAllowRequest| {
+        let mut client = f.limiter.clone();
+        async move { client.should_allow(request).await.unwrap_err() }
+    };
+    let dry = refused(ShouldAllowRequest {
+        dry_run: true,
+        ..reserve_request(&[SMALL], 1, MINUTE)
+    })
+    .await;
+    assert_eq!(dry.code(), Code::InvalidArgument);
+    assert!(dry.message().starts_with("reservation_ttl:"), "{dry:?}");
+    for (seconds, nanos) in [(0, 0), (0, 999_999), (-1, 0), (1, -5), (0, 1_000_000_000)] {
+        let status = refused(ShouldAllowRequest {
+            reservation_ttl: Some(prost_types::Duration { seconds, nanos }),
+            ..allow_request("llm", &[SMALL], 1)
+        })
+        .await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{seconds}s {nanos}ns");
+        assert!(
+            status.message().starts_with("reservation_ttl:"),
+            "{status:?}"
+        );
+    }
+
+    let id = held.reservation_id.clone();
+    let cases = [
+        (
+            settle_request("", 1),
+            Code::InvalidArgument,
+            "reservation_id:",
+        ),
+        (
+            settle_request(&"x".repeat(65), 1),
+            Code::InvalidArgument,
+            "reservation_id:",
+        ),
+        (
+            settle_request(&id, u64::MAX),
+            Code::InvalidArgument,
+            "actual_cost:",
+        ),
+        (
+            settle_request("rsv-00000000000000000000000000000000", 1),
+            Code::NotFound,
+            "reservation",
+        ),
+        (
+            SettleRequest {
+                domain: String::new(),
+                ..settle_request(&id, 1)
+            },
+            Code::InvalidArgument,
+            "domain:",
+        ),
+        (
+            SettleRequest {
+                domain: "other".to_owned(),
+                ..settle_request(&id, 1)
+            },
+            Code::NotFound,
+            "reservation",
+        ),
+    ];
+    for (request, code, prefix) in cases {
+        let status = f.reservations.settle(request.clone()).await.unwrap_err();
+        assert_eq!(status.code(), code, "{request:?}: {status:?}");
+        assert!(status.message().starts_with(prefix), "{status:?}");
+    }
+    // Nothing changed: the reservation is still open at its estimate.
+    assert_eq!(f.remaining(&[SMALL]).await, vec![6]);
+    assert_eq!(
+        f.settle(&id, 1).await.unwrap().status(),
+        SettleStatus::Settled
+    );
+    assert_eq!(f.remaining(&[SMALL]).await, vec![9]);
+}
+
+/// The TTL is shortened to the configured maximum, and a full ledger
+/// refuses a reservation without charging it.
+#[tokio::test]
+async fn the_ttl_is_clamped_and_open_reservations_are_bounded() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = MemoryStore::with_ledger(
+        1_000,
+        clock.clone(),
+        Ledger::new(2, Duration::from_secs(30)),
+    );
+    let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+    let channel = server.channel().await;
+    let mut limiter = RateLimiterClient::new(channel);
+    let reserve = |estimate| reserve_request(&[SMALL], estimate, Duration::from_secs(3_600));
+    let first = limiter.should_allow(reserve(1)).await.unwrap().into_inner();
+    assert_eq!(first.reservation_ttl.as_ref().map(ms), Some(30_000));
+    limiter.should_allow(reserve(1)).await.unwrap();
+    let full = limiter.should_allow(reserve(1)).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    let dry = ShouldAllowRequest {
+        dry_run: true,
+        ..allow_request("llm", &[SMALL], 1)
+    };
+    let left = limiter.should_allow(dry).await.unwrap().into_inner();
+    assert_eq!(left.results[0].remaining, 8);
+    // Once they expire, there is room again.
+    clock.advance(30_000);
+    assert!(
+        limiter
+            .should_allow(reserve(1))
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
+}
+
+/// The Redis stores keep no reservations yet: both calls say so, and
+/// nothing is charged.
+#[tokio::test]
+async fn the_redis_store_refuses_reservations_clearly() {
+    let mut f = fixture(Backend::Redis).await;
+    let status = f
+        .limiter
+        .should_allow(reserve_request(&[SMALL], 4, MINUTE))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("--store memory"), "{status:?}");
+    let settle = f
+        .settle("rsv-00000000000000000000000000000000", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(settle.code(), Code::FailedPrecondition, "{settle:?}");
+    assert_eq!(f.remaining(&[SMALL]).await, vec![10]);
+}
