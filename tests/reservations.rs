@@ -34,11 +34,16 @@ descriptors:
     rate_limit: {unit: hour, requests_per_unit: 10, name: small}
   - key: tokens
     rate_limit: {algorithm: token_bucket, unit: minute, requests_per_unit: 10, name: tokens}
+  - key: tenant
+    rate_limits:
+      - {unit: minute, requests_per_unit: 100, name: tenant}
+      - {unit: day, requests_per_unit: 150}
 "#;
 
 const ALL: [&[(&str, &str)]; 3] = [&[("fixed", "t")], &[("sliding", "t")], &[("bucket", "t")]];
 const SMALL: &[(&str, &str)] = &[("small", "t")];
 const TOKENS: &[(&str, &str)] = &[("tokens", "t")];
+const TENANT: &[(&str, &str)] = &[("tenant", "acme")];
 
 struct Fixture {
     limiter: RateLimiterClient<Channel>,
@@ -261,6 +266,25 @@ async fn admission_counts_outstanding_reservations() {
     let after = f.reserve(&[SMALL], 3, MINUTE).await;
     assert!(after.allowed);
     assert_eq!(after.results[0].remaining, 5);
+}
+
+/// A descriptor with several limits: the estimate is charged to each, and
+/// so is the settlement.
+#[tokio::test]
+async fn every_limit_of_a_descriptor_is_settled() {
+    let mut f = fixture(Backend::Memory).await;
+    let reserved = f.reserve(&[TENANT], 90, MINUTE).await;
+    assert!(reserved.allowed);
+    assert_eq!(reserved.results[0].remaining, 10);
+    f.settle(&reserved.reservation_id, 30).await.unwrap();
+    // Minute: 30 of 100 used; day: 30 of 150.
+    assert_eq!(f.remaining(&[TENANT]).await, vec![70]);
+    let next = f.reserve(&[TENANT], 70, MINUTE).await;
+    assert!(next.allowed);
+    // The day has 50 left after both; a new minute does not bring it back.
+    f.settle(&next.reservation_id, 70).await.unwrap();
+    f.clock.advance(60_000);
+    assert_eq!(f.remaining(&[TENANT]).await, vec![50]);
 }
 
 #[tokio::test]
