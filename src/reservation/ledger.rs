@@ -5,10 +5,11 @@
 //! lock, so it is settled exactly once however many settles race; what
 //! remains is a tombstone with the settled cost, so a retried settle gets
 //! the same answer for [`TOMBSTONE_MS`]. Bounded: at most `max_open` open
-//! reservations (past that, reserving is refused), expired ones and old
-//! tombstones are dropped on access, at most once per [`SWEEP_INTERVAL_MS`].
+//! reservations (past that, reserving is refused) and as many tombstones
+//! (past that, the oldest go early); expired ones and old tombstones are
+//! dropped on access, at most once per [`SWEEP_INTERVAL_MS`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub struct Ledger {
 struct Book {
     entries: HashMap<String, Entry>,
     open: usize,
+    /// Settled ids, oldest first, to bound the tombstones.
+    settled: VecDeque<String>,
     next_sweep_ms: u64,
     /// Reservations that expired unsettled, not yet reported.
     expired: u64,
@@ -202,6 +205,14 @@ impl Ledger {
             unreachable!("an open reservation was matched above");
         };
         book.open -= 1;
+        book.settled.push_back(id.to_owned());
+        // Ids are never reused, so the oldest settled id names a tombstone
+        // (or nothing, once swept).
+        while book.settled.len() > self.max_open {
+            if let Some(oldest) = book.settled.pop_front() {
+                book.entries.remove(&oldest);
+            }
+        }
         Ok(Taken::Open { estimate, charges })
     }
 
@@ -310,6 +321,27 @@ mod tests {
             Err(ReservationError::NotFound(_))
         ));
         assert_eq!(ledger.open_count(), 0);
+    }
+
+    #[test]
+    fn tombstones_are_bounded_too() {
+        let ledger = Ledger::new(2, Duration::from_secs(60));
+        let ids: Vec<String> = (0..3)
+            .map(|_| {
+                let grant = ledger.open("d", 1, Vec::new(), 1_000, T).unwrap();
+                ledger.take("d", &grant.id, 1, T).unwrap();
+                grant.id
+            })
+            .collect();
+        assert_eq!(ledger.lock().entries.len(), 2);
+        assert!(matches!(
+            ledger.take("d", &ids[0], 1, T),
+            Err(ReservationError::NotFound(_))
+        ));
+        assert!(matches!(
+            ledger.take("d", &ids[2], 1, T),
+            Ok(Taken::Again(_))
+        ));
     }
 
     #[test]
