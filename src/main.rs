@@ -402,6 +402,7 @@ fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterS
                 Some(layout) => redis.with_envoy_layout(layout),
                 None => redis,
             };
+            let redis = redis.with_max_reservation_ttl(args.max_reservation_ttl);
             with_breaker(Arc::new(redis))
         }
         StoreKind::RedisSentinel => {
@@ -426,6 +427,7 @@ fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterS
                 Some(layout) => redis.with_envoy_layout(layout),
                 None => redis,
             };
+            let redis = redis.with_max_reservation_ttl(args.max_reservation_ttl);
             with_breaker(Arc::new(redis))
         }
         StoreKind::RedisCluster => {

@@ -129,7 +129,14 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
         ),
         (
             "max_reservation_ttl",
-            Needs::Store(&[StoreKind::Memory], "--store memory"),
+            Needs::Store(
+                &[
+                    StoreKind::Memory,
+                    StoreKind::Redis,
+                    StoreKind::RedisSentinel,
+                ],
+                "--store memory, redis or redis-sentinel",
+            ),
         ),
         (
             "max_reservations",

@@ -125,7 +125,7 @@ impl Ledger {
             return Err(ReservationError::Full(self.max_open));
         }
         let id = loop {
-            let id = format!("rsv-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let id = new_id();
             if !book.entries.contains_key(&id) {
                 break id;
             }
@@ -242,6 +242,12 @@ impl Ledger {
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A fresh reservation id: 128 random bits. Not a secret (anyone who can
+/// call `Settle` can call `ShouldAllow`), only unique.
+pub(crate) fn new_id() -> String {
+    format!("rsv-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 impl Default for Ledger {

@@ -13,14 +13,17 @@
 //! settled simply stays charged at its estimate.
 //!
 //! A store keeps reservations when [`CounterStore::reservations`] says so:
-//! the memory store does; the Redis stores do not yet, and a reservation
-//! against them is refused with `FAILED_PRECONDITION`.
+//! the memory store ([`memory`]: a [`Ledger`] beside the counters) and
+//! Redis on one node or behind sentinels ([`redis`]) do; Redis Cluster and
+//! upstream's key layout do not yet, and a reservation against them is
+//! refused with `FAILED_PRECONDITION`.
 //!
 //! [`CounterStore::reservations`]: crate::store::CounterStore::reservations
 
 pub mod adjust;
 pub mod ledger;
 mod memory;
+pub mod redis;
 pub mod service;
 
 use std::fmt;
@@ -127,7 +130,9 @@ pub enum ReservationError {
     #[error("{0} reservations are open, the most this server keeps; settle some or retry later")]
     Full(usize),
     /// The store keeps no reservations.
-    #[error("reservations need --store memory; the {0} store does not keep them yet")]
+    #[error(
+        "reservations need --store memory, redis or redis-sentinel (in ratekeeper's key layout); this {0} store does not keep them yet"
+    )]
     Unsupported(&'static str),
     /// The store failed.
     #[error(transparent)]

@@ -164,6 +164,12 @@ impl CounterStore for CircuitBreaker {
     fn key_layout(&self) -> crate::rules::KeyLayout {
         self.inner.key_layout()
     }
+
+    fn reservations(&self) -> Option<Arc<dyn crate::reservation::ReservationStore>> {
+        // Reserving and settling go to the store directly: their failures
+        // are errors, never answered by the breaker's policy.
+        self.inner.reservations()
+    }
 }
 
 // === impl Call ===

@@ -104,11 +104,11 @@ impl ScriptTime {
         let _ = self.clock.set(clock);
     }
 
-    fn now_ms(&self) -> Option<u64> {
+    pub(crate) fn now_ms(&self) -> Option<u64> {
         self.clock.get().map(|clock| clock.now_ms())
     }
 
-    fn ttl_extra_ms(&self) -> u64 {
+    pub(crate) fn ttl_extra_ms(&self) -> u64 {
         let jitter = match self.jitter_max_ms {
             0 => 0,
             max => fastrand::u64(0..max),
@@ -176,6 +176,8 @@ pub struct RedisStore {
     /// Counts upstream's limits in upstream's keys (the envoy-ratelimit
     /// key layout); `None` for ratekeeper's own layout.
     layout: Option<Arc<EnvoyLayout>>,
+    /// The longest reservation (`--max-reservation-ttl`).
+    max_reservation_ttl: Duration,
 }
 
 // === impl RedisStore ===
@@ -232,6 +234,7 @@ impl RedisStore {
             timeout: settings.timeout,
             _sentinel: None,
             layout: None,
+            max_reservation_ttl: crate::reservation::ledger::DEFAULT_MAX_TTL,
         }
     }
 
@@ -250,6 +253,26 @@ impl RedisStore {
         self.batching.time.set_clock(clock);
         self
     }
+
+    /// Shortens reservations to at most `max` (`--max-reservation-ttl`).
+    pub fn with_max_reservation_ttl(self, max: Duration) -> Self {
+        Self {
+            max_reservation_ttl: max,
+            ..self
+        }
+    }
+
+    /// What the reservations kept beside these counters need: the
+    /// connections, the scripts' time, the call deadline and the longest
+    /// reservation.
+    pub(crate) fn reservation_parts(&self) -> (&Node, &ScriptTime, Duration, Duration) {
+        (
+            &self.node,
+            &self.batching.time,
+            self.timeout,
+            self.max_reservation_ttl,
+        )
+    }
 }
 
 /// Decides `hits` with one queued decision on `node`: the outcomes, once
@@ -260,6 +283,17 @@ pub(super) async fn decide_on(
     hits: &[BatchHit<'_>],
     mode: Mode,
 ) -> Result<Vec<Outcome>, redis::RedisError> {
+    Ok(decide_at(node, slot, hits, mode).await?.0)
+}
+
+/// As [`decide_on`], also saying at which instant (Unix ms, the script's
+/// clock) the hits were judged: a reservation records its windows from it.
+pub(crate) async fn decide_at(
+    node: &Node,
+    slot: u16,
+    hits: &[BatchHit<'_>],
+    mode: Mode,
+) -> Result<(Vec<Outcome>, u64), redis::RedisError> {
     let (answer, answered) = tokio::sync::oneshot::channel();
     node.submit(Job {
         decision: Encoded::new(hits, mode),
@@ -271,7 +305,8 @@ pub(super) async fn decide_on(
     let (now, found) = answered.await.map_err(|_| {
         redis::RedisError::from((redis::ErrorKind::Io, "the connection was replaced"))
     })??;
-    outcomes_of(hits, mode, now, &found)
+    let outcomes = outcomes_of(hits, mode, now, &found)?;
+    Ok((outcomes, u64::try_from(now).unwrap_or(0)))
 }
 
 /// A node that has no connection to give, as the error its callers handle
@@ -375,6 +410,16 @@ impl CounterStore for RedisStore {
         "redis"
     }
 
+    fn reservations(&self) -> Option<Arc<dyn crate::reservation::ReservationStore>> {
+        // In upstream's key layout the counters are not ours to adjust.
+        match self.layout {
+            None => Some(Arc::new(crate::reservation::redis::RedisReservations::new(
+                self.clone(),
+            ))),
+            Some(_) => None,
+        }
+    }
+
     fn key_layout(&self) -> KeyLayout {
         self.layout
             .as_ref()
@@ -387,7 +432,7 @@ impl CounterStore for RedisStore {
 /// ([`StoreError::Protocol`]); everything else — I/O, the server refusing
 /// because of its state (read-only, loading, out of memory, busy, cluster
 /// down, no permission) — is the store failing.
-pub(super) fn store_error(error: &redis::RedisError) -> StoreError {
+pub(crate) fn store_error(error: &redis::RedisError) -> StoreError {
     use redis::ErrorKind;
     let script_error = error.code() == Some("ERR")
         && error
