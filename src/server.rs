@@ -20,10 +20,10 @@ use crate::limiter::{FailurePolicy, Limiter};
 use crate::metrics::{Metrics, MetricsSettings};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
-use crate::proto::ratekeeper::v1::reservations_server::ReservationsServer;
+use crate::proto::ratekeeper::v1::reservation_service_server::ReservationServiceServer;
 use crate::readiness::Readiness;
 use crate::reload::{ReloadSettings, ReloadStatus};
-use crate::reservation::service::ReservationService;
+use crate::reservation::service::SettleService;
 use crate::rules::Rules;
 use crate::store::{CounterStore, OverLimitCache};
 use crate::upstream::{self, UpstreamListeners};
@@ -353,8 +353,11 @@ impl Server {
                     .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .add_service(
-                ReservationsServer::new(ReservationService::new(self.limiter.clone(), self.limits))
-                    .max_decoding_message_size(self.limits.max_request_bytes),
+                ReservationServiceServer::new(SettleService::new(
+                    self.limiter.clone(),
+                    self.limits,
+                ))
+                .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 

@@ -1,6 +1,6 @@
 //! Reserve, then settle, end to end over gRPC: `ShouldAllow` with a
 //! `reservation_ttl` charges an estimate and answers a reservation id;
-//! `Reservations/Settle` charges the difference or refunds it, exactly once.
+//! `ReservationService/Settle` charges the difference or refunds it, exactly once.
 //! Every test runs on the memory store and on a real redis-server (with the
 //! same numbers, so the Lua settle is checked against the Rust one); Redis
 //! Cluster refuses reservations clearly. Time is a manual clock: nothing
@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::cluster::RedisCluster;
+use common::process::{BIN, Serve};
 use common::{Backend, Harness, T0, TestServer, allow_request, http_get, rules};
 use ratekeeper::clock::ManualClock;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
-use ratekeeper::proto::ratekeeper::v1::reservations_client::ReservationsClient;
+use ratekeeper::proto::ratekeeper::v1::reservation_service_client::ReservationServiceClient;
 use ratekeeper::proto::ratekeeper::v1::{
     SettleRequest, SettleResponse, SettleStatus, ShouldAllowRequest, ShouldAllowResponse,
 };
@@ -51,7 +52,7 @@ const TENANT: &[(&str, &str)] = &[("tenant", "acme")];
 
 struct Fixture {
     limiter: RateLimiterClient<Channel>,
-    reservations: ReservationsClient<Channel>,
+    reservations: ReservationServiceClient<Channel>,
     clock: Arc<ManualClock>,
     harness: Harness,
 }
@@ -61,7 +62,7 @@ async fn fixture(backend: Backend) -> Fixture {
     let channel = harness.server.channel().await;
     Fixture {
         limiter: RateLimiterClient::new(channel.clone()),
-        reservations: ReservationsClient::new(channel),
+        reservations: ReservationServiceClient::new(channel),
         clock: harness.clock.clone(),
         harness,
     }
@@ -143,7 +144,7 @@ async fn concurrent_reserve_and_settle_charge_exactly_the_settled_costs(backend:
             let channel = channel.clone();
             tokio::spawn(async move {
                 let mut limiter = RateLimiterClient::new(channel.clone());
-                let mut reservations = ReservationsClient::new(channel);
+                let mut reservations = ReservationServiceClient::new(channel);
                 let mut charged = 0;
                 for round in 0..4u64 {
                     let estimate = 500;
@@ -430,7 +431,7 @@ async fn redis_cluster_refuses_reservations_clearly() {
     let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
     let channel = server.channel().await;
     let mut limiter = RateLimiterClient::new(channel.clone());
-    let mut reservations = ReservationsClient::new(channel);
+    let mut reservations = ReservationServiceClient::new(channel);
     let status = limiter
         .should_allow(reserve_request(&[SMALL], 4, MINUTE))
         .await
@@ -464,3 +465,45 @@ both_stores!(
     an_unmatched_request_gets_a_reservation_that_settles,
     bad_input_is_refused_and_changes_nothing,
 );
+
+/// The real binary: `--max-reservation-ttl` shortens reservations, the
+/// `ReservationService` is served next to `ShouldAllow`, and a bad value is
+/// refused at startup naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_reservations_with_its_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("llm.yaml");
+    std::fs::write(&config, RULES).unwrap();
+    let config = config.to_str().unwrap();
+
+    let mut serve = Serve::start(config, &["--max-reservation-ttl", "2s"]);
+    let mut limiter = serve.client().await;
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", serve.grpc_port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reservations = ReservationServiceClient::new(channel);
+    let reserved = limiter
+        .should_allow(reserve_request(&[SMALL], 5, Duration::from_secs(3_600)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reserved.allowed);
+    assert_eq!(reserved.reservation_ttl.as_ref().map(ms), Some(2_000));
+    let settled = reservations
+        .settle(settle_request(&reserved.reservation_id, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(settled.status(), SettleStatus::Settled);
+    serve.terminate().await;
+
+    let refused = std::process::Command::new(BIN)
+        .args(["serve", "--config", config, "--max-reservation-ttl", "0s"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--max-reservation-ttl"), "{stderr}");
+}

@@ -295,6 +295,28 @@ mod tests {
             (
                 &[
                     "--store",
+                    "redis",
+                    "--redis-url",
+                    "redis://r:6379",
+                    "--max-reservations",
+                    "10",
+                ],
+                "--max-reservations has no effect with --store redis; it applies to --store memory",
+            ),
+            (
+                &[
+                    "--store",
+                    "redis-cluster",
+                    "--redis-cluster-nodes",
+                    "a:7000",
+                    "--max-reservation-ttl",
+                    "1m",
+                ],
+                "--max-reservation-ttl has no effect with --store redis-cluster; it applies to --store memory, redis or redis-sentinel",
+            ),
+            (
+                &[
+                    "--store",
                     "redis-cluster",
                     "--redis-cluster-nodes",
                     "a:7000",

@@ -1,4 +1,4 @@
-//! `ratekeeper.v1.Reservations/Settle`, and the checks of a reserving
+//! `ratekeeper.v1.ReservationService/Settle`, and the checks of a reserving
 //! `ShouldAllow` (its `reservation_ttl`).
 
 use tonic::{Request, Response, Status};
@@ -14,14 +14,14 @@ use super::SettleStatus;
 /// Longest reservation id accepted (ours are 36 bytes).
 pub const MAX_ID_BYTES: usize = 64;
 
-/// The `Reservations` gRPC service.
+/// The `ReservationService` gRPC service.
 #[derive(Debug, Clone)]
-pub struct ReservationService {
+pub struct SettleService {
     limiter: Limiter,
     limits: RequestLimits,
 }
 
-impl ReservationService {
+impl SettleService {
     /// A service settling through `limiter`'s store.
     pub fn new(limiter: Limiter, limits: RequestLimits) -> Self {
         Self { limiter, limits }
@@ -29,7 +29,7 @@ impl ReservationService {
 }
 
 #[tonic::async_trait]
-impl pb::reservations_server::Reservations for ReservationService {
+impl pb::reservation_service_server::ReservationService for SettleService {
     async fn settle(
         &self,
         request: Request<pb::SettleRequest>,
