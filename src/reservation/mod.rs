@@ -13,7 +13,7 @@
 //! settled simply stays charged at its estimate.
 //!
 //! A store keeps reservations when [`CounterStore::reservations`] says so:
-//! the memory store ([`memory`]: a [`Ledger`] beside the counters) and
+//! the memory store (a [`Ledger`] beside the counters) and
 //! Redis on one node or behind sentinels ([`redis`]) do; Redis Cluster and
 //! upstream's key layout do not yet, and a reservation against them is
 //! refused with `FAILED_PRECONDITION`.
