@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use common::cluster::RedisCluster;
 use common::process::{BIN, Serve};
-use common::{Backend, Harness, T0, TestServer, allow_request, http_get, rules};
+use common::{
+    Backend, Harness, RedisServer, T0, TestServer, allow_request, http_get, redis_store, rules,
+};
 use ratekeeper::clock::ManualClock;
 use ratekeeper::proto::ratekeeper::v1::rate_limiter_client::RateLimiterClient;
 use ratekeeper::proto::ratekeeper::v1::reservation_service_client::ReservationServiceClient;
@@ -411,6 +413,65 @@ async fn the_ttl_is_clamped_and_open_reservations_are_bounded() {
             .into_inner()
             .allowed
     );
+}
+
+/// Exact across instances: 64 callers reserve on one of three ratekeeper
+/// instances sharing a redis-server and settle on another; every counter
+/// ends charged at exactly the sum of the actual costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_sharing_redis_settle_each_others_reservations() {
+    let redis = RedisServer::start();
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut servers = Vec::new();
+    let mut channels = Vec::new();
+    for _ in 0..3 {
+        let store = redis_store(&redis.url(), Duration::from_secs(5))
+            .with_clock(clock.clone() as Arc<dyn ratekeeper::clock::Clock>);
+        let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+        channels.push(server.channel().await);
+        servers.push(server);
+    }
+    let callers: Vec<_> = (0..64usize)
+        .map(|i| {
+            let here = channels[i % 3].clone();
+            let there = channels[(i + 1) % 3].clone();
+            tokio::spawn(async move {
+                let mut limiter = RateLimiterClient::new(here.clone());
+                let mut reservations = ReservationServiceClient::new(there);
+                let mut retry = ReservationServiceClient::new(here);
+                let mut charged = 0;
+                for round in 0..3u64 {
+                    let actual = (i as u64 * 13 + round * 101) % 911;
+                    let response = limiter
+                        .should_allow(reserve_request(&ALL, 400, MINUTE))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert!(response.allowed);
+                    let request = settle_request(&response.reservation_id, actual);
+                    let settled = reservations.settle(request.clone()).await.unwrap();
+                    assert_eq!(settled.into_inner().status(), SettleStatus::Settled);
+                    // A retry through the reserving instance changes nothing.
+                    let again = retry.settle(request).await.unwrap().into_inner();
+                    assert_eq!(again.status(), SettleStatus::AlreadySettled);
+                    charged += actual;
+                }
+                charged
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for caller in callers {
+        total += caller.await.unwrap();
+    }
+    let mut limiter = RateLimiterClient::new(channels[2].clone());
+    let dry = ShouldAllowRequest {
+        dry_run: true,
+        ..allow_request("llm", &ALL, 1)
+    };
+    let left = limiter.should_allow(dry).await.unwrap().into_inner();
+    let remaining: Vec<u64> = left.results.iter().map(|r| r.remaining).collect();
+    assert_eq!(remaining, vec![1_000_000 - total; 3]);
 }
 
 /// Redis Cluster keeps no reservations yet: both calls say so, and
