@@ -26,7 +26,8 @@ use super::ledger::{TOMBSTONE_MS, new_id};
 use super::{Grant, ReservationError, ReservationStore, Reserved, SettleStatus, Settled};
 use crate::algorithm::{AlgorithmKind, BatchHit, Mode};
 use crate::rules::key::KEY_PREFIX;
-use crate::store::redis::{decide_at, store_error};
+use crate::store::redis::node::Node;
+use crate::store::redis::{ScriptTime, decide_at, no_connection, store_error};
 use crate::store::{RedisStore, StoreError, within};
 
 /// Reservations beside a [`RedisStore`]'s counters.
@@ -61,7 +62,6 @@ impl ReservationStore for RedisReservations {
         ttl_ms: u64,
     ) -> Result<Reserved, ReservationError> {
         let (node, time, timeout, max_ttl) = self.store.reservation_parts();
-        let max_ttl_ms = u64::try_from(max_ttl.as_millis()).unwrap_or(u64::MAX);
         let reserved = within(timeout, async {
             let (outcomes, now_ms) = if hits.is_empty() {
                 (Vec::new(), time.now_ms().unwrap_or_else(system_now_ms))
@@ -76,51 +76,24 @@ impl ReservationStore for RedisReservations {
                     grant: None,
                 });
             }
-            let ttl_ms = ttl_ms.clamp(1, max_ttl_ms.max(1));
             let id = new_id();
-            let record = record_key(&id);
-            let charged: Vec<&BatchHit<'_>> = hits.iter().filter(|h| h.hits > 0).collect();
-            let mut hset = redis::cmd("HSET");
-            hset.arg(&record)
-                .arg("d")
-                .arg(domain)
-                .arg("e")
-                .arg(estimate)
-                .arg("x")
-                .arg(now_ms.saturating_add(ttl_ms))
-                .arg("s")
-                .arg("open")
-                .arg("n")
-                .arg(charged.len());
-            for (i, hit) in charged.iter().enumerate() {
-                let how = Charged::at(hit.algorithm, hit.quota, now_ms);
-                hset.arg(format!("k{i}"))
-                    .arg(hit.key)
-                    .arg(format!("c{i}"))
-                    .arg(format!(
-                        "{} {} {} {} {}",
-                        hit.algorithm.script_id(),
-                        hit.quota.limit,
-                        hit.quota.window_ms,
-                        hit.quota.burst,
-                        how.window_start
-                    ));
-            }
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .add_command(hset)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&record)
-                .arg(ttl_ms.saturating_add(time.ttl_extra_ms()))
-                .ignore();
-            let call = node.call().await?;
-            let written: redis::RedisResult<()> = pipe.query_async(&mut call.connection()).await;
-            call.end(written.as_ref().err());
-            written.map_err(|e| store_error(&e))?;
+            let record = Record {
+                key: record_key(&id),
+                domain,
+                estimate,
+                ttl_ms: clamp_ttl(ttl_ms, max_ttl),
+                now_ms,
+            };
+            record
+                .write(node, time, hits)
+                .await
+                .map_err(|e| store_error(&e))?;
             Ok(Reserved {
                 outcomes,
-                grant: Some(Grant { id, ttl_ms }),
+                grant: Some(Grant {
+                    id,
+                    ttl_ms: record.ttl_ms,
+                }),
             })
         })
         .await?;
@@ -135,69 +108,169 @@ impl ReservationStore for RedisReservations {
     ) -> Result<Settled, ReservationError> {
         let (node, time, timeout, _) = self.store.reservation_parts();
         let record = record_key(id);
-        let reply: Vec<i64> = within(timeout, async {
-            let call = node.call().await?;
-            let mut conn = call.connection();
-            let fields: redis::RedisResult<HashMap<String, Vec<u8>>> = redis::cmd("HGETALL")
-                .arg(&record)
-                .query_async(&mut conn)
-                .await;
-            let fields = match fields {
-                Ok(fields) => fields,
-                Err(error) => {
-                    call.end(Some(&error));
-                    return Err(store_error(&error));
-                }
-            };
-            let charges = charges_of(&fields)?;
-            let mut invocation = script().prepare_invoke();
-            invocation.key(&record);
-            for (key, _) in &charges {
-                invocation.key(key.as_slice());
-            }
-            match time.now_ms() {
-                Some(now) => invocation.arg(now),
-                None => invocation.arg(""),
-            };
-            invocation
-                .arg(domain)
-                .arg(actual)
-                .arg(TOMBSTONE_MS)
-                .arg(time.ttl_extra_ms());
-            for (_, how) in &charges {
-                for part in how.split(' ') {
-                    invocation.arg(part);
-                }
-            }
-            let reply: redis::RedisResult<Vec<i64>> = invocation.invoke_async(&mut conn).await;
-            call.end(reply.as_ref().err());
-            reply.map_err(|e| store_error(&e))
+        let reply = within(timeout, async {
+            settle_on(node, time, &record, domain, actual)
+                .await
+                .map_err(|e| match e {
+                    SettleFailure::Redis(e) => store_error(&e),
+                    SettleFailure::Store(e) => e,
+                })
         })
         .await?;
-        let n = || u64::try_from(reply.get(1).copied().unwrap_or(0)).unwrap_or(0);
-        match reply.first() {
-            Some(1) => Ok(Settled {
-                status: SettleStatus::Settled,
-                estimate: n(),
-                actual,
-            }),
-            Some(2) => Ok(Settled {
-                status: SettleStatus::AlreadySettled,
-                estimate: n(),
-                actual,
-            }),
-            Some(3) => Err(ReservationError::Conflict {
-                id: id.to_owned(),
-                settled: n(),
-            }),
-            _ => Err(ReservationError::NotFound(id.to_owned())),
-        }
+        answer(&reply, id, actual)
     }
 
     fn take_expired(&self) -> u64 {
         // Redis forgets expired records by itself; they are not counted.
         0
     }
+}
+
+/// A reservation record to write.
+pub(crate) struct Record<'a> {
+    /// Its Redis key.
+    pub(crate) key: String,
+    pub(crate) domain: &'a str,
+    pub(crate) estimate: u64,
+    /// Its TTL, already clamped.
+    pub(crate) ttl_ms: u64,
+    /// When the hits were charged (the script's clock).
+    pub(crate) now_ms: u64,
+}
+
+impl Record<'_> {
+    /// Writes the record of `hits` on `node`, with its Redis TTL.
+    pub(crate) async fn write(
+        &self,
+        node: &Node,
+        time: &ScriptTime,
+        hits: &[BatchHit<'_>],
+    ) -> redis::RedisResult<()> {
+        let charged: Vec<&BatchHit<'_>> = hits.iter().filter(|h| h.hits > 0).collect();
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&self.key)
+            .arg("d")
+            .arg(self.domain)
+            .arg("e")
+            .arg(self.estimate)
+            .arg("x")
+            .arg(self.now_ms.saturating_add(self.ttl_ms))
+            .arg("s")
+            .arg("open")
+            .arg("n")
+            .arg(charged.len());
+        for (i, hit) in charged.iter().enumerate() {
+            let how = Charged::at(hit.algorithm, hit.quota, self.now_ms);
+            hset.arg(format!("k{i}"))
+                .arg(hit.key)
+                .arg(format!("c{i}"))
+                .arg(format!(
+                    "{} {} {} {} {}",
+                    hit.algorithm.script_id(),
+                    hit.quota.limit,
+                    hit.quota.window_ms,
+                    hit.quota.burst,
+                    how.window_start
+                ));
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .add_command(hset)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&self.key)
+            .arg(self.ttl_ms.saturating_add(time.ttl_extra_ms()))
+            .ignore();
+        let call = node.call().await.map_err(no_connection)?;
+        let written: redis::RedisResult<()> = pipe.query_async(&mut call.connection()).await;
+        call.end(written.as_ref().err());
+        written
+    }
+}
+
+/// Why a settle on one node failed.
+#[derive(Debug)]
+pub(crate) enum SettleFailure {
+    /// Redis answered an error (a cluster may say where to go instead).
+    Redis(redis::RedisError),
+    /// The record could not be used.
+    Store(StoreError),
+}
+
+/// Settles the record at `record` on `node`: reads its keys, then runs the
+/// settle script; answers the script's reply.
+pub(crate) async fn settle_on(
+    node: &Node,
+    time: &ScriptTime,
+    record: &str,
+    domain: &str,
+    actual: u64,
+) -> Result<Vec<i64>, SettleFailure> {
+    let call = node
+        .call()
+        .await
+        .map_err(|e| SettleFailure::Redis(no_connection(e)))?;
+    let mut conn = call.connection();
+    let fields: redis::RedisResult<HashMap<String, Vec<u8>>> =
+        redis::cmd("HGETALL").arg(record).query_async(&mut conn).await;
+    let fields = match fields {
+        Ok(fields) => fields,
+        Err(error) => {
+            call.end(Some(&error));
+            return Err(SettleFailure::Redis(error));
+        }
+    };
+    let charges = charges_of(&fields).map_err(SettleFailure::Store)?;
+    let mut invocation = script().prepare_invoke();
+    invocation.key(record);
+    for (key, _) in &charges {
+        invocation.key(key.as_slice());
+    }
+    match time.now_ms() {
+        Some(now) => invocation.arg(now),
+        None => invocation.arg(""),
+    };
+    invocation
+        .arg(domain)
+        .arg(actual)
+        .arg(TOMBSTONE_MS)
+        .arg(time.ttl_extra_ms());
+    for (_, how) in &charges {
+        for part in how.split(' ') {
+            invocation.arg(part);
+        }
+    }
+    let reply: redis::RedisResult<Vec<i64>> = invocation.invoke_async(&mut conn).await;
+    call.end(reply.as_ref().err());
+    reply.map_err(SettleFailure::Redis)
+}
+
+/// The settle script's reply as an answer.
+pub(crate) fn answer(reply: &[i64], id: &str, actual: u64) -> Result<Settled, ReservationError> {
+    let n = || u64::try_from(reply.get(1).copied().unwrap_or(0)).unwrap_or(0);
+    match reply.first() {
+        Some(1) => Ok(Settled {
+            status: SettleStatus::Settled,
+            estimate: n(),
+            actual,
+        }),
+        Some(2) => Ok(Settled {
+            status: SettleStatus::AlreadySettled,
+            estimate: n(),
+            actual,
+        }),
+        Some(3) => Err(ReservationError::Conflict {
+            id: id.to_owned(),
+            settled: n(),
+        }),
+        _ => Err(ReservationError::NotFound(id.to_owned())),
+    }
+}
+
+/// `ttl_ms` within 1 ms and `max`.
+pub(crate) fn clamp_ttl(ttl_ms: u64, max: std::time::Duration) -> u64 {
+    let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    ttl_ms.clamp(1, max_ms.max(1))
 }
 
 /// The counters of a record: per counter its key and the five script
@@ -243,7 +316,7 @@ fn charges_of(fields: &HashMap<String, Vec<u8>>) -> Result<Vec<(Vec<u8>, String)
         .collect()
 }
 
-fn system_now_ms() -> u64 {
+pub(crate) fn system_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -311,7 +311,7 @@ pub(crate) async fn decide_at(
 
 /// A node that has no connection to give, as the error its callers handle
 /// (an I/O error: the store failing).
-pub(super) fn no_connection(error: StoreError) -> redis::RedisError {
+pub(crate) fn no_connection(error: StoreError) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Io, "no connection", error.to_string()))
 }
 
