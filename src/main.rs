@@ -461,6 +461,7 @@ fn build_store(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Arc<dyn CounterS
                 Some(layout) => cluster.with_envoy_layout(layout),
                 None => cluster,
             };
+            let cluster = cluster.with_max_reservation_ttl(args.max_reservation_ttl);
             with_breaker(Arc::new(cluster))
         }
     })

@@ -2,8 +2,8 @@
 //! `reservation_ttl` charges an estimate and answers a reservation id;
 //! `ReservationService/Settle` charges the difference or refunds it, exactly once.
 //! Every test runs on the memory store and on a real redis-server (with the
-//! same numbers, so the Lua settle is checked against the Rust one); Redis
-//! Cluster refuses reservations clearly. Time is a manual clock: nothing
+//! same numbers, so the Lua settle is checked against the Rust one), and
+//! across instances sharing a Redis or a Redis Cluster. Time is a manual clock: nothing
 //! here waits for real time.
 
 mod common;
@@ -41,6 +41,11 @@ descriptors:
     rate_limit: {unit: hour, requests_per_unit: 10, name: small}
   - key: tokens
     rate_limit: {algorithm: token_bucket, unit: minute, requests_per_unit: 10, name: tokens}
+  - key: big
+    rate_limits:
+      - {unit: hour, requests_per_unit: 1000000, name: big}
+      - {algorithm: sliding_window, unit: day, requests_per_unit: 1000000}
+      - {algorithm: token_bucket, unit: hour, requests_per_unit: 1000000}
   - key: tenant
     rate_limits:
       - {unit: minute, requests_per_unit: 100, name: tenant}
@@ -51,6 +56,7 @@ const ALL: [&[(&str, &str)]; 3] = [&[("fixed", "t")], &[("sliding", "t")], &[("b
 const SMALL: &[(&str, &str)] = &[("small", "t")];
 const TOKENS: &[(&str, &str)] = &[("tokens", "t")];
 const TENANT: &[(&str, &str)] = &[("tenant", "acme")];
+const BIG: &[(&str, &str)] = &[("big", "acme")];
 
 struct Fixture {
     limiter: RateLimiterClient<Channel>,
@@ -474,45 +480,91 @@ async fn three_instances_sharing_redis_settle_each_others_reservations() {
     assert_eq!(remaining, vec![1_000_000 - total; 3]);
 }
 
-/// Redis Cluster keeps no reservations yet: both calls say so, and
-/// nothing is charged.
+/// Redis Cluster, for a descriptor (all of its limits on one slot): 64
+/// callers over three instances reserve and settle, with retries, and every
+/// limit ends charged at exactly the sum of the actual costs. Descriptors on
+/// several slots are refused clearly and charge nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cluster_refuses_reservations_clearly() {
+async fn redis_cluster_settles_exactly_and_refuses_requests_over_several_slots() {
     let cluster = RedisCluster::start();
-    let store = RedisClusterStore::new(&RedisClusterSettings {
-        nodes: cluster.urls(),
-        pool_size: 2,
-        timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(1),
-        tls: None,
-        expiry_jitter: Duration::ZERO,
-    })
-    .unwrap()
-    .with_clock(Arc::new(ManualClock::new(T0)));
-    let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
-    let channel = server.channel().await;
-    let mut limiter = RateLimiterClient::new(channel.clone());
-    let mut reservations = ReservationServiceClient::new(channel);
-    let status = limiter
-        .should_allow(reserve_request(&[SMALL], 4, MINUTE))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert!(
-        status.message().contains("--store memory, redis"),
-        "{status:?}"
-    );
-    let settle = reservations
-        .settle(settle_request("rsv-00000000000000000000000000000000", 1))
-        .await
-        .unwrap_err();
-    assert_eq!(settle.code(), Code::FailedPrecondition, "{settle:?}");
-    let dry = ShouldAllowRequest {
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut servers = Vec::new();
+    let mut channels = Vec::new();
+    for _ in 0..3 {
+        let store = RedisClusterStore::new(&RedisClusterSettings {
+            nodes: cluster.urls(),
+            pool_size: 2,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            tls: None,
+            expiry_jitter: Duration::ZERO,
+        })
+        .unwrap()
+        .with_clock(clock.clone());
+        let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+        channels.push(server.channel().await);
+        servers.push(server);
+    }
+    let callers: Vec<_> = (0..64usize)
+        .map(|i| {
+            let here = channels[i % 3].clone();
+            let there = channels[(i + 1) % 3].clone();
+            tokio::spawn(async move {
+                let mut limiter = RateLimiterClient::new(here);
+                let mut reservations = ReservationServiceClient::new(there);
+                let mut charged = 0;
+                for round in 0..3u64 {
+                    let actual = (i as u64 * 17 + round * 89) % 853;
+                    let response = limiter
+                        .should_allow(reserve_request(&[BIG], 400, MINUTE))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert!(response.allowed);
+                    let request = settle_request(&response.reservation_id, actual);
+                    let settled = reservations.settle(request.clone()).await.unwrap();
+                    assert_eq!(settled.into_inner().status(), SettleStatus::Settled);
+                    let again = reservations.settle(request).await.unwrap().into_inner();
+                    assert_eq!(again.status(), SettleStatus::AlreadySettled);
+                    charged += actual;
+                }
+                charged
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for caller in callers {
+        total += caller.await.unwrap();
+    }
+    let mut limiter = RateLimiterClient::new(channels[0].clone());
+    let dry = |descriptors: &[&[(&str, &str)]]| ShouldAllowRequest {
         dry_run: true,
-        ..allow_request("llm", &[SMALL], 1)
+        ..allow_request("llm", descriptors, 1)
     };
-    let left = limiter.should_allow(dry).await.unwrap().into_inner();
-    assert_eq!(left.results[0].remaining, 10);
+    let left = limiter
+        .should_allow(dry(&[BIG]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(left.results[0].remaining, 1_000_000 - total);
+
+    let spread = limiter
+        .should_allow(reserve_request(&ALL, 4, MINUTE))
+        .await
+        .unwrap_err();
+    assert_eq!(spread.code(), Code::FailedPrecondition, "{spread:?}");
+    assert!(spread.message().contains("hash slot"), "{spread:?}");
+    let left = limiter.should_allow(dry(&ALL)).await.unwrap().into_inner();
+    let remaining: Vec<u64> = left.results.iter().map(|r| r.remaining).collect();
+    assert_eq!(remaining, vec![1_000_000; 3]);
+    let mut reservations = ReservationServiceClient::new(channels[1].clone());
+    for id in ["rsv-00000000000000000000000000000000-12", "rsv-nope"] {
+        let status = reservations
+            .settle(settle_request(id, 1))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
 }
 
 both_stores!(

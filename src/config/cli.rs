@@ -86,7 +86,7 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
     // A single rules file holds one domain: nothing to merge.
     let merges = !args.config.is_file();
     let envoy_layout = args.key_layout == KeyLayoutKind::EnvoyRatelimit;
-    let rules: [(&str, Needs); 26] = [
+    let rules: [(&str, Needs); 25] = [
         ("redis_url", Needs::Store(REDIS, "--store redis")),
         ("redis_pool_size", Needs::Store(SHARED, SHARED_STORES)),
         (
@@ -126,17 +126,6 @@ pub fn conflicts(args: &ServeArgs, matches: &ArgMatches) -> Vec<String> {
         (
             "memory_max_keys",
             Needs::Store(&[StoreKind::Memory], "--store memory"),
-        ),
-        (
-            "max_reservation_ttl",
-            Needs::Store(
-                &[
-                    StoreKind::Memory,
-                    StoreKind::Redis,
-                    StoreKind::RedisSentinel,
-                ],
-                "--store memory, redis or redis-sentinel",
-            ),
         ),
         (
             "max_reservations",
@@ -302,17 +291,6 @@ mod tests {
                     "10",
                 ],
                 "--max-reservations has no effect with --store redis; it applies to --store memory",
-            ),
-            (
-                &[
-                    "--store",
-                    "redis-cluster",
-                    "--redis-cluster-nodes",
-                    "a:7000",
-                    "--max-reservation-ttl",
-                    "1m",
-                ],
-                "--max-reservation-ttl has no effect with --store redis-cluster; it applies to --store memory, redis or redis-sentinel",
             ),
             (
                 &[

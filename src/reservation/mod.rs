@@ -13,10 +13,10 @@
 //! settled simply stays charged at its estimate.
 //!
 //! A store keeps reservations when [`CounterStore::reservations`] says so:
-//! the memory store (a [`Ledger`] beside the counters) and
-//! Redis on one node or behind sentinels ([`redis`]) do; Redis Cluster and
-//! upstream's key layout do not yet, and a reservation against them is
-//! refused with `FAILED_PRECONDITION`.
+//! the memory store (a [`Ledger`] beside the counters), Redis on one node or
+//! behind sentinels ([`redis`]) and Redis Cluster ([`redis_cluster`], for
+//! requests on one slot) do; upstream's key layout does not, and a
+//! reservation against it is refused with `FAILED_PRECONDITION`.
 //!
 //! [`CounterStore::reservations`]: crate::store::CounterStore::reservations
 
@@ -24,6 +24,7 @@ pub mod adjust;
 pub mod ledger;
 mod memory;
 pub mod redis;
+pub mod redis_cluster;
 pub mod service;
 
 use std::fmt;
@@ -129,6 +130,11 @@ pub enum ReservationError {
     /// Too many reservations are open.
     #[error("{0} reservations are open, the most this server keeps; settle some or retry later")]
     Full(usize),
+    /// In a Redis Cluster, the request's counters live on several slots.
+    #[error(
+        "a reservation's descriptors must share one Redis Cluster hash slot; send one descriptor per reservation"
+    )]
+    Spread,
     /// The store keeps no reservations.
     #[error(
         "reservations need --store memory, redis or redis-sentinel (in ratekeeper's key layout); this {0} store does not keep them yet"
@@ -143,9 +149,9 @@ impl From<ReservationError> for Status {
     fn from(error: ReservationError) -> Self {
         match &error {
             ReservationError::NotFound(_) => Status::not_found(error.to_string()),
-            ReservationError::Conflict { .. } | ReservationError::Unsupported(_) => {
-                Status::failed_precondition(error.to_string())
-            }
+            ReservationError::Conflict { .. }
+            | ReservationError::Unsupported(_)
+            | ReservationError::Spread => Status::failed_precondition(error.to_string()),
             ReservationError::Full(_) => Status::resource_exhausted(error.to_string()),
             ReservationError::Store(e) => crate::error::Error::Storage(e.clone()).into(),
         }

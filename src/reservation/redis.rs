@@ -12,8 +12,8 @@
 //!
 //! If writing the record fails after the charge, the request fails
 //! (`UNAVAILABLE`) and the estimate stays charged: the safe side, as an
-//! unsettled reservation. Redis Cluster keeps no reservations yet (the
-//! record would need the descriptor keys' hash tag).
+//! unsettled reservation. A Redis Cluster runs the same steps on the
+//! request's slot ([`super::redis_cluster`]).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -112,8 +112,8 @@ impl ReservationStore for RedisReservations {
             settle_on(node, time, &record, domain, actual)
                 .await
                 .map_err(|e| match e {
-                    SettleFailure::Redis(e) => store_error(&e),
-                    SettleFailure::Store(e) => e,
+                    NodeFailure::Redis(e) => store_error(&e),
+                    NodeFailure::Store(e) => e,
                 })
         })
         .await?;
@@ -190,7 +190,7 @@ impl Record<'_> {
 
 /// Why a settle on one node failed.
 #[derive(Debug)]
-pub(crate) enum SettleFailure {
+pub(crate) enum NodeFailure {
     /// Redis answered an error (a cluster may say where to go instead).
     Redis(redis::RedisError),
     /// The record could not be used.
@@ -205,22 +205,24 @@ pub(crate) async fn settle_on(
     record: &str,
     domain: &str,
     actual: u64,
-) -> Result<Vec<i64>, SettleFailure> {
+) -> Result<Vec<i64>, NodeFailure> {
     let call = node
         .call()
         .await
-        .map_err(|e| SettleFailure::Redis(no_connection(e)))?;
+        .map_err(|e| NodeFailure::Redis(no_connection(e)))?;
     let mut conn = call.connection();
-    let fields: redis::RedisResult<HashMap<String, Vec<u8>>> =
-        redis::cmd("HGETALL").arg(record).query_async(&mut conn).await;
+    let fields: redis::RedisResult<HashMap<String, Vec<u8>>> = redis::cmd("HGETALL")
+        .arg(record)
+        .query_async(&mut conn)
+        .await;
     let fields = match fields {
         Ok(fields) => fields,
         Err(error) => {
             call.end(Some(&error));
-            return Err(SettleFailure::Redis(error));
+            return Err(NodeFailure::Redis(error));
         }
     };
-    let charges = charges_of(&fields).map_err(SettleFailure::Store)?;
+    let charges = charges_of(&fields).map_err(NodeFailure::Store)?;
     let mut invocation = script().prepare_invoke();
     invocation.key(record);
     for (key, _) in &charges {
@@ -242,7 +244,7 @@ pub(crate) async fn settle_on(
     }
     let reply: redis::RedisResult<Vec<i64>> = invocation.invoke_async(&mut conn).await;
     call.end(reply.as_ref().err());
-    reply.map_err(SettleFailure::Redis)
+    reply.map_err(NodeFailure::Redis)
 }
 
 /// The settle script's reply as an answer.

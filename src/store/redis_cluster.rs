@@ -26,7 +26,7 @@
 //! In the envoy-ratelimit key layout, upstream's keys (which carry no hash
 //! tag) are counted with upstream's commands ([`upstream_keys`]).
 
-mod topology;
+pub(crate) mod topology;
 mod upstream_keys;
 
 use std::sync::Arc;
@@ -40,9 +40,10 @@ use super::redis::coalesce::Batching;
 use super::redis::coalesce::share_out;
 use super::redis::encode::{Encoded, assemble};
 use super::redis::node::Node;
-use super::redis::{RedisTls, decide_on, no_connection, outcomes_of, store_error};
+use super::redis::{RedisTls, ScriptTime, decide_on, no_connection, outcomes_of, store_error};
 use super::{CounterStore, StoreError, groups};
 use crate::algorithm::{BatchHit, Mode, Outcome};
+use crate::reservation::redis::NodeFailure;
 use crate::rules::KeyLayout;
 use topology::{Cluster, Redirect, slot};
 
@@ -79,6 +80,8 @@ pub struct RedisClusterStore {
     /// Counts upstream's limits in upstream's keys (the envoy-ratelimit
     /// key layout); `None` for ratekeeper's own layout.
     layout: Option<Arc<EnvoyLayout>>,
+    /// The longest reservation (`--max-reservation-ttl`).
+    max_reservation_ttl: Duration,
 }
 
 /// Where a slot's call goes next.
@@ -121,6 +124,7 @@ impl RedisClusterStore {
             batching,
             timeout: settings.timeout,
             layout: None,
+            max_reservation_ttl: crate::reservation::ledger::DEFAULT_MAX_TTL,
         })
     }
 
@@ -137,6 +141,44 @@ impl RedisClusterStore {
     pub fn with_clock(self, clock: Arc<dyn crate::clock::Clock>) -> Self {
         self.batching.time.set_clock(clock);
         self
+    }
+
+    /// Shortens reservations to at most `max` (`--max-reservation-ttl`).
+    pub fn with_max_reservation_ttl(self, max: Duration) -> Self {
+        Self {
+            max_reservation_ttl: max,
+            ..self
+        }
+    }
+
+    /// What the reservations kept beside these counters need: the
+    /// scripts' time, the call deadline and the longest reservation.
+    pub(crate) fn reservation_parts(&self) -> (&ScriptTime, Duration, Duration) {
+        (&self.batching.time, self.timeout, self.max_reservation_ttl)
+    }
+
+    /// Runs `call` on the master of `slot`, following `MOVED` and
+    /// `TRYAGAIN` (an `ASK`, during a slot migration, is retried on the
+    /// importing node without `ASKING`, so it fails: the caller's error).
+    pub(crate) async fn on_slot<T, F, Fut>(&self, slot: u16, call: F) -> Result<T, NodeFailure>
+    where
+        F: Fn(Arc<Node>) -> Fut,
+        Fut: Future<Output = Result<T, NodeFailure>>,
+    {
+        let mut to = self.master_of(slot).await.map_err(NodeFailure::Store)?;
+        let mut last = None;
+        for _ in 0..MAX_ATTEMPTS {
+            match call(to.node.clone()).await {
+                Err(NodeFailure::Redis(error)) => {
+                    to = self
+                        .follow(slot, &error, &mut last)
+                        .await
+                        .map_err(NodeFailure::Store)?;
+                }
+                done => return done,
+            }
+        }
+        Err(NodeFailure::Store(redirected_too_often(slot, last)))
     }
 
     /// One decision for hits that all live on one slot (coalesced with
@@ -327,6 +369,16 @@ impl CounterStore for RedisClusterStore {
             results.len(),
             failed.join("; ")
         )))
+    }
+
+    fn reservations(&self) -> Option<Arc<dyn crate::reservation::ReservationStore>> {
+        // In upstream's key layout the counters are not ours to adjust.
+        match self.layout {
+            None => Some(Arc::new(
+                crate::reservation::redis_cluster::ClusterReservations::new(self.clone()),
+            )),
+            Some(_) => None,
+        }
     }
 
     fn backend(&self) -> &'static str {

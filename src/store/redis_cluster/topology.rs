@@ -342,7 +342,7 @@ impl Redirect {
 /// The hash slot of `key`: CRC16 (XMODEM) of its hash tag — the part between
 /// the first `{` and the next `}`, when not empty — else of the whole key,
 /// modulo 16,384.
-pub(super) fn slot(key: &[u8]) -> u16 {
+pub(crate) fn slot(key: &[u8]) -> u16 {
     let tagged = key
         .iter()
         .position(|&b| b == b'{')
