@@ -567,6 +567,40 @@ async fn redis_cluster_settles_exactly_and_refuses_requests_over_several_slots()
     }
 }
 
+/// In upstream's key layout the counters are upstream's: reservations are
+/// refused clearly and nothing is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_key_layout_refuses_reservations_clearly() {
+    use ratekeeper::clock::Clock;
+    use ratekeeper::store::envoy_layout::EnvoyLayout;
+
+    let redis = RedisServer::start();
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = redis_store(&redis.url(), Duration::from_secs(2))
+        .with_clock(clock.clone() as Arc<dyn Clock>)
+        .with_envoy_layout(EnvoyLayout::new("p_", clock.clone(), 0));
+    let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+    let channel = server.channel().await;
+    let mut limiter = RateLimiterClient::new(channel.clone());
+    let status = limiter
+        .should_allow(reserve_request(&[SMALL], 4, MINUTE))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("key layout"), "{status:?}");
+    let settle = ReservationServiceClient::new(channel)
+        .settle(settle_request("rsv-00000000000000000000000000000000", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(settle.code(), Code::FailedPrecondition, "{settle:?}");
+    let dry = ShouldAllowRequest {
+        dry_run: true,
+        ..allow_request("llm", &[SMALL], 1)
+    };
+    let left = limiter.should_allow(dry).await.unwrap().into_inner();
+    assert_eq!(left.results[0].remaining, 10);
+}
+
 both_stores!(
     concurrent_reserve_and_settle_charge_exactly_the_settled_costs,
     a_retried_settle_answers_the_same_and_changes_nothing,

@@ -11,7 +11,7 @@ use crate::proto::ratekeeper::v1 as pb;
 
 use super::SettleStatus;
 
-/// Longest reservation id accepted (ours are 36 bytes).
+/// Longest reservation id accepted (ours are at most 42 bytes).
 pub const MAX_ID_BYTES: usize = 64;
 
 /// The `ReservationService` gRPC service.
@@ -44,6 +44,15 @@ impl pb::reservation_service_server::ReservationService for SettleService {
             return Err(Error::invalid(
                 "reservation_id",
                 format!("{} bytes; at most {MAX_ID_BYTES} are allowed", id.len()),
+            )
+            .into());
+        }
+        // Ours are `rsv-`, hex digits and a slot number: anything else never
+        // names a reservation (nor reaches a storage key).
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(Error::invalid(
+                "reservation_id",
+                "not a reservation id: letters, digits and '-' only",
             )
             .into());
         }
