@@ -120,6 +120,9 @@ struct RuleView {
     failure_policy: Option<&'static str>,
     replaces: Vec<String>,
     source: String,
+    /// Set for a concurrency rule (leases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    concurrency: Option<crate::lease::ConcurrencyView>,
 }
 
 async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -138,9 +141,10 @@ async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
 fn view(domain: &str, rule: &Rule) -> RuleView {
     let limit = match rule.limit {
         RuleLimit::Limited(limit) => Some(limit),
-        RuleLimit::Unlimited => None,
+        RuleLimit::Unlimited | RuleLimit::Concurrency(_) => None,
     };
     RuleView {
+        concurrency: rule.concurrency().map(crate::lease::ConcurrencyView::of),
         domain: domain.to_owned(),
         path: rule.path.clone(),
         name: rule.name.clone(),
@@ -149,7 +153,7 @@ fn view(domain: &str, rule: &Rule) -> RuleView {
         unit: limit.map(|l| l.unit.as_str()),
         unit_multiplier: limit.map(|l| l.unit_multiplier),
         burst: limit.map(|l| l.quota().burst),
-        unlimited: limit.is_none(),
+        unlimited: matches!(rule.limit, RuleLimit::Unlimited),
         shadow_mode: rule.shadow_mode,
         quota_mode: rule.quota_mode,
         metadata: rule.metadata.as_deref().cloned(),

@@ -21,6 +21,7 @@
 //! - [`store`]: `CounterStore` with the memory and Redis backends.
 //! - [`limiter`]: match → hits → one store call → decision.
 //! - [`failure_policy`]: what to answer when the store fails.
+//! - [`lease`]: concurrency rules: the `Leases` API and Envoy's slots.
 //! - [`fuzzing`]: fuzz targets for the config loader, matcher and keys.
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services (with the Envoy
 //!   answer's quota mode, headers and dynamic metadata).
@@ -41,6 +42,7 @@ pub mod config;
 pub mod error;
 pub mod failure_policy;
 pub mod fuzzing;
+pub mod lease;
 pub mod limiter;
 pub mod metrics;
 pub mod proto;

@@ -182,6 +182,7 @@ fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
                         )
                     }
                     RuleLimit::Unlimited => "unlimited".to_owned(),
+                    RuleLimit::Concurrency(limit) => ratekeeper::lease::describe(&limit),
                 };
                 let shadow = if rule.shadow_mode { " (shadow)" } else { "" };
                 let quota = if rule.quota_mode { " (quota)" } else { "" };

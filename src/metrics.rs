@@ -35,6 +35,8 @@
 //! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
 //! | `ratelimit_over_limit_cache_hits_total` | counter | domain | descriptors denied from the over-limit cache, without a store call |
 //! | `ratelimit_detailed_metric_folded_total` | counter | domain | descriptors whose stats key carries runtime values, counted under the rule's path because the per-value series cap was reached |
+//!
+//! The concurrency leases' metrics are in [`crate::lease::metrics`].
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -282,6 +284,7 @@ impl Metrics {
             None,
             "Descriptors counted under their rule's path instead of a per-value key: the per-value series cap was reached.",
         );
+        crate::lease::metrics::describe(&recorder);
         let handle = recorder.handle();
         Self {
             inner: Arc::new(Inner {
@@ -428,6 +431,11 @@ impl Metrics {
         )
         .increment(1);
         sanitise(&rule.path)
+    }
+
+    /// The recorder, for metrics registered outside this module (leases).
+    pub(crate) fn recorder(&self) -> &PrometheusRecorder {
+        &self.inner.recorder
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {

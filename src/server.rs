@@ -16,9 +16,11 @@ use crate::api::{
     RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
 };
 use crate::config::upstream_env::ConfigHealth;
+use crate::lease::service::LeaseService;
 use crate::limiter::{FailurePolicy, Limiter};
 use crate::metrics::{Metrics, MetricsSettings};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use crate::proto::ratekeeper::v1::leases_server::LeasesServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
 use crate::readiness::Readiness;
 use crate::reload::{ReloadSettings, ReloadStatus};
@@ -348,6 +350,10 @@ impl Server {
             )
             .add_service(
                 RateLimitServiceServer::new(envoy.clone())
+                    .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .add_service(
+                LeasesServer::new(LeaseService::new(self.limiter.clone(), self.limits))
                     .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));

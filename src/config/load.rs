@@ -368,12 +368,30 @@ impl Compiler<'_> {
                 .transpose()?
                 .flatten()
                 .map(Arc::new);
-            let rule = doc
-                .rate_limit
-                .as_ref()
-                .map(|rl| self.rule(rl, doc, &here, &path, &here_and_above, metadata))
-                .transpose()?
-                .map(Arc::new);
+            let concurrency = super::concurrency::limit(doc, &here)
+                .map_err(|(field, reason)| self.error(&field, reason))?;
+            let rule = match concurrency {
+                Some(limit) => Some(Rule {
+                    name: None,
+                    limit: RuleLimit::Concurrency(limit),
+                    replaces: Vec::new(),
+                    shadow_mode: false,
+                    detailed_metric: doc.detailed_metric.unwrap_or(false),
+                    quota_mode: false,
+                    metadata,
+                    stats: StatsPath::Levels(here_and_above.stats.clone()),
+                    path: path.clone(),
+                    source: self.source.clone(),
+                    shared_values: here_and_above.shared.clone(),
+                    failure_policy: None,
+                }),
+                None => doc
+                    .rate_limit
+                    .as_ref()
+                    .map(|rl| self.rule(rl, doc, &here, &path, &here_and_above, metadata))
+                    .transpose()?,
+            }
+            .map(Arc::new);
             let children = self.level(
                 doc.descriptors.as_deref().unwrap_or_default(),
                 &format!("{here}.descriptors"),

@@ -208,6 +208,11 @@ impl Limiter {
         }
     }
 
+    /// The service's failure policy (`--failure-policy`).
+    pub fn failure_policy(&self) -> FailurePolicy {
+        self.degraded.policy()
+    }
+
     /// The counter store.
     pub fn store(&self) -> &Arc<dyn CounterStore> {
         &self.store

@@ -164,6 +164,10 @@ impl CounterStore for CircuitBreaker {
     fn key_layout(&self) -> crate::rules::KeyLayout {
         self.inner.key_layout()
     }
+
+    fn leases(&self) -> Option<std::sync::Arc<dyn crate::lease::LeaseStore>> {
+        self.inner.leases()
+    }
 }
 
 // === impl Call ===

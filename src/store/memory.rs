@@ -66,6 +66,8 @@ struct Inner {
     router: RandomState,
     max_keys_per_shard: usize,
     clock: Arc<dyn Clock>,
+    /// The concurrency rules' leases, on the same clock.
+    leases: crate::lease::MemoryLeases,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +114,7 @@ impl MemoryStore {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 router: RandomState::new(),
                 max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
+                leases: crate::lease::MemoryLeases::new(clock.clone()),
                 clock,
             }),
         }
@@ -164,6 +167,10 @@ impl CounterStore for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    fn leases(&self) -> Option<Arc<dyn crate::lease::LeaseStore>> {
+        Some(Arc::new(self.inner.leases.clone()))
     }
 }
 

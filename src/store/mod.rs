@@ -60,6 +60,12 @@ pub trait CounterStore: Send + Sync + fmt::Debug {
     fn key_layout(&self) -> KeyLayout {
         KeyLayout::Ratekeeper
     }
+
+    /// The lease tables kept beside these counters (concurrency rules);
+    /// `None` when this backend keeps none.
+    fn leases(&self) -> Option<std::sync::Arc<dyn crate::lease::LeaseStore>> {
+        None
+    }
 }
 
 /// Why a store call failed.

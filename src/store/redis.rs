@@ -244,6 +244,35 @@ impl RedisStore {
         }
     }
 
+    /// Runs `script` with `keys` and `args` on one of this store's
+    /// connections, under its deadline (the lease tables' script, which is
+    /// not part of the batched decision code).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] as for a decision.
+    pub(crate) async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> Result<T, StoreError> {
+        super::within(self.timeout, async {
+            let call = self.node.call().await?;
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(arg);
+            }
+            let result = invocation.invoke_async::<T>(&mut call.connection()).await;
+            call.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
+        })
+        .await
+    }
+
     /// Makes the code use `clock` instead of Redis `TIME` (tests only:
     /// instances with different clocks would disagree on windows).
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
@@ -373,6 +402,10 @@ impl CounterStore for RedisStore {
 
     fn backend(&self) -> &'static str {
         "redis"
+    }
+
+    fn leases(&self) -> Option<Arc<dyn crate::lease::LeaseStore>> {
+        Some(Arc::new(crate::lease::RedisLeases::new(self.clone())))
     }
 
     fn key_layout(&self) -> KeyLayout {
