@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use common::{
     Backend, RedisServer, T0, TestServer, TestStore, envoy_descriptor, http_get, redis_store, rules,
 };
+use ratekeeper::Server;
 use ratekeeper::clock::ManualClock;
+use ratekeeper::failure_policy::FailurePolicy;
 use ratekeeper::lease::redis::{decode, encode, script};
 use ratekeeper::lease::table::{self, KeyState, Op};
 use ratekeeper::lease::{ConcurrencyLimit, LeaseKey};
@@ -725,4 +727,88 @@ fn the_lua_script_matches_its_rust_twin() {
             "{outcome}: {seen:?}"
         );
     }
+}
+
+// ------------------------------------------------------- failure policy ---
+
+/// A server over RULES on a Redis that is then killed, answering store
+/// failures with `policy`.
+async fn with_dead_redis(policy: FailurePolicy) -> (TestServer, RedisServer) {
+    let mut redis = RedisServer::start();
+    let store: Arc<dyn CounterStore> =
+        Arc::new(redis_store(&redis.url(), Duration::from_millis(500)));
+    let server =
+        TestServer::start(Server::new(rules(&[RULES]), store).with_failure_policy(policy)).await;
+    redis.kill();
+    (server, redis)
+}
+
+#[tokio::test]
+async fn a_store_failure_is_unavailable_under_the_error_policy() {
+    let (server, _redis) = with_dead_redis(FailurePolicy::Error).await;
+    let mut client = leases(&server).await;
+    let status = client.acquire(acquire("acme", "x")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = client.release(release("acme", "x")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let mut rls = server.envoy().await;
+    let status = rls
+        .should_rate_limit(envoy(&[("tenant", "acme")], false))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn the_local_policy_keeps_leases_on_the_instance() {
+    let (server, _redis) = with_dead_redis(FailurePolicy::Local).await;
+    let mut client = leases(&server).await;
+    assert!(try_acquire(&mut client, acquire("acme", "1")).await.granted);
+    assert!(try_acquire(&mut client, acquire("acme", "2")).await.granted);
+    assert!(!try_acquire(&mut client, acquire("acme", "3")).await.granted);
+    let released = client
+        .release(release("acme", "1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.status(), ReleaseStatus::Released);
+    assert!(try_acquire(&mut client, acquire("acme", "3")).await.granted);
+}
+
+#[tokio::test]
+async fn the_allow_and_deny_policies_answer_without_recording() {
+    let (server, _redis) = with_dead_redis(FailurePolicy::Allow).await;
+    let mut client = leases(&server).await;
+    for id in ["1", "2", "3"] {
+        let answer = try_acquire(&mut client, acquire("acme", id)).await;
+        assert!(answer.granted);
+        assert_eq!(answer.fencing_token, 0, "nothing was recorded");
+    }
+    let status = client.release(release("acme", "1")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "a release is never faked");
+    let (server, _redis) = with_dead_redis(FailurePolicy::Deny).await;
+    let mut client = leases(&server).await;
+    assert!(!try_acquire(&mut client, acquire("acme", "1")).await.granted);
+    let status = client.renew(renew("acme", "1")).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+// ----------------------------------------------------------- ShouldAllow ---
+
+#[tokio::test]
+async fn should_allow_neither_counts_nor_calls_a_concurrency_rule_unlimited() {
+    let (server, _clock, _store) = start(Backend::Memory).await;
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        let answer = client
+            .should_allow(common::allow_request("jobs", &[&[("tenant", "acme")]], 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.allowed);
+        assert!(!answer.results[0].unlimited);
+    }
+    let mut leases = leases(&server).await;
+    assert!(try_acquire(&mut leases, acquire("acme", "1")).await.granted);
+    assert!(try_acquire(&mut leases, acquire("acme", "2")).await.granted);
 }
