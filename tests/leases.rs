@@ -812,3 +812,93 @@ async fn should_allow_neither_counts_nor_calls_a_concurrency_rule_unlimited() {
     assert!(try_acquire(&mut leases, acquire("acme", "1")).await.granted);
     assert!(try_acquire(&mut leases, acquire("acme", "2")).await.granted);
 }
+
+// -------------------------------------------------------------- cluster ---
+
+/// On a real 3-master Redis Cluster: callers across three instances, each
+/// acquiring a tenant cap and the global cap in one call (all or nothing:
+/// the domain's lease keys share a slot), never hold more than either
+/// limit; Envoy's slots work there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_redis_cluster_grants_stay_exact_and_all_or_nothing() {
+    use common::cluster::RedisCluster;
+    use ratekeeper::store::RedisClusterStore;
+    use ratekeeper::store::redis_cluster::RedisClusterSettings;
+
+    let cluster = RedisCluster::start();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let store = RedisClusterStore::new(&RedisClusterSettings {
+            nodes: cluster.urls(),
+            pool_size: 2,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(500),
+            tls: None,
+            expiry_jitter: Duration::ZERO,
+        })
+        .unwrap();
+        servers.push(TestServer::with(rules(&[RULES]), Arc::new(store)).await);
+    }
+    // tenant caps 2 each; global caps 3 over both tenants.
+    let per_tenant = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let global = Arc::new(AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for caller in 0..32 {
+        let mut client = leases(&servers[caller % 3]).await;
+        let tenant = caller % 2;
+        let mine = per_tenant[tenant].clone();
+        let global = global.clone();
+        callers.push(tokio::spawn(async move {
+            let name = format!("t{tenant}");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut rounds = 0;
+            while rounds < 2 {
+                assert!(Instant::now() < deadline, "caller {caller} starved");
+                let id = format!("c{caller}-{rounds}");
+                let request = AcquireRequest {
+                    descriptors: vec![descriptor("tenant", &name), descriptor("global", "all")],
+                    ..acquire(&name, &id)
+                };
+                if !try_acquire(&mut client, request).await.granted {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                assert!(
+                    mine.fetch_add(1, Ordering::SeqCst) < 2,
+                    "tenant cap exceeded"
+                );
+                assert!(
+                    global.fetch_add(1, Ordering::SeqCst) < 3,
+                    "global cap exceeded"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                mine.fetch_sub(1, Ordering::SeqCst);
+                global.fetch_sub(1, Ordering::SeqCst);
+                let release = ReleaseRequest {
+                    descriptors: vec![descriptor("tenant", &name), descriptor("global", "all")],
+                    ..release(&name, &id)
+                };
+                let released = client.release(release).await.unwrap().into_inner();
+                assert_eq!(released.status(), ReleaseStatus::Released);
+                rounds += 1;
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let mut rls = servers[1].envoy().await;
+    let mut code = async |negative: bool| {
+        rls.should_rate_limit(envoy(&[("tenant", "edge")], negative))
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code()
+    };
+    assert_eq!(code(false).await, EnvoyCode::Ok);
+    assert_eq!(code(false).await, EnvoyCode::Ok);
+    assert_eq!(code(false).await, EnvoyCode::OverLimit);
+    assert_eq!(code(true).await, EnvoyCode::Ok);
+    assert_eq!(code(true).await, EnvoyCode::Ok);
+    assert_eq!(code(false).await, EnvoyCode::Ok);
+}

@@ -27,8 +27,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 pub use crate::rules::ConcurrencyLimit;
+use crate::rules::Rule;
+use crate::rules::key::{KEY_PREFIX, fnv1a, storage_key};
 use crate::rules::matcher::EntryRef;
-use crate::rules::{Rule, key::storage_key};
 use crate::store::StoreError;
 pub use engine::LeaseEngine;
 pub use memory::MemoryLeases;
@@ -101,13 +102,22 @@ pub fn describe(limit: &ConcurrencyLimit) -> String {
 
 /// The lease key of `rule` for one request descriptor. Leases always use
 /// ratekeeper's key layout (upstream has no such state), with their own
-/// algorithm tag so they never share a key with a counter.
+/// algorithm tag so they never share a key with a counter. The hash tag is
+/// the domain's, not the descriptor's: every concurrency key of a domain
+/// lives on one Redis Cluster slot, so a request's grant across several
+/// descriptors is one atomic script call there too (the price: one master
+/// serves a domain's leases). The body after the tag keeps the key injective.
 pub fn lease_key(domain: &str, entries: &[EntryRef<'_>], rule: &Rule) -> Option<LeaseKey> {
     let limit = *rule.concurrency()?;
-    Some(LeaseKey {
-        key: storage_key(domain, entries, rule, "lease", 0),
-        limit,
-    })
+    let counter_key = storage_key(domain, entries, rule, "lease", 0);
+    // `rk4:{<tag>}:<body>`: the tag never holds a brace.
+    let body_at = counter_key
+        .windows(2)
+        .position(|w| w == b"}:")
+        .map_or(0, |at| at + 2);
+    let mut key = format!("{KEY_PREFIX}{{lease-{:016x}}}:", fnv1a(domain.as_bytes())).into_bytes();
+    key.extend_from_slice(&counter_key[body_at..]);
+    Some(LeaseKey { key, limit })
 }
 
 /// The fewest TTL any of `keys`' rules allows for a request asking for
@@ -117,4 +127,47 @@ pub fn clamp_ttl_ms(keys: &[LeaseKey], requested_ms: u64) -> u64 {
         .map(|k| k.limit.clamp_ttl_ms(requested_ms))
         .min()
         .unwrap_or(requested_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_rules_file;
+
+    const RULES: &str = "domain: d\ndescriptors:\n  - key: a\n    concurrency: 1\n    lease_ttl: 1s\n  - key: b\n    concurrency: 1\n    lease_ttl: 1s\n";
+
+    fn key(domain_rules: &str, domain: &str, entries: &[(&str, &str)]) -> Vec<u8> {
+        let (_, tree) = parse_rules_file("r.yaml", domain_rules).unwrap();
+        let entries: Vec<EntryRef<'_>> = entries
+            .iter()
+            .map(|(key, value)| EntryRef { key, value })
+            .collect();
+        lease_key(domain, &entries, tree.find(&entries).unwrap())
+            .unwrap()
+            .key
+    }
+
+    fn tag(key: &[u8]) -> &[u8] {
+        let open = key.iter().position(|&b| b == b'{').unwrap();
+        let close = key.iter().position(|&b| b == b'}').unwrap();
+        &key[open..=close]
+    }
+
+    #[test]
+    fn a_domains_lease_keys_share_one_tag_and_stay_distinct() {
+        let a = key(RULES, "d", &[("a", "x")]);
+        let a2 = key(RULES, "d", &[("a", "y")]);
+        let b = key(RULES, "d", &[("b", "x")]);
+        assert_eq!(tag(&a), tag(&b));
+        assert_eq!(tag(&a), tag(&a2));
+        assert_ne!(a, a2);
+        assert_ne!(a, b);
+        let other = RULES.replace("domain: d", "domain: e");
+        assert_ne!(tag(&a), tag(&key(&other, "e", &[("a", "x")])));
+        assert!(
+            a.starts_with(b"rk4:{lease-"),
+            "{}",
+            String::from_utf8_lossy(&a)
+        );
+    }
 }

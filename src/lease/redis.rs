@@ -7,9 +7,9 @@
 //! TTL longer than any entry its rule allows, so idle state vanishes by
 //! itself. Time comes from Redis `TIME`, so every instance agrees.
 //!
-//! Redis Cluster is not supported yet: a request's keys hash to different
-//! slots, and the cluster store does not expose this script (the service
-//! answers `UNIMPLEMENTED` there, see docs/leases.md).
+//! On Redis Cluster the script runs on the master of the request's slot:
+//! lease keys carry their domain's hash tag, so every key of one request
+//! (one domain) shares a slot and a multi-descriptor grant stays atomic.
 
 use std::sync::{Arc, LazyLock};
 
@@ -17,7 +17,10 @@ use async_trait::async_trait;
 
 use super::table::{Code, KeyReply, Op, Reply};
 use super::{KEY_SLACK_MS, LeaseKey, LeaseStore};
-use crate::store::{RedisStore, StoreError};
+use crate::store::{RedisClusterStore, RedisStore, StoreError};
+
+/// The script's source.
+const SOURCE: &str = include_str!("leases.lua");
 
 /// The script, built once.
 static SCRIPT: LazyLock<redis::Script> = LazyLock::new(script);
@@ -25,10 +28,16 @@ static SCRIPT: LazyLock<redis::Script> = LazyLock::new(script);
 /// Suffixes of the four Redis keys of one concurrency key, in KEYS order.
 const PARTS: [&[u8]; 4] = [b":z", b":h", b":a", b":d"];
 
-/// The lease store on a [`RedisStore`]'s connections.
+/// The lease store on a Redis counter store's connections.
 #[derive(Debug, Clone)]
 pub struct RedisLeases {
-    store: Arc<RedisStore>,
+    store: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Single(Arc<RedisStore>),
+    Cluster(Arc<RedisClusterStore>),
 }
 
 // === impl RedisLeases ===
@@ -37,7 +46,16 @@ impl RedisLeases {
     /// Leases kept in the Redis of `store`.
     pub fn new(store: RedisStore) -> Self {
         Self {
-            store: Arc::new(store),
+            store: Backend::Single(Arc::new(store)),
+        }
+    }
+
+    /// Leases kept in the cluster of `store`: every lease key of a domain
+    /// carries the domain's hash tag ([`super::lease_key`]), so one request's
+    /// keys share a slot and its grant stays one atomic script call.
+    pub fn on_cluster(store: RedisClusterStore) -> Self {
+        Self {
+            store: Backend::Cluster(Arc::new(store)),
         }
     }
 }
@@ -46,18 +64,24 @@ impl RedisLeases {
 impl LeaseStore for RedisLeases {
     async fn apply(&self, keys: &[LeaseKey], op: &Op) -> Result<Reply, StoreError> {
         let (redis_keys, args) = encode(keys, op, None);
-        let values: Vec<i64> = self.store.run_script(&SCRIPT, &redis_keys, &args).await?;
+        let values: Vec<i64> = match &self.store {
+            Backend::Single(store) => store.run_script(&SCRIPT, &redis_keys, &args).await?,
+            Backend::Cluster(store) => store.run_script(SOURCE, &redis_keys, &args).await?,
+        };
         decode(&values, keys.len()).map_err(StoreError::Protocol)
     }
 
     fn backend(&self) -> &'static str {
-        "redis"
+        match self.store {
+            Backend::Single(_) => "redis",
+            Backend::Cluster(_) => "redis_cluster",
+        }
     }
 }
 
 /// The lease script (for tests that run it directly).
 pub fn script() -> redis::Script {
-    redis::Script::new(include_str!("leases.lua"))
+    redis::Script::new(SOURCE)
 }
 
 /// The script's KEYS and ARGV for `op` on `keys`, at `now` (Unix ms) or,

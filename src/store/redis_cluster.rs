@@ -256,6 +256,63 @@ impl RedisClusterStore {
     }
 }
 
+impl RedisClusterStore {
+    /// Runs the Lua `source` with `keys` (which must share one slot) and
+    /// `args` on that slot's master, following redirections, under the
+    /// store deadline (the lease tables' script). Sent with `EVAL`, so a
+    /// node that never saw it (after `ASK` or a failover) needs no `LOAD`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Protocol`] when the keys span slots; otherwise as for
+    /// a decision.
+    pub(crate) async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        source: &str,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> Result<T, StoreError> {
+        let Some(first) = keys.first() else {
+            return Err(StoreError::Protocol(
+                "a script call without keys".to_owned(),
+            ));
+        };
+        let slot = slot(first);
+        if keys.iter().any(|key| self::slot(key) != slot) {
+            return Err(StoreError::Protocol(
+                "the keys of one script call span cluster slots".to_owned(),
+            ));
+        }
+        super::within(self.timeout, async {
+            let mut to = self.master_of(slot).await?;
+            let mut last = None;
+            for _ in 0..MAX_ATTEMPTS {
+                let call = to.node.call().await?;
+                let mut pipe = redis::pipe();
+                if to.asking {
+                    pipe.cmd("ASKING").ignore();
+                }
+                pipe.cmd("EVAL")
+                    .arg(source)
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg(args);
+                let result = pipe
+                    .query_async::<(T,)>(&mut call.connection())
+                    .await
+                    .map(|(reply,)| reply);
+                call.end(result.as_ref().err().filter(|e| Redirect::of(e).is_none()));
+                match result {
+                    Ok(reply) => return Ok(reply),
+                    Err(error) => to = self.follow(slot, &error, &mut last).await?,
+                }
+            }
+            Err(redirected_too_often(slot, last))
+        })
+        .await
+    }
+}
+
 /// A call that was redirected or told to try again as often as it may.
 fn redirected_too_often(slot: u16, last: Option<StoreError>) -> StoreError {
     last.unwrap_or_else(|| {
@@ -285,6 +342,12 @@ impl CounterStore for RedisClusterStore {
             }
         })
         .await
+    }
+
+    fn leases(&self) -> Option<Arc<dyn crate::lease::LeaseStore>> {
+        Some(Arc::new(crate::lease::RedisLeases::on_cluster(
+            self.clone(),
+        )))
     }
 
     /// Pings every master at once: ready while any answers (the slots of a
