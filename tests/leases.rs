@@ -902,3 +902,34 @@ async fn on_redis_cluster_grants_stay_exact_and_all_or_nothing() {
     assert_eq!(code(true).await, EnvoyCode::Ok);
     assert_eq!(code(false).await, EnvoyCode::Ok);
 }
+
+/// Under global quota mode (`--quota-mode`) every descriptor is a quota
+/// descriptor except unlimited ones and concurrency caps: a full cap still
+/// denies its request while a counting rule beside it is within its limit.
+#[tokio::test]
+async fn a_concurrency_cap_is_never_a_quota() {
+    use ratekeeper::api::QuotaMode;
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = TestStore::new(Backend::Memory, clock);
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), store.store.clone()).with_quota_mode(QuotaMode::Global),
+    )
+    .await;
+    let mut rls = server.envoy().await;
+    let request = RateLimitRequest {
+        domain: "jobs".to_owned(),
+        descriptors: vec![
+            envoy_descriptor(&[("tenant", "acme")]),
+            envoy_descriptor(&[("per_second", "x")]),
+        ],
+        hits_addend: 0,
+    };
+    for expected in [EnvoyCode::Ok, EnvoyCode::Ok, EnvoyCode::OverLimit] {
+        let answer = rls
+            .should_rate_limit(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.overall_code(), expected);
+    }
+}

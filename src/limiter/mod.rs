@@ -454,6 +454,8 @@ impl DescriptorDecision {
         match self {
             DescriptorDecision::Unlimited { .. } => false,
             DescriptorDecision::NoRule => quota == QuotaMode::Global,
+            // A concurrency cap is never a quota: it always denies.
+            DescriptorDecision::Limited { rule, .. } if rule.concurrency().is_some() => false,
             DescriptorDecision::Limited { rule, .. } => {
                 quota == QuotaMode::Global || rule.quota_mode
             }
