@@ -112,6 +112,9 @@ struct RuleView {
     unit_multiplier: Option<u64>,
     burst: Option<u64>,
     unlimited: bool,
+    /// Every limit of the rule, the first one (shown above too) first;
+    /// several for a descriptor with `rate_limits`, empty when unlimited.
+    limits: Vec<LimitView>,
     shadow_mode: bool,
     quota_mode: bool,
     /// The descriptor's `metadata`, as loaded; `null` when it has none.
@@ -123,6 +126,16 @@ struct RuleView {
     /// Set for a concurrency rule (leases).
     #[serde(skip_serializing_if = "Option::is_none")]
     concurrency: Option<crate::lease::ConcurrencyView>,
+}
+
+/// One limit of a rule as `/rules` shows it.
+#[derive(Debug, Serialize)]
+struct LimitView {
+    algorithm: &'static str,
+    requests_per_unit: u64,
+    unit: &'static str,
+    unit_multiplier: u64,
+    burst: u64,
 }
 
 async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -154,6 +167,16 @@ fn view(domain: &str, rule: &Rule) -> RuleView {
         unit_multiplier: limit.map(|l| l.unit_multiplier),
         burst: limit.map(|l| l.quota().burst),
         unlimited: matches!(rule.limit, RuleLimit::Unlimited),
+        limits: rule
+            .limits()
+            .map(|l| LimitView {
+                algorithm: l.algorithm.as_str(),
+                requests_per_unit: l.requests_per_unit,
+                unit: l.unit.as_str(),
+                unit_multiplier: l.unit_multiplier,
+                burst: l.quota().burst,
+            })
+            .collect(),
         shadow_mode: rule.shadow_mode,
         quota_mode: rule.quota_mode,
         metadata: rule.metadata.as_deref().cloned(),

@@ -158,6 +158,23 @@ fn domain_files(merge: bool) -> DomainFiles {
     }
 }
 
+/// One limit as `check-config` prints it: `10 per second (fixed_window)`.
+fn describe_limit(limit: &ratekeeper::rules::Limit) -> String {
+    let per = match limit.unit_multiplier {
+        1 => limit.unit.to_string(),
+        n => format!("{n} × {}", limit.unit),
+    };
+    let burst = limit
+        .burst
+        .map(|b| format!(", burst {b}"))
+        .unwrap_or_default();
+    format!(
+        "{} per {per} ({}{burst})",
+        limit.requests_per_unit,
+        limit.algorithm.as_str()
+    )
+}
+
 fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
     match load_rules_with(path, domain_files) {
         Ok(rules) => {
@@ -166,21 +183,11 @@ fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
             }
             for rule in rules.all_rules() {
                 let limit = match rule.limit {
-                    RuleLimit::Limited(limit) => {
-                        let per = match limit.unit_multiplier {
-                            1 => limit.unit.to_string(),
-                            n => format!("{n} × {}", limit.unit),
-                        };
-                        let burst = limit
-                            .burst
-                            .map(|b| format!(", burst {b}"))
-                            .unwrap_or_default();
-                        format!(
-                            "{} per {per} ({}{burst})",
-                            limit.requests_per_unit,
-                            limit.algorithm.as_str()
-                        )
-                    }
+                    RuleLimit::Limited(_) => rule
+                        .limits()
+                        .map(describe_limit)
+                        .collect::<Vec<_>>()
+                        .join(" and "),
                     RuleLimit::Unlimited => "unlimited".to_owned(),
                     RuleLimit::Concurrency(limit) => ratekeeper::lease::describe(&limit),
                 };

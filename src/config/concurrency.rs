@@ -46,11 +46,16 @@ pub fn limit(
         }
         return Ok(None);
     };
-    if doc.rate_limit.is_some() {
-        return err(
-            "concurrency",
-            "a descriptor has either rate_limit or concurrency, not both".to_owned(),
-        );
+    for (field, given) in [
+        ("rate_limit", doc.rate_limit.is_some()),
+        ("rate_limits", doc.rate_limits.is_some()),
+    ] {
+        if given {
+            return err(
+                "concurrency",
+                format!("a descriptor has either {field} or concurrency, not both"),
+            );
+        }
     }
     for (field, given) in [
         ("shadow_mode", doc.shadow_mode.is_some()),
@@ -202,6 +207,11 @@ mod tests {
                 "    concurrency: 2\n    lease_ttl: 1s\n    rate_limit:\n      unit: second\n      requests_per_unit: 1\n",
                 "descriptors[0].concurrency",
                 "not both",
+            ),
+            (
+                "    concurrency: 2\n    lease_ttl: 1s\n    rate_limits:\n      - {unit: second, requests_per_unit: 1}\n",
+                "descriptors[0].concurrency",
+                "rate_limits or concurrency",
             ),
             (
                 "    lease_ttl: 1s\n",
