@@ -237,10 +237,14 @@ async fn a_killed_holders_permits_return_after_its_ttl_in_memory() {
     assert!(granted.granted);
     assert_eq!(granted.in_use, 1);
     let metrics = http_get(server.admin_addr, "/metrics").await;
-    assert!(
-        metrics.contains("ratelimit_lease_expired_total{domain=\"jobs\"} 2"),
-        "{metrics}"
-    );
+    for line in [
+        "ratelimit_lease_expired_total{domain=\"jobs\"} 2",
+        "ratelimit_lease_granted_total{surface=\"leases\",domain=\"jobs\"} 3",
+        "ratelimit_lease_denied_total{surface=\"leases\",domain=\"jobs\"} 2",
+        "ratelimit_lease_in_use{domain=\"jobs\",rule=\"jobs.tenant\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 }
 
 /// The same on Redis, whose clock cannot be moved: a 300 ms lease and a
@@ -542,6 +546,11 @@ async fn envoy_slots_with_negative_hits(backend: Backend) {
         assert_eq!(code(false).await, EnvoyCode::Ok);
         assert_eq!(code(false).await, EnvoyCode::Ok);
     }
+    // A negative hit's cost is checked like any other.
+    let mut huge = envoy(&[("tenant", "acme")], true);
+    huge.descriptors[0].hits_addend = Some(1 << 40);
+    let status = rls.should_rate_limit(huge).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // A negative hit on a counting rule answers OK and is not counted.
     let mut rls = server.envoy().await;
     for _ in 0..150 {

@@ -24,6 +24,7 @@ use super::table::{Code, Op};
 use super::{LeaseEngine, LeaseKey, lease_key, metrics};
 use crate::algorithm::Outcome;
 use crate::api::RequestLimits;
+use crate::api::validate::check_cost;
 use crate::error::Error;
 use crate::limiter::{Decision, DescriptorDecision};
 use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -65,9 +66,10 @@ pub async fn complete(
     let mut frees: HashMap<u64, Group> = HashMap::new();
     let rules = engine.limiter().rules();
     for (d, descriptor) in request.descriptors.iter().enumerate() {
-        let hits = descriptor
-            .hits_addend
-            .unwrap_or(u64::from(request.hits_addend.max(1)));
+        let hits = match descriptor.hits_addend {
+            Some(hits) => check_cost(&format!("descriptors[{d}].hits_addend"), hits)?,
+            None => u64::from(request.hits_addend.max(1)),
+        };
         let entries = limits.entries(
             d,
             descriptor
