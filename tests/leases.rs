@@ -942,3 +942,54 @@ async fn a_concurrency_cap_is_never_a_quota() {
         assert_eq!(answer.overall_code(), expected);
     }
 }
+
+// ------------------------------------------------- health and reflection ---
+
+#[tokio::test]
+async fn the_leases_service_has_health_and_reflection() {
+    use futures::StreamExt;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let (server, _clock, _store) = start(Backend::Memory).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: "ratekeeper.v1.Leases".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        if matches!(status, Ok(ServingStatus::Serving)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "ratekeeper.v1.Leases"),
+        "{list:?}"
+    );
+}
