@@ -13,8 +13,9 @@
 -- ARGV[3]   lease id (acquire, renew, release)
 -- ARGV[4]   permits (acquire) or slots (take, free)
 -- ARGV[5]   TTL in ms (acquire, renew, take)
--- then per key: its limit, and the TTL in ms every one of its Redis keys
---           is given (longer than any entry written under the rule lives)
+-- then per key: its limit, and the TTL in ms each of its Redis keys is
+--           given when written (longer than any entry the rule allows lives,
+--           so a key outlives its entries and vanishes once idle)
 --
 -- Returns code (1 granted, 2 denied, 3 not found, 4 released, 5 already
 -- released), expires_at ms (0: none), retry_after ms (-1: none), then per
@@ -71,17 +72,14 @@ local function purge(i)
   end
   purged = purged + redis.call('ZREMRANGEBYSCORE', a, '-inf', now)
   redis.call('ZREMRANGEBYSCORE', d, '-inf', now)
-  if redis.call('ZCARD', z) == 0 and redis.call('ZCARD', a) == 0
-      and redis.call('ZCARD', d) == 0 then
-    -- Nothing held or owed: as if the key had expired.
-    redis.call('DEL', h)
-  end
   return purged
 end
 
+-- Permits held per key, read once after the purge and kept up to date.
+local used = {}
+
 local function in_use(i)
-  local _, h, a = keys_of(i)
-  return (tonumber(redis.call('HGET', h, '#t')) or 0) + redis.call('ZCARD', a)
+  return used[i]
 end
 
 local function next_fence(i)
@@ -142,6 +140,13 @@ end
 local expired = {}
 for i = 1, count do
   expired[i] = purge(i)
+  local _, h, a = keys_of(i)
+  used[i] = (tonumber(redis.call('HGET', h, '#t')) or 0) + redis.call('ZCARD', a)
+end
+-- Per key, the Redis keys written with entries that must outlive them.
+local touched = {}
+for i = 1, count do
+  touched[i] = {}
 end
 local tokens = {}
 for i = 1, count do
@@ -169,6 +174,8 @@ if op == 'acquire' then
         redis.call('ZADD', z, fmt(now + ttl), member)
         redis.call('HSET', h, member, fmt(n) .. ':' .. fmt(token))
         redis.call('HINCRBY', h, '#t', n)
+        used[i] = used[i] + n
+        touched[i] = { z, h }
         tokens[i] = token
       end
       local e = tonumber(redis.call('ZSCORE', z, member))
@@ -190,6 +197,7 @@ elseif op == 'renew' then
       local z, h = keys_of(i)
       redis.call('ZADD', z, 'XX', fmt(now + ttl), member)
       local _, token = permits_and_token(h, member)
+      touched[i] = { z, h }
       tokens[i] = token
     end
     expires_at = now + ttl
@@ -204,6 +212,7 @@ elseif op == 'release' then
       local permits = permits_and_token(h, member)
       redis.call('HDEL', h, member)
       redis.call('HINCRBY', h, '#t', -permits)
+      used[i] = used[i] - permits
       code = 4
     end
   end
@@ -216,7 +225,8 @@ elseif op == 'take' then
   if refused then
     code, retry = 2, refused
     for i = 1, count do
-      local _, _, _, d = keys_of(i)
+      local _, h, _, d = keys_of(i)
+      touched[i] = { h, d }
       local debts = redis.call('ZCARD', d)
       for _ = 1, n do
         if debts >= MAX_DEBTS then
@@ -228,10 +238,12 @@ elseif op == 'take' then
     end
   else
     for i = 1, count do
-      local _, _, a = keys_of(i)
+      local _, h, a = keys_of(i)
       for _ = 1, n do
         redis.call('ZADD', a, fmt(now + ttl), fmt(next_fence(i)))
       end
+      used[i] = used[i] + n
+      touched[i] = { h, a }
     end
     expires_at = now + ttl
   end
@@ -240,8 +252,11 @@ elseif op == 'free' then
   for i = 1, count do
     local _, _, a, d = keys_of(i)
     for _ = 1, n do
-      if #redis.call('ZPOPMIN', d) == 0 and #redis.call('ZPOPMIN', a) == 0 then
-        break
+      if #redis.call('ZPOPMIN', d) == 0 then
+        if #redis.call('ZPOPMIN', a) == 0 then
+          break
+        end
+        used[i] = used[i] - 1
       end
     end
   end
@@ -251,9 +266,8 @@ end
 
 local reply = { code, expires_at, retry }
 for i = 1, count do
-  local z, h, a, d = keys_of(i)
-  local keep = tonumber(ARGV[5 + (i - 1) * 2 + 2])
-  for _, key in ipairs({ z, h, a, d }) do
+  local keep = ARGV[5 + (i - 1) * 2 + 2]
+  for _, key in ipairs(touched[i]) do
     redis.call('PEXPIRE', key, keep)
   end
   reply[#reply + 1] = in_use(i)

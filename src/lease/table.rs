@@ -14,8 +14,9 @@
 //!
 //! Everything expires: an entry whose expiry is at or before `now` is gone,
 //! and purged on access. The fencing counter starts, for a key with no
-//! state, at `now_ms × 1000`, so tokens keep increasing even after an idle
-//! key's state expired entirely (as long as fewer than 1000 grants per
+//! state (never used, or dropped once idle: the memory store drops an empty
+//! key, Redis lets an idle key's TTL run out), at `now_ms × 1000`, so tokens
+//! keep increasing across that (as long as fewer than 1000 grants per
 //! millisecond were made on average).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -159,10 +160,6 @@ impl KeyState {
         self.slots.retain(|(expiry, _)| *expiry > now);
         purged += (before - self.slots.len()) as u64;
         self.debts.retain(|(expiry, _)| *expiry > now);
-        if self.is_empty() {
-            // Nothing left: as if the key had expired (Redis drops it).
-            self.fence = 0;
-        }
         purged
     }
 
