@@ -11,11 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 use super::metrics;
 use super::table::{Code, Op, Reply};
 use super::{LeaseEngine, LeaseKey, clamp_ttl_ms, lease_key};
 use crate::api::RequestLimits;
+use crate::api::trace_context;
 use crate::api::validate::check_cost;
 use crate::error::Error;
 use crate::limiter::Limiter;
@@ -117,13 +120,11 @@ impl LeaseService {
     }
 }
 
-#[tonic::async_trait]
-impl leases_server::Leases for LeaseService {
-    async fn acquire(
+impl LeaseService {
+    async fn acquire_lease(
         &self,
-        request: Request<pb::AcquireRequest>,
-    ) -> Result<Response<pb::AcquireResponse>, Status> {
-        let request = request.into_inner();
+        request: pb::AcquireRequest,
+    ) -> Result<pb::AcquireResponse, Status> {
         let matched = self.matched(&request.domain, &request.descriptors)?;
         let permits = check_cost("permits", request.permits.max(1))?;
         let ttl_ms = clamp_ttl_ms(&matched.keys, ttl_ms("ttl", request.ttl)?);
@@ -154,7 +155,8 @@ impl leases_server::Leases for LeaseService {
             .next()
             .copied()
             .unwrap_or(0);
-        Ok(Response::new(pb::AcquireResponse {
+        Span::current().record("granted", granted);
+        Ok(pb::AcquireResponse {
             granted,
             lease_id,
             expires_at: granted.then(|| timestamp(reply.expires_at_ms)),
@@ -166,14 +168,10 @@ impl leases_server::Leases for LeaseService {
                 .map(|ms| duration(Duration::from_millis(ms))),
             fencing_token: reply.keys[first].token,
             statuses: statuses(&matched, &reply),
-        }))
+        })
     }
 
-    async fn renew(
-        &self,
-        request: Request<pb::RenewRequest>,
-    ) -> Result<Response<pb::RenewResponse>, Status> {
-        let request = request.into_inner();
+    async fn renew_lease(&self, request: pb::RenewRequest) -> Result<pb::RenewResponse, Status> {
         let matched = self.matched(&request.domain, &request.descriptors)?;
         let id = required_lease_id(&request.lease_id)?;
         let ttl_ms = clamp_ttl_ms(&matched.keys, ttl_ms("ttl", request.ttl)?);
@@ -194,17 +192,16 @@ impl leases_server::Leases for LeaseService {
             .next()
             .copied()
             .unwrap_or(0);
-        Ok(Response::new(pb::RenewResponse {
+        Ok(pb::RenewResponse {
             expires_at: Some(timestamp(reply.expires_at_ms)),
             fencing_token: reply.keys[first].token,
-        }))
+        })
     }
 
-    async fn release(
+    async fn release_lease(
         &self,
-        request: Request<pb::ReleaseRequest>,
-    ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let request = request.into_inner();
+        request: pb::ReleaseRequest,
+    ) -> Result<pb::ReleaseResponse, Status> {
         let matched = self.matched(&request.domain, &request.descriptors)?;
         let id = required_lease_id(&request.lease_id)?;
         let op = Op::Release { id: id.to_owned() };
@@ -213,9 +210,67 @@ impl leases_server::Leases for LeaseService {
             Code::Released => pb::ReleaseStatus::Released,
             _ => pb::ReleaseStatus::AlreadyReleased,
         };
-        Ok(Response::new(pb::ReleaseResponse {
+        Span::current().record("released", status == pb::ReleaseStatus::Released);
+        Ok(pb::ReleaseResponse {
             status: status.into(),
-        }))
+        })
+    }
+}
+
+/// Each RPC in its span (a child of the caller's trace when it sends one).
+#[tonic::async_trait]
+impl leases_server::Leases for LeaseService {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let span = trace_context::rpc_span(request.metadata(), || {
+            tracing::debug_span!(
+                "Acquire",
+                domain = %request.get_ref().domain,
+                granted = Empty,
+                trace_id = Empty,
+            )
+        });
+        let request = request.into_inner();
+        self.acquire_lease(request)
+            .instrument(span)
+            .await
+            .map(Response::new)
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let span = trace_context::rpc_span(
+            request.metadata(),
+            || tracing::debug_span!("Renew", domain = %request.get_ref().domain, trace_id = Empty),
+        );
+        let request = request.into_inner();
+        self.renew_lease(request)
+            .instrument(span)
+            .await
+            .map(Response::new)
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let span = trace_context::rpc_span(request.metadata(), || {
+            tracing::debug_span!(
+                "Release",
+                domain = %request.get_ref().domain,
+                released = Empty,
+                trace_id = Empty,
+            )
+        });
+        let request = request.into_inner();
+        self.release_lease(request)
+            .instrument(span)
+            .await
+            .map(Response::new)
     }
 }
 
