@@ -585,6 +585,7 @@ both_stores!(
     the_ttl_is_clamped_to_the_rules_maximum,
     envoy_slots_with_negative_hits,
     envoy_status_of_a_concurrency_descriptor,
+    negative_hits_refund_counting_rules,
 );
 
 // ------------------------------------------------------- admin and cli ---
@@ -910,6 +911,45 @@ async fn on_redis_cluster_grants_stay_exact_and_all_or_nothing() {
     assert_eq!(code(true).await, EnvoyCode::Ok);
     assert_eq!(code(true).await, EnvoyCode::Ok);
     assert_eq!(code(false).await, EnvoyCode::Ok);
+
+    // Refunds on the cluster: counters on two slots, on an injected clock.
+    use ratekeeper::algorithm::{AlgorithmKind, BatchHit, Mode, Quota};
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = RedisClusterStore::new(&RedisClusterSettings {
+        nodes: cluster.urls(),
+        pool_size: 1,
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_millis(500),
+        tls: None,
+        expiry_jitter: Duration::ZERO,
+    })
+    .unwrap()
+    .with_clock(clock);
+    let quota = Quota {
+        limit: 3,
+        window_ms: 60_000,
+        burst: 3,
+    };
+    let keys = [b"rk4:{a}:refund".to_vec(), b"rk4:{b}:refund".to_vec()];
+    let hits = |n: u64| -> Vec<BatchHit<'_>> {
+        keys.iter()
+            .map(|key| BatchHit {
+                key,
+                algorithm: AlgorithmKind::FixedWindow,
+                quota,
+                hits: n,
+                enforced: true,
+            })
+            .collect()
+    };
+    let taken = store.apply(&hits(3), Mode::Independent).await.unwrap();
+    assert!(taken.iter().all(|o| o.allowed && o.remaining == 0));
+    store.refund(&hits(2)).await.unwrap();
+    let after = store.apply(&hits(2), Mode::Independent).await.unwrap();
+    assert!(
+        after.iter().all(|o| o.allowed && o.remaining == 0),
+        "{after:?}"
+    );
 }
 
 /// Under global quota mode (`--quota-mode`) every descriptor is a quota
@@ -992,4 +1032,119 @@ async fn the_leases_service_has_health_and_reflection() {
             .any(|s| s.name == "ratekeeper.v1.Leases"),
         "{list:?}"
     );
+}
+
+// -------------------------------------------------------------- refunds ---
+
+const REFUND_RULES: &str = "
+domain: refunds
+descriptors:
+  - key: fixed
+    rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: sliding
+    rate_limit: {unit: minute, requests_per_unit: 3, algorithm: sliding_window}
+  - key: bucket
+    rate_limit: {unit: minute, requests_per_unit: 3, algorithm: token_bucket}
+  - key: both
+    rate_limits:
+      - {unit: minute, requests_per_unit: 3}
+      - {unit: hour, requests_per_unit: 4}
+";
+
+/// A negative hit on a counting rule takes its hits back, never below
+/// zero, on every algorithm and on every limit of a rule with several.
+async fn negative_hits_refund_counting_rules(backend: Backend) {
+    let h = common::Harness::start(backend, REFUND_RULES).await;
+    let mut rls = h.server.envoy().await;
+    for key in ["fixed", "sliding", "bucket", "both"] {
+        let mut hit = async |hits: u64, negative: bool| {
+            let mut request = envoy(&[(key, "x")], negative);
+            request.domain = "refunds".to_owned();
+            request.descriptors[0].hits_addend = Some(hits);
+            rls.should_rate_limit(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .overall_code()
+        };
+        assert_eq!(hit(3, false).await, EnvoyCode::Ok, "{key}");
+        assert_eq!(hit(1, false).await, EnvoyCode::OverLimit, "{key}");
+        assert_eq!(hit(2, true).await, EnvoyCode::Ok, "{key}");
+        // A fixed window also counted the refused hit: 3 + 1 - 2 = 2 used.
+        let room = if key == "fixed" || key == "both" {
+            1
+        } else {
+            2
+        };
+        assert_eq!(hit(room, false).await, EnvoyCode::Ok, "{key}");
+        assert_eq!(hit(1, false).await, EnvoyCode::OverLimit, "{key}");
+        // Floored at zero: a large refund leaves exactly the limit.
+        assert_eq!(hit(50, true).await, EnvoyCode::Ok, "{key}");
+        assert_eq!(hit(3, false).await, EnvoyCode::Ok, "{key}");
+        assert_eq!(hit(1, false).await, EnvoyCode::OverLimit, "{key}");
+    }
+}
+
+/// The refund script against its Rust twin: the memory store (which runs
+/// `algorithm::refund`) and the Redis store (which runs `refund.lua`),
+/// driven by one injected clock through the same seeded sequence of hits
+/// and refunds on every algorithm, answer every decision alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refund_script_matches_its_rust_twin() {
+    use ratekeeper::algorithm::{AlgorithmKind, BatchHit, Mode, Quota};
+    use ratekeeper::clock::Clock;
+    use ratekeeper::store::MemoryStore;
+
+    let redis = RedisServer::start();
+    let clock = Arc::new(ManualClock::new(T0));
+    let memory = MemoryStore::new(1_000, clock.clone());
+    let remote = redis_store(&redis.url(), Duration::from_secs(5))
+        .with_clock(clock.clone() as Arc<dyn Clock>);
+    let counters: Vec<(Vec<u8>, AlgorithmKind, Quota)> = [
+        (AlgorithmKind::FixedWindow, 5, 5),
+        (AlgorithmKind::SlidingWindow, 5, 5),
+        (AlgorithmKind::TokenBucket, 5, 8),
+    ]
+    .into_iter()
+    .map(|(algorithm, limit, burst)| {
+        let key = format!("rk4:{{{}}}:twin", algorithm.tag()).into_bytes();
+        (
+            key,
+            algorithm,
+            Quota {
+                limit,
+                window_ms: 10_000,
+                burst,
+            },
+        )
+    })
+    .collect();
+    let mut rng = Rng(0x00BE_EF01);
+    let mut refunds = 0;
+    for step in 0..1_500 {
+        clock.advance(rng.below(1_500));
+        let (key, algorithm, quota) = &counters[rng.below(3) as usize];
+        let hit = [BatchHit {
+            key,
+            algorithm: *algorithm,
+            quota: *quota,
+            hits: rng.below(4),
+            enforced: true,
+        }];
+        if rng.below(3) == 0 {
+            memory.refund(&hit).await.unwrap();
+            remote.refund(&hit).await.unwrap();
+            refunds += 1;
+            continue;
+        }
+        let expected = memory.apply(&hit, Mode::Independent).await.unwrap();
+        let found = remote.apply(&hit, Mode::Independent).await.unwrap();
+        assert_eq!(
+            found,
+            expected,
+            "step {step}: {algorithm:?} at {}",
+            clock.now_ms()
+        );
+    }
+    assert!(refunds > 300, "{refunds}");
 }

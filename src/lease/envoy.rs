@@ -14,21 +14,24 @@
 //! another request.
 //!
 //! Negative hits answer OK and are never counted as positive hits. On a
-//! counting rule they do not refund yet: refunds into the algorithms come
-//! with reserve/settle (issue 15, part 2).
+//! counting rule they are refunds: every limit of the rule takes the hits
+//! back, never below zero ([`crate::algorithm::refund`]), in one store call
+//! (not in the envoy-ratelimit key layout, and not for a descriptor that
+//! carries a limit override).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::table::{Code, Op};
 use super::{LeaseEngine, LeaseKey, lease_key, metrics};
-use crate::algorithm::Outcome;
+use crate::algorithm::{BatchHit, Outcome};
 use crate::api::RequestLimits;
 use crate::api::validate::check_cost;
 use crate::error::Error;
+use crate::failure_policy::FailurePolicy;
 use crate::limiter::{Decision, DescriptorDecision};
 use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
-use crate::rules::{Limit, Rule, Unit};
+use crate::rules::{Limit, Rule, Unit, multi};
 
 /// Whether descriptor `d` of `request` is a negative hit.
 pub fn is_negative(request: &RateLimitRequest, d: usize) -> bool {
@@ -65,6 +68,8 @@ pub async fn complete(
     let mut takes: HashMap<u64, Group> = HashMap::new();
     let mut frees: HashMap<u64, Group> = HashMap::new();
     let rules = engine.limiter().rules();
+    let layout = engine.limiter().store().key_layout();
+    let mut refunds: Vec<(Vec<u8>, Limit, u64)> = Vec::new();
     for (d, descriptor) in request.descriptors.iter().enumerate() {
         let hits = match descriptor.hits_addend {
             Some(hits) => check_cost(&format!("descriptors[{d}].hits_addend"), hits)?,
@@ -80,11 +85,18 @@ pub async fn complete(
         )?;
         let rule = if descriptor.is_negative_hits {
             answers.push(DescriptorDecision::NoRule);
-            rules
+            let found = rules
                 .domain(domain)
                 .and_then(|tree| tree.find(&entries))
-                .filter(|rule| rule.concurrency().is_some())
-                .cloned()
+                .filter(|_| descriptor.limit.is_none());
+            if let Some(rule) = found.filter(|rule| rule.concurrency().is_none()) {
+                // A counting rule: its hits are taken back from every limit.
+                for (n, limit) in rule.limits().enumerate() {
+                    let key = multi::limit_key(&layout, domain, &entries, rule, n, limit);
+                    refunds.push((key, *limit, hits));
+                }
+            }
+            found.filter(|rule| rule.concurrency().is_some()).cloned()
         } else {
             let decided = positive.next().unwrap_or(DescriptorDecision::NoRule);
             let rule = match &decided {
@@ -107,6 +119,7 @@ pub async fn complete(
         };
         groups.entry(hits).or_default().add(d, key, rule);
     }
+    refund(engine, &refunds).await?;
     for (n, group) in frees {
         let reply = engine.apply(&group.keys, &Op::Free { n }).await?;
         record(engine, domain, &group, &reply);
@@ -140,6 +153,37 @@ pub async fn complete(
         descriptors: answers,
         known_domain: decision.known_domain,
     })
+}
+
+/// Takes `refunds` (key, limit, hits) back from their counters in one store
+/// call. A failed refund fails the request only under the `error` policy;
+/// otherwise it is dropped (the counters stay high: the safe side).
+async fn refund(engine: &LeaseEngine, refunds: &[(Vec<u8>, Limit, u64)]) -> Result<(), Error> {
+    if refunds.is_empty() {
+        return Ok(());
+    }
+    let hits: Vec<BatchHit<'_>> = refunds
+        .iter()
+        .map(|(key, limit, hits)| BatchHit {
+            key,
+            algorithm: limit.algorithm,
+            quota: limit.quota(),
+            hits: *hits,
+            enforced: true,
+        })
+        .collect();
+    let limiter = engine.limiter();
+    match limiter.store().refund(&hits).await {
+        Ok(()) => Ok(()),
+        Err(error) if limiter.failure_policy() == FailurePolicy::Error => {
+            Err(Error::Storage(error))
+        }
+        Err(error) => {
+            tracing::debug!(%error, "refund dropped: the store failed");
+            limiter.metrics().degraded(limiter.failure_policy());
+            Ok(())
+        }
+    }
 }
 
 /// Concurrency descriptors sharing one hit count: one store call.

@@ -168,6 +168,10 @@ impl CounterStore for CircuitBreaker {
     fn leases(&self) -> Option<std::sync::Arc<dyn crate::lease::LeaseStore>> {
         self.inner.leases()
     }
+
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        self.inner.refund(hits).await
+    }
 }
 
 // === impl Call ===

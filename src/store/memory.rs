@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{CounterStore, StoreError};
+use crate::algorithm::refund::refund;
 use crate::algorithm::{BatchHit, Mode, Outcome, StateView, Stored, apply_batch};
 use crate::clock::Clock;
 
@@ -171,6 +172,30 @@ impl CounterStore for MemoryStore {
 
     fn leases(&self) -> Option<Arc<dyn crate::lease::LeaseStore>> {
         Some(Arc::new(self.inner.leases.clone()))
+    }
+
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        let mut view = self.lock_for(hits);
+        let now_ms = view.now_ms;
+        for hit in hits {
+            let stored = view.load(hit.key);
+            if let Some(after) = refund(hit.algorithm, &hit.quota, stored, hit.hits, now_ms) {
+                view.store(hit.key, Some(after));
+            }
+        }
+        // Nothing was judged: a refunded key reads as under no pressure.
+        let outcomes: Vec<Outcome> = hits
+            .iter()
+            .map(|hit| Outcome {
+                allowed: true,
+                remaining: hit.quota.burst.max(hit.quota.limit),
+                reset_after_ms: 0,
+                retry_after_ms: None,
+                used_before: 0,
+            })
+            .collect();
+        view.commit(hits, &outcomes, self.inner.max_keys_per_shard);
+        Ok(())
     }
 }
 

@@ -61,6 +61,18 @@ pub trait CounterStore: Send + Sync + fmt::Debug {
         KeyLayout::Ratekeeper
     }
 
+    /// Takes `hits` back from their counters, never below zero (Envoy's
+    /// negative hits on counting rules; see `algorithm::refund`). A store
+    /// that cannot refund (the envoy-ratelimit key layout) ignores them.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend failed or missed its deadline.
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        let _ = hits;
+        Ok(())
+    }
+
     /// The lease tables kept beside these counters (concurrency rules);
     /// `None` when this backend keeps none.
     fn leases(&self) -> Option<std::sync::Arc<dyn crate::lease::LeaseStore>> {

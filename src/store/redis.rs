@@ -104,11 +104,11 @@ impl ScriptTime {
         let _ = self.clock.set(clock);
     }
 
-    fn now_ms(&self) -> Option<u64> {
+    pub(crate) fn now_ms(&self) -> Option<u64> {
         self.clock.get().map(|clock| clock.now_ms())
     }
 
-    fn ttl_extra_ms(&self) -> u64 {
+    pub(crate) fn ttl_extra_ms(&self) -> u64 {
         let jitter = match self.jitter_max_ms {
             0 => 0,
             max => fastrand::u64(0..max),
@@ -408,11 +408,55 @@ impl CounterStore for RedisStore {
         Some(Arc::new(crate::lease::RedisLeases::new(self.clone())))
     }
 
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        // Upstream's keys hold upstream's counters: not refunded.
+        if hits.is_empty() || self.layout.is_some() {
+            return Ok(());
+        }
+        let (keys, args) = refund_call(hits, &self.batching.time);
+        self.run_script::<i64>(&REFUND, &keys, &args).await?;
+        Ok(())
+    }
+
     fn key_layout(&self) -> KeyLayout {
         self.layout
             .as_ref()
             .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
     }
+}
+
+/// The refund script (`redis/refund.lua`; its Rust twin is
+/// `algorithm::refund`).
+pub(crate) const REFUND_SOURCE: &str = include_str!("redis/refund.lua");
+
+static REFUND: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REFUND_SOURCE));
+
+/// The refund script's KEYS and ARGV for `hits`, at `time`'s clock.
+pub(crate) fn refund_call(
+    hits: &[BatchHit<'_>],
+    time: &ScriptTime,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let keys = hits.iter().map(|hit| hit.key.to_vec()).collect();
+    let mut args: Vec<Vec<u8>> = vec![
+        time.now_ms()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+            .into(),
+        time.ttl_extra_ms().to_string().into(),
+    ];
+    for hit in hits {
+        for value in [
+            u64::from(hit.algorithm.script_id()),
+            hit.quota.limit,
+            hit.quota.window_ms,
+            hit.quota.burst,
+            hit.hits,
+        ] {
+            args.push(value.to_string().into());
+        }
+    }
+    (keys, args)
 }
 
 /// What a Redis error says about the store. The script's own runtime

@@ -350,6 +350,20 @@ impl CounterStore for RedisClusterStore {
         )))
     }
 
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        // Upstream's keys hold upstream's counters: not refunded.
+        if hits.is_empty() || self.layout.is_some() {
+            return Ok(());
+        }
+        let calls = group_by_slot(hits).into_iter().map(|group| async move {
+            let group: Vec<BatchHit<'_>> = group.iter().map(|&i| hits[i]).collect();
+            let (keys, args) = super::redis::refund_call(&group, &self.batching.time);
+            self.run_script::<i64>(super::redis::REFUND_SOURCE, &keys, &args)
+                .await
+        });
+        try_join_all(calls).await.map(drop)
+    }
+
     /// Pings every master at once: ready while any answers (the slots of a
     /// dead master fail until its replica takes over, the rest are
     /// decided), with the masters that do not answer as the degraded detail.
