@@ -1148,3 +1148,37 @@ async fn the_refund_script_matches_its_rust_twin() {
     }
     assert!(refunds > 300, "{refunds}");
 }
+
+/// A refund forgets this instance's cached denial of the refunded counter:
+/// the over-limit cache must not keep denying what the store now admits.
+#[tokio::test]
+async fn a_refund_forgets_the_cached_denial() {
+    use ratekeeper::store::OverLimitCache;
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = TestStore::new(Backend::Memory, clock.clone());
+    let server = TestServer::start(
+        Server::new(rules(&[REFUND_RULES]), store.store.clone())
+            .with_over_limit_cache(OverLimitCache::new(100, clock)),
+    )
+    .await;
+    let mut rls = server.envoy().await;
+    let mut hit = async |hits: u64, negative: bool| {
+        let mut request = envoy(&[("sliding", "x")], negative);
+        request.domain = "refunds".to_owned();
+        request.descriptors[0].hits_addend = Some(hits);
+        rls.should_rate_limit(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code()
+    };
+    assert_eq!(hit(3, false).await, EnvoyCode::Ok);
+    assert_eq!(hit(1, false).await, EnvoyCode::OverLimit);
+    assert_eq!(
+        hit(1, false).await,
+        EnvoyCode::OverLimit,
+        "now from the cache"
+    );
+    assert_eq!(hit(1, true).await, EnvoyCode::Ok);
+    assert_eq!(hit(1, false).await, EnvoyCode::Ok);
+}

@@ -174,7 +174,10 @@ async fn refund(engine: &LeaseEngine, refunds: &[(Vec<u8>, Limit, u64)]) -> Resu
         .collect();
     let limiter = engine.limiter();
     match limiter.store().refund(&hits).await {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            limiter.forget_denials(hits.iter().map(|hit| hit.key));
+            Ok(())
+        }
         Err(error) if limiter.failure_policy() == FailurePolicy::Error => {
             Err(Error::Storage(error))
         }

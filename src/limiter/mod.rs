@@ -210,6 +210,16 @@ impl Limiter {
         }
     }
 
+    /// Forgets any cached denial of `keys` (their hits were refunded, so a
+    /// denial known here may no longer hold).
+    pub fn forget_denials<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        if let Some(cache) = &self.over_limit {
+            for key in keys {
+                cache.forget(key);
+            }
+        }
+    }
+
     /// The service's failure policy (`--failure-policy`).
     pub fn failure_policy(&self) -> FailurePolicy {
         self.degraded.policy()
