@@ -102,7 +102,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
 
 /// One rule as `/rules` shows it.
 #[derive(Debug, Serialize)]
-struct RuleView {
+pub(crate) struct RuleView {
     domain: String,
     path: String,
     name: Option<String>,
@@ -135,7 +135,7 @@ async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     axum::Json(views)
 }
 
-fn view(domain: &str, rule: &Rule) -> RuleView {
+pub(crate) fn view(domain: &str, rule: &Rule) -> RuleView {
     let limit = match rule.limit {
         RuleLimit::Limited(limit) => Some(limit),
         RuleLimit::Unlimited => None,

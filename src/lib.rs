@@ -25,6 +25,9 @@
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services (with the Envoy
 //!   answer's quota mode, headers and dynamic metadata).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
+//! - [`overrides`]: runtime limit overrides, kept in the store.
+//! - [`admin_api`]: the authenticated admin API (overrides, inspect,
+//!   reset) over gRPC and HTTP JSON, and the `ratekeeper admin` client.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.
 //! - [`readiness`]: readiness for `/readyz` and gRPC health.
@@ -34,6 +37,7 @@
 //! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
 
 pub mod admin;
+pub mod admin_api;
 pub mod algorithm;
 pub mod api;
 pub mod clock;
@@ -43,6 +47,7 @@ pub mod failure_policy;
 pub mod fuzzing;
 pub mod limiter;
 pub mod metrics;
+pub mod overrides;
 pub mod proto;
 pub mod readiness;
 pub mod reload;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context as _;
+use ratekeeper::admin_api::AdminAuth;
 use ratekeeper::api::{
     DraftHeaders, DynamicMetadata, EnvoyCounting, QuotaMode, RequestLimits, ResponseHeaders,
     ShadowMode,
@@ -20,6 +21,9 @@ use ratekeeper::config::upstream_env::{self, UpstreamMode};
 use ratekeeper::config::{
     CliError, Command, ConfigSnapshot, DomainFiles, DotFiles, KeyLayoutKind, ServeArgs, StoreKind,
     load_rules_with, read_snapshot_with,
+};
+use ratekeeper::overrides::{
+    MemoryOverrides, OverrideBackend, Overrides, RedisOverrides, UnsupportedOverrides,
 };
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::{RuleLimit, Rules};
@@ -318,7 +322,14 @@ fn serve_with(args: ServeArgs, mode: &Mode, runtime: &tokio::runtime::Runtime) -
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match runtime.block_on(run(args, mode, (rules, snapshot), store, tls)) {
+    let admin = match admin_settings(&args, mode) {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "invalid admin API settings");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime.block_on(run(args, mode, (rules, snapshot), store, tls, admin)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "ratekeeper failed");
@@ -357,6 +368,30 @@ fn tls_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Option<TlsSetti
             )
         })?;
     Ok(Some(settings))
+}
+
+/// Where overrides are kept (the counters' Redis, or this instance's
+/// memory) and who may use the admin API.
+fn admin_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<(Overrides, AdminAuth)> {
+    let auth = match &args.admin_token_file {
+        Some(path) => AdminAuth::from_token_file(&read(path, "--admin-token-file")?)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("--admin-token-file {}", path.display()))?,
+        None => AdminAuth::LoopbackOnly,
+    };
+    let backend: Arc<dyn OverrideBackend> = match args.store {
+        StoreKind::Memory => Arc::new(MemoryOverrides::default()),
+        StoreKind::Redis => Arc::new(
+            RedisOverrides::new(&redis_settings(args, mode)?).context(mode.name("--redis-url"))?,
+        ),
+        StoreKind::RedisSentinel => Arc::new(UnsupportedOverrides {
+            reason: "overrides are not supported with --store redis-sentinel yet",
+        }),
+        StoreKind::RedisCluster => Arc::new(UnsupportedOverrides {
+            reason: "overrides are not supported with --store redis-cluster yet",
+        }),
+    };
+    Ok((Overrides::new(backend, Arc::new(SystemClock)), auth))
 }
 
 /// The clock decisions read: the system's, or the frozen one of
@@ -500,6 +535,7 @@ async fn run(
     (rules, snapshot): (Rules, Option<ConfigSnapshot>),
     store: Arc<dyn CounterStore>,
     tls: Option<TlsSettings>,
+    (overrides, admin_auth): (Overrides, AdminAuth),
 ) -> anyhow::Result<()> {
     // Before any port is bound: a SIGTERM from here on is a clean shutdown.
     let shutdown = ratekeeper::shutdown::signal();
@@ -615,7 +651,9 @@ async fn run(
         .with_near_limit_ratio(args.near_limit_ratio)
         .with_max_in_flight(args.max_in_flight)
         .with_failure_policy(args.failure_policy)
-        .with_shutdown_timeout(args.shutdown_timeout);
+        .with_shutdown_timeout(args.shutdown_timeout)
+        .with_overrides(overrides, args.overrides_poll_interval)
+        .with_admin_auth(admin_auth);
     server
         .serve(
             Listeners {

@@ -374,6 +374,18 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_NEAR_LIMIT_RATIO", default_value = "0.8", value_parser = parse_ratio)]
     pub near_limit_ratio: f32,
 
+    /// File holding the admin API's bearer token (overrides, inspect,
+    /// reset; gRPC and the admin port). Without it the admin API serves
+    /// loopback callers only.
+    #[arg(long, env = "RATEKEEPER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// How often each instance reads the overrides' version in the store
+    /// (one GET), reloading them when it moved: the bound on how long an
+    /// override or a reset takes to reach every instance.
+    #[arg(long, env = "RATEKEEPER_OVERRIDES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub overrides_poll_interval: Duration,
+
     /// Tests only: every decision reads this fixed time (Unix ms) instead of
     /// the clock — the memory store, the local fallback, the over-limit
     /// cache and the Redis scripts — so a multi-process test can count

@@ -164,6 +164,12 @@ impl CounterStore for CircuitBreaker {
     fn key_layout(&self) -> crate::rules::KeyLayout {
         self.inner.key_layout()
     }
+
+    // An operator's reset: not request traffic, so it neither waits for nor
+    // moves the breaker.
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        self.inner.delete(keys).await
+    }
 }
 
 // === impl Call ===

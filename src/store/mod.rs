@@ -60,6 +60,20 @@ pub trait CounterStore: Send + Sync + fmt::Debug {
     fn key_layout(&self) -> KeyLayout {
         KeyLayout::Ratekeeper
     }
+
+    /// Deletes the counters at `keys` (an operator's reset); returns how many
+    /// existed. Keys are named exactly, never searched for.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend failed, or cannot delete keys.
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let _ = keys;
+        Err(StoreError::Protocol(format!(
+            "the {} store cannot reset counters",
+            self.backend()
+        )))
+    }
 }
 
 /// Why a store call failed.

@@ -49,6 +49,9 @@ use node::Node;
 /// anyway, exactly as the memory store does.
 const INJECTED_TIME_GRACE_MS: u64 = 600_000;
 
+/// Least deadline of an operator's call (a reset): off the request path.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -375,6 +378,22 @@ impl CounterStore for RedisStore {
         "redis"
     }
 
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        super::within(self.timeout.max(ADMIN_TIMEOUT), async {
+            let call = self.node.call().await?;
+            let result = redis::cmd("DEL")
+                .arg(keys)
+                .query_async::<u64>(&mut call.connection())
+                .await;
+            call.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
+        })
+        .await
+    }
+
     fn key_layout(&self) -> KeyLayout {
         self.layout
             .as_ref()
@@ -387,7 +406,7 @@ impl CounterStore for RedisStore {
 /// ([`StoreError::Protocol`]); everything else — I/O, the server refusing
 /// because of its state (read-only, loading, out of memory, busy, cluster
 /// down, no permission) — is the store failing.
-pub(super) fn store_error(error: &redis::RedisError) -> StoreError {
+pub(crate) fn store_error(error: &redis::RedisError) -> StoreError {
     use redis::ErrorKind;
     let script_error = error.code() == Some("ERR")
         && error
