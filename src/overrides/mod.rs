@@ -96,6 +96,19 @@ impl OverrideSet {
         self.trees.get(domain)?.find(entries)
     }
 
+    /// The rules made from the overrides in force, by domain (for `/rules`).
+    pub fn rules(&self) -> Vec<(&str, Arc<Rule>)> {
+        let mut domains: Vec<_> = self.trees.iter().collect();
+        domains.sort_by_key(|(domain, _)| *domain);
+        let mut all = Vec::new();
+        for (domain, tree) in domains {
+            let mut rules = Vec::new();
+            tree.collect_rules(&mut rules);
+            all.extend(rules.into_iter().map(|rule| (domain.as_str(), rule)));
+        }
+        all
+    }
+
     /// The overrides in force.
     pub fn list(&self) -> &[Override] {
         &self.list

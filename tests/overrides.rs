@@ -1,0 +1,483 @@
+//! Runtime overrides and the admin API, end to end: in-process servers over
+//! real gRPC and HTTP, sharing a real `redis-server` where the test needs
+//! several instances.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{RedisServer, T0, TestServer, allow_request, redis_store, rules};
+use ratekeeper::Server;
+use ratekeeper::admin_api::AdminAuth;
+use ratekeeper::clock::{Clock, ManualClock, SystemClock};
+use ratekeeper::overrides::{Overrides, RedisOverrides};
+use ratekeeper::proto::ratekeeper::v1::DescriptorResult;
+use ratekeeper::store::redis::RedisSettings;
+use ratekeeper::store::{CounterStore, MemoryStore, OverLimitCache};
+use serde_json::{Value, json};
+
+const RULES: &str = r"
+domain: api
+descriptors:
+  - key: tenant
+    rate_limit:
+      unit: hour
+      requests_per_unit: 1000
+";
+
+/// The poll interval the shared-store tests run with.
+const POLL: Duration = Duration::from_millis(200);
+
+/// How long the tests wait for something the docs bound by one poll
+/// interval: far more, on a loaded machine; a pass says it happened, the
+/// printed figure how fast.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+// ------------------------------------------------------------- helpers ---
+
+/// One HTTP/1.1 request to the admin port; the status and the JSON body.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn tenant(value: &str) -> Value {
+    json!([{ "key": "tenant", "value": value }])
+}
+
+fn put_body(value: &str, limit: u64, unit: &str) -> Value {
+    json!({
+        "domain": "api",
+        "descriptor": tenant(value),
+        "rate_limit": { "requests_per_unit": limit, "unit": unit },
+    })
+}
+
+async fn put(addr: SocketAddr, body: &Value) -> Value {
+    let (status, answer) = http(addr, "PUT", "/admin/v1/overrides", Some(body), None).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+async fn inspect(addr: SocketAddr, value: &str) -> Value {
+    let body = json!({ "domain": "api", "descriptor": tenant(value) });
+    let (status, answer) = http(addr, "POST", "/admin/v1/inspect", Some(&body), None).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// One `ShouldAllow` for tenant `value`: its descriptor result.
+async fn decide(server: &TestServer, value: &str) -> DescriptorResult {
+    let mut client = server.client().await;
+    let answer = client
+        .should_allow(allow_request("api", &[&[("tenant", value)]], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    answer.results.into_iter().next().unwrap()
+}
+
+/// A server over Redis at `url`, overrides in Redis polled every [`POLL`],
+/// with an over-limit cache.
+async fn shared_instance(url: &str) -> TestServer {
+    let store: Arc<dyn CounterStore> = Arc::new(redis_store(url, Duration::from_secs(2)));
+    let overrides = Overrides::new(
+        Arc::new(RedisOverrides::new(&RedisSettings::new(url)).unwrap()),
+        Arc::new(SystemClock),
+    );
+    let server = Server::new(rules(&[RULES]), store)
+        .with_overrides(overrides, POLL)
+        .with_over_limit_cache(OverLimitCache::new(1_000, Arc::new(SystemClock)));
+    TestServer::start(server).await
+}
+
+/// A server over a memory store on `clock`, its own overrides.
+async fn memory_instance(clock: Arc<dyn Clock>, auth: AdminAuth) -> TestServer {
+    let store = Arc::new(MemoryStore::new(10_000, clock.clone()));
+    let overrides = Overrides::new(
+        Arc::new(ratekeeper::overrides::MemoryOverrides::default()),
+        clock.clone(),
+    );
+    let server = Server::new(rules(&[RULES]), store)
+        .with_clock(clock)
+        .with_overrides(overrides, Duration::from_millis(50))
+        .with_admin_auth(auth);
+    TestServer::start(server).await
+}
+
+fn ms(d: &prost_types::Duration) -> u64 {
+    d.seconds as u64 * 1_000 + d.nanos as u64 / 1_000_000
+}
+
+/// Polls `check` until it holds; how long that took.
+async fn within_patience<F: Future<Output = bool>>(mut check: impl FnMut() -> F) -> Duration {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < PATIENCE, "not within {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// Waits out the end of the current hour if it is less than `margin` away,
+/// so a test counting in hour windows never straddles two.
+async fn fresh_hour(margin: Duration) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let left = Duration::from_secs(3_600 - now.as_secs() % 3_600);
+    if left < margin {
+        tokio::time::sleep(left + Duration::from_secs(1)).await;
+    }
+}
+
+// --------------------------------------------------------------- tests ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_sharing_redis_apply_an_override_within_the_poll_bound_and_count_it_exactly()
+ {
+    fresh_hour(Duration::from_secs(120)).await;
+    let redis = RedisServer::start();
+    let instances = [
+        shared_instance(&redis.url()).await,
+        shared_instance(&redis.url()).await,
+        shared_instance(&redis.url()).await,
+    ];
+    // Before: the rules file's 1,000 per hour.
+    assert_eq!(decide(&instances[1], "acme").await.limit, 1_000);
+
+    put(instances[0].admin_addr, &put_body("acme", 50, "hour")).await;
+    // The writer applies it at once; the others within one poll.
+    assert_eq!(
+        inspect(instances[0].admin_addr, "acme").await["overridden"],
+        true
+    );
+    for (i, instance) in instances.iter().enumerate().skip(1) {
+        let took = within_patience(|| async {
+            inspect(instance.admin_addr, "acme").await["overridden"] == true
+        })
+        .await;
+        println!("instance {i} applied the override after {took:?} (poll {POLL:?})");
+    }
+
+    // Exactly the new limit, counted together (the counter shares its key
+    // with the rule's: same algorithm and window), by 64 concurrent callers.
+    let used_before = 1;
+    let mut clients = Vec::new();
+    for instance in &instances {
+        clients.push(instance.client().await);
+    }
+    let mut callers = Vec::new();
+    for caller in 0..64 {
+        let mut client = clients[caller % 3].clone();
+        callers.push(tokio::spawn(async move {
+            let mut allowed = 0;
+            for _ in 0..3 {
+                let answer = client
+                    .should_allow(allow_request("api", &[&[("tenant", "acme")]], 1))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                allowed += u64::from(answer.allowed);
+                assert_eq!(answer.results[0].limit, 50);
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for caller in callers {
+        allowed += caller.await.unwrap();
+    }
+    assert_eq!(allowed, 50 - used_before);
+
+    // Other tenants keep the rules file's limit.
+    assert_eq!(decide(&instances[2], "globex").await.limit, 1_000);
+
+    // A restarted instance starts with the override in force.
+    let fresh = shared_instance(&redis.url()).await;
+    let first = decide(&fresh, "acme").await;
+    assert_eq!((first.limit, first.remaining), (50, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_takes_effect_on_every_instance_including_their_over_limit_caches() {
+    fresh_hour(Duration::from_secs(120)).await;
+    let redis = RedisServer::start();
+    let (a, b) = (
+        shared_instance(&redis.url()).await,
+        shared_instance(&redis.url()).await,
+    );
+    put(a.admin_addr, &put_body("acme", 3, "hour")).await;
+    within_patience(|| async { inspect(b.admin_addr, "acme").await["overridden"] == true }).await;
+    for _ in 0..3 {
+        assert_eq!(decide(&a, "acme").await.decision, 1);
+    }
+    // Denied by the store on both, then from each one's cache.
+    for instance in [&a, &b] {
+        assert_eq!(decide(instance, "acme").await.decision, 2);
+        assert_eq!(decide(instance, "acme").await.decision, 2);
+        let metrics = common::http_get(instance.admin_addr, "/metrics").await;
+        assert!(
+            metrics.contains("ratelimit_over_limit_cache_hits_total{domain=\"api\"}"),
+            "the cache answered: {metrics}"
+        );
+    }
+
+    let body = json!({ "domain": "api", "descriptor": tenant("acme") });
+    let (status, report) = http(a.admin_addr, "POST", "/admin/v1/reset", Some(&body), None).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report, json!({ "keys": 1, "deleted": 1 }));
+
+    // The resetting instance at once; the other within one poll.
+    let after = decide(&a, "acme").await;
+    assert_eq!((after.decision, after.remaining), (1, 2));
+    let took = within_patience(|| async { decide(&b, "acme").await.decision == 1 }).await;
+    println!("the other instance admitted again {took:?} after the reset (poll {POLL:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_answers_what_the_next_decision_does_without_consuming() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let server = memory_instance(clock.clone(), AdminAuth::LoopbackOnly).await;
+    put(server.admin_addr, &put_body("acme", 5, "minute")).await;
+    for _ in 0..3 {
+        assert_eq!(decide(&server, "acme").await.decision, 1);
+    }
+    clock.advance(7_000);
+
+    let seen = inspect(server.admin_addr, "acme").await;
+    assert_eq!(seen["decision"], "allowed");
+    assert_eq!(seen["overridden"], true);
+    assert_eq!(seen["rule"]["requests_per_unit"], 5);
+    assert_eq!(seen["configured_rule"]["requests_per_unit"], 1_000);
+    assert_eq!(seen["used"], 3);
+    // Twice: inspecting consumed nothing.
+    assert_eq!(inspect(server.admin_addr, "acme").await, seen);
+    let next = decide(&server, "acme").await;
+    assert_eq!(next.decision, 1);
+    assert_eq!(next.limit, 5);
+    // Inspect says what is left now; the decision what is left after it.
+    assert_eq!(seen["remaining"].as_u64().unwrap(), next.remaining + 1);
+    assert_eq!(
+        seen["reset_after_ms"].as_u64().unwrap(),
+        ms(next.reset_after.as_ref().unwrap())
+    );
+
+    // Over the limit: the same denial and the same retry time.
+    decide(&server, "acme").await;
+    let seen = inspect(server.admin_addr, "acme").await;
+    let next = decide(&server, "acme").await;
+    assert_eq!(seen["decision"], "denied");
+    assert_eq!(next.decision, 2);
+    assert_eq!(seen["remaining"], next.remaining);
+    assert_eq!(
+        seen["retry_after_ms"].as_u64().unwrap(),
+        ms(next.retry_after.as_ref().unwrap())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_override_expires_and_the_rule_applies_again() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let server = memory_instance(clock.clone(), AdminAuth::LoopbackOnly).await;
+    let mut body = put_body("acme", 2, "minute");
+    body["expires_in_seconds"] = json!(30);
+    let stored = put(server.admin_addr, &body).await;
+    assert_eq!(stored["expires_at_ms"], T0 + 30_000);
+    assert_eq!(decide(&server, "acme").await.limit, 2);
+
+    clock.advance(29_999);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(decide(&server, "acme").await.limit, 2, "not yet expired");
+    clock.advance(1);
+    within_patience(|| async { decide(&server, "acme").await.limit == 1_000 }).await;
+    let (_, list) = http(server.admin_addr, "GET", "/admin/v1/overrides", None, None).await;
+    assert_eq!(list, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_get_list_delete_and_the_rules_view() {
+    let server = memory_instance(Arc::new(SystemClock), AdminAuth::LoopbackOnly).await;
+    let stored = put(server.admin_addr, &put_body("acme", 7, "second")).await;
+    let key_only = json!({
+        "domain": "api",
+        "descriptor": [{ "key": "tenant" }],
+        "rate_limit": {
+            "requests_per_unit": 9,
+            "unit": "minute",
+            "algorithm": "sliding_window",
+            "failure_policy": "allow",
+        },
+    });
+    put(server.admin_addr, &key_only).await;
+    // Exact value first, then key-only, as in a rules file.
+    assert_eq!(decide(&server, "acme").await.limit, 7);
+    assert_eq!(decide(&server, "other").await.limit, 9);
+    let seen = inspect(server.admin_addr, "other").await;
+    assert_eq!(seen["rule"]["algorithm"], "sliding_window");
+    assert_eq!(seen["rule"]["failure_policy"], "allow");
+
+    let target = json!({ "domain": "api", "descriptor": tenant("acme") });
+    let (status, got) = http(
+        server.admin_addr,
+        "POST",
+        "/admin/v1/overrides/get",
+        Some(&target),
+        None,
+    )
+    .await;
+    assert_eq!((status, &got), (200, &stored));
+    let (_, list) = http(server.admin_addr, "GET", "/admin/v1/overrides", None, None).await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let rules_view = common::http_get(server.admin_addr, "/rules").await;
+    assert!(
+        rules_view.contains("\"source\":\"override\""),
+        "{rules_view}"
+    );
+
+    let (status, deleted) = http(
+        server.admin_addr,
+        "POST",
+        "/admin/v1/overrides/delete",
+        Some(&target),
+        None,
+    )
+    .await;
+    assert_eq!((status, &deleted), (200, &stored));
+    let (status, _) = http(
+        server.admin_addr,
+        "POST",
+        "/admin/v1/overrides/get",
+        Some(&target),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(decide(&server, "acme").await.limit, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_callers_without_the_token() {
+    let auth = AdminAuth::from_token_file(b"s3cret\n").unwrap();
+    let server = memory_instance(Arc::new(SystemClock), auth).await;
+    let body = put_body("acme", 1, "second");
+    for token in [None, Some("wrong")] {
+        let (status, answer) = http(
+            server.admin_addr,
+            "PUT",
+            "/admin/v1/overrides",
+            Some(&body),
+            token,
+        )
+        .await;
+        assert_eq!(status, 401, "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("token"),
+            "{answer}"
+        );
+        let (status, _) = http(server.admin_addr, "GET", "/admin/v1/overrides", None, token).await;
+        assert_eq!(status, 401);
+    }
+    assert_eq!(
+        decide(&server, "acme").await.limit,
+        1_000,
+        "nothing changed"
+    );
+    let (status, _) = http(
+        server.admin_addr,
+        "PUT",
+        "/admin/v1/overrides",
+        Some(&body),
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(decide(&server, "acme").await.limit, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_answered_with_the_field_and_changes_nothing() {
+    let server = memory_instance(Arc::new(SystemClock), AdminAuth::LoopbackOnly).await;
+    let mut unknown_domain = put_body("acme", 5, "second");
+    unknown_domain["domain"] = json!("nope");
+    let mut bad_unit = put_body("acme", 5, "fortnight");
+    bad_unit["rate_limit"]["unit"] = json!("fortnight");
+    let huge = put_body("acme", 1 << 40, "second");
+    let mut negative = put_body("acme", 5, "second");
+    negative["rate_limit"]["requests_per_unit"] = json!(-1);
+    let long_value = put_body(&"x".repeat(2_000), 5, "second");
+    let mut too_many = put_body("acme", 5, "second");
+    too_many["descriptor"] = Value::Array(
+        (0..40)
+            .map(|i| json!({ "key": format!("k{i}"), "value": "v" }))
+            .collect(),
+    );
+    let mut wildcard = put_body("ac*", 5, "second");
+    wildcard["descriptor"] = tenant("ac*");
+    let mut burst = put_body("acme", 5, "second");
+    burst["rate_limit"]["burst"] = json!(10);
+    let mut past = put_body("acme", 5, "second");
+    past["expires_at_ms"] = json!(1);
+    let cases = [
+        (unknown_domain, "domain: unknown domain 'nope'"),
+        (
+            bad_unit,
+            "rate_limit.unit: invalid rate limit unit 'fortnight'",
+        ),
+        (huge, "rate_limit.requests_per_unit"),
+        (negative, "body: invalid value: integer `-1`"),
+        (long_value, "descriptor[0].value"),
+        (too_many, "descriptor: 40 entries"),
+        (wildcard, "descriptor[0].value: '*' is not allowed"),
+        (
+            burst,
+            "rate_limit.burst: burst is only valid with algorithm token_bucket",
+        ),
+        (past, "expires_at_ms: is in the past"),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = http(
+            server.admin_addr,
+            "PUT",
+            "/admin/v1/overrides",
+            Some(&body),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.starts_with(expected), "{expected:?} vs {message:?}");
+    }
+    let unknown = json!({ "domain": "nope", "descriptor": tenant("acme") });
+    for path in [
+        "/admin/v1/reset",
+        "/admin/v1/inspect",
+        "/admin/v1/overrides/delete",
+    ] {
+        let (status, answer) = http(server.admin_addr, "POST", path, Some(&unknown), None).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+    }
+    let (_, list) = http(server.admin_addr, "GET", "/admin/v1/overrides", None, None).await;
+    assert_eq!(list, json!([]));
+    assert_eq!(decide(&server, "acme").await.limit, 1_000);
+}
