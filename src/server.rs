@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::admin_api::grpc::AdminService;
 use crate::admin_api::{AdminApi, AdminAuth};
 use crate::api::{
     DraftHeaders, DynamicMetadata, EnvoyCounting, EnvoyService, HeaderSettings, QuotaMode,
@@ -382,6 +383,14 @@ impl Server {
             .add_service(
                 RateLimitServiceServer::new(envoy.clone())
                     .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .add_service(
+                AdminService::new(
+                    AdminApi::new(self.limiter.clone(), self.limits),
+                    self.admin_auth.clone(),
+                )
+                .into_server()
+                .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 

@@ -131,6 +131,15 @@ fn ms(d: &prost_types::Duration) -> u64 {
     d.seconds as u64 * 1_000 + d.nanos as u64 / 1_000_000
 }
 
+/// A gRPC request carrying the tests' admin token.
+fn with_token<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    request
+}
+
 /// Polls `check` until it holds; how long that took.
 async fn within_patience<F: Future<Output = bool>>(mut check: impl FnMut() -> F) -> Duration {
     let started = Instant::now();
@@ -480,4 +489,106 @@ async fn bad_input_is_answered_with_the_field_and_changes_nothing() {
     let (_, list) = http(server.admin_addr, "GET", "/admin/v1/overrides", None, None).await;
     assert_eq!(list, json!([]));
     assert_eq!(decide(&server, "acme").await.limit, 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_admin_service_serves_the_same_operations_behind_the_token() {
+    use ratekeeper::proto::ratekeeper::v1::admin_client::AdminClient;
+    use ratekeeper::proto::ratekeeper::v1::{
+        AdminEntry, AdminInspectRequest, AdminLimit, AdminListOverridesRequest,
+        AdminPutOverrideRequest, AdminTarget,
+    };
+    use tonic::Code;
+
+    let auth = AdminAuth::from_token_file(b"s3cret").unwrap();
+    let server = memory_instance(Arc::new(SystemClock), auth).await;
+    let mut admin = AdminClient::new(server.channel().await);
+    let descriptor = vec![AdminEntry {
+        key: "tenant".to_owned(),
+        value: "acme".to_owned(),
+    }];
+    let put = AdminPutOverrideRequest {
+        domain: "api".to_owned(),
+        descriptor: descriptor.clone(),
+        rate_limit: Some(AdminLimit {
+            requests_per_unit: 2,
+            unit: "minute".to_owned(),
+            algorithm: "token_bucket".to_owned(),
+            burst: 4,
+            ..AdminLimit::default()
+        }),
+        ..AdminPutOverrideRequest::default()
+    };
+
+    let refused = admin.put_override(put.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+    let mut wrong = tonic::Request::new(put.clone());
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(
+        admin.put_override(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        decide(&server, "acme").await.limit,
+        1_000,
+        "nothing changed"
+    );
+
+    let stored = admin
+        .put_override(with_token(put))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.rate_limit.unwrap().burst, 4);
+    assert_eq!(decide(&server, "acme").await.limit, 2);
+    let list = admin
+        .list_overrides(with_token(AdminListOverridesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.overrides.len(), 1);
+
+    let seen = admin
+        .inspect(with_token(AdminInspectRequest {
+            domain: "api".to_owned(),
+            descriptor: descriptor.clone(),
+            hits: 1,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(seen.overridden);
+    assert_eq!(seen.rule.unwrap().algorithm, "token_bucket");
+    assert_eq!(seen.remaining, 3, "one of the burst of 4 used");
+
+    let target = AdminTarget {
+        domain: "api".to_owned(),
+        descriptor,
+    };
+    let report = admin
+        .reset(with_token(target.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (report.keys, report.deleted),
+        (2, 2),
+        "the override's and the rule's keys"
+    );
+    admin
+        .delete_override(with_token(target.clone()))
+        .await
+        .unwrap();
+    let gone = admin.get_override(with_token(target)).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+
+    let bad = AdminPutOverrideRequest {
+        domain: "nope".to_owned(),
+        ..AdminPutOverrideRequest::default()
+    };
+    let refused = admin.put_override(with_token(bad)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().starts_with("descriptor"), "{refused}");
 }
