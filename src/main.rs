@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         } => check_config(&path, domain_files(merge_domain_config)),
         Command::Serve(args) => serve(*args, &Mode::Serve),
         Command::Upstream => upstream(),
+        Command::Admin(args) => ExitCode::from(ratekeeper::admin_api::client::run(args)),
     }
 }
 
@@ -199,6 +200,10 @@ fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
                 "ok: {} domains, {} rules",
                 rules.domains().count(),
                 rules.all_rules().len()
+            );
+            // Overrides live in the store, which this command does not reach.
+            println!(
+                "runtime overrides are not shown: they live in the store; list them with `ratekeeper admin list` (or GET /admin/v1/overrides, or /rules)"
             );
             ExitCode::SUCCESS
         }

@@ -592,3 +592,129 @@ async fn the_grpc_admin_service_serves_the_same_operations_behind_the_token() {
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert!(refused.message().starts_with("descriptor"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_drives_a_real_binary_on_redis() {
+    use common::process::{BIN, Serve};
+    use std::process::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rules.yaml");
+    std::fs::write(&config, RULES).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let redis = RedisServer::start();
+    let mut serve = Serve::start(
+        config.to_str().unwrap(),
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--admin-token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let mut client = serve.client().await;
+    let addr = format!("127.0.0.1:{}", serve.admin_port);
+    let admin = |args: &[&str], with_token: bool| {
+        let mut command = Command::new(BIN);
+        command.args(["admin", "--addr", &addr]);
+        if with_token {
+            command.args(["--token-file", token.to_str().unwrap()]);
+        }
+        let out = command.args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let put = [
+        "put",
+        "--domain",
+        "api",
+        "--entry",
+        "tenant=acme",
+        "--requests-per-unit",
+        "5",
+        "--unit",
+        "minute",
+        "--expires-in",
+        "1h",
+    ];
+    let (code, _, stderr) = admin(&put, false);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("401: admin API: missing bearer token"),
+        "{stderr}"
+    );
+
+    let (code, stdout, stderr) = admin(&put, true);
+    assert_eq!(code, Some(0), "{stderr}");
+    let stored: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(stored["rate_limit"]["requests_per_unit"], 5);
+    assert!(stored["expires_at_ms"].as_u64().is_some());
+
+    let answer = client
+        .should_allow(allow_request("api", &[&[("tenant", "acme")]], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.results[0].limit, 5);
+
+    let (code, stdout, _) = admin(&["list"], true);
+    assert_eq!(code, Some(0));
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()[0], stored);
+    let (_, stdout, _) = admin(
+        &["inspect", "--domain", "api", "--entry", "tenant=acme"],
+        true,
+    );
+    let seen: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (seen["used"].as_u64(), seen["remaining"].as_u64()),
+        (Some(1), Some(4))
+    );
+    let (_, stdout, _) = admin(
+        &["reset", "--domain", "api", "--entry", "tenant=acme"],
+        true,
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).unwrap()["deleted"],
+        1
+    );
+    let (code, _, stderr) = admin(&["get", "--domain", "nope", "--entry", "tenant"], true);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("400: domain: unknown domain 'nope'"),
+        "{stderr}"
+    );
+
+    let (code, _) = serve.terminate().await;
+    assert_eq!(code, Some(0));
+    let log = serve.stderr();
+    assert!(log.contains("bearer token required"), "{log}");
+    assert!(
+        log.contains("operation=\"put_override\"") || log.contains("put_override"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_empty_admin_token_file_is_refused_at_startup() {
+    use common::process::BIN;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rules.yaml");
+    std::fs::write(&config, RULES).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--admin-token-file", token.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("admin token file is empty"), "{stderr}");
+}

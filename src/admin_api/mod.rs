@@ -8,6 +8,7 @@
 //! who (the authenticated peer), what, and the state before and after.
 
 pub mod auth;
+pub mod client;
 pub mod grpc;
 pub mod http;
 

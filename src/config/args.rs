@@ -61,6 +61,9 @@ pub enum Command {
         #[arg(long, env = "RATEKEEPER_MERGE_DOMAIN_CONFIG", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
         merge_domain_config: bool,
     },
+    /// Call a running ratekeeper's admin API (overrides, inspect, reset)
+    /// over its admin HTTP port.
+    Admin(crate::admin_api::client::AdminArgs),
     /// Serve in place of envoyproxy/ratelimit: its environment variables
     /// (RUNTIME_ROOT, REDIS_URL, USE_STATSD, …), its ports and HTTP
     /// endpoints; no flags. The same as running the binary as `ratelimit`.
