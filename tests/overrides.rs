@@ -493,21 +493,21 @@ async fn bad_input_is_answered_with_the_field_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpc_admin_service_serves_the_same_operations_behind_the_token() {
-    use ratekeeper::proto::ratekeeper::v1::admin_client::AdminClient;
+    use ratekeeper::proto::ratekeeper::v1::admin_service_client::AdminServiceClient;
     use ratekeeper::proto::ratekeeper::v1::{
-        AdminEntry, AdminInspectRequest, AdminLimit, AdminListOverridesRequest,
-        AdminPutOverrideRequest, AdminTarget,
+        AdminEntry, AdminLimit, DeleteOverrideRequest, GetOverrideRequest, InspectCounterRequest,
+        ListOverridesRequest, PutOverrideRequest, ResetCounterRequest,
     };
     use tonic::Code;
 
     let auth = AdminAuth::from_token_file(b"s3cret").unwrap();
     let server = memory_instance(Arc::new(SystemClock), auth).await;
-    let mut admin = AdminClient::new(server.channel().await);
+    let mut admin = AdminServiceClient::new(server.channel().await);
     let descriptor = vec![AdminEntry {
         key: "tenant".to_owned(),
         value: "acme".to_owned(),
     }];
-    let put = AdminPutOverrideRequest {
+    let put = PutOverrideRequest {
         domain: "api".to_owned(),
         descriptor: descriptor.clone(),
         rate_limit: Some(AdminLimit {
@@ -517,7 +517,7 @@ async fn the_grpc_admin_service_serves_the_same_operations_behind_the_token() {
             burst: 4,
             ..AdminLimit::default()
         }),
-        ..AdminPutOverrideRequest::default()
+        ..PutOverrideRequest::default()
     };
 
     let refused = admin.put_override(put.clone()).await.unwrap_err();
@@ -541,17 +541,17 @@ async fn the_grpc_admin_service_serves_the_same_operations_behind_the_token() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(stored.rate_limit.unwrap().burst, 4);
+    assert_eq!(stored.stored.unwrap().rate_limit.unwrap().burst, 4);
     assert_eq!(decide(&server, "acme").await.limit, 2);
     let list = admin
-        .list_overrides(with_token(AdminListOverridesRequest {}))
+        .list_overrides(with_token(ListOverridesRequest {}))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(list.overrides.len(), 1);
 
     let seen = admin
-        .inspect(with_token(AdminInspectRequest {
+        .inspect_counter(with_token(InspectCounterRequest {
             domain: "api".to_owned(),
             descriptor: descriptor.clone(),
             hits: 1,
@@ -563,12 +563,11 @@ async fn the_grpc_admin_service_serves_the_same_operations_behind_the_token() {
     assert_eq!(seen.rule.unwrap().algorithm, "token_bucket");
     assert_eq!(seen.remaining, 3, "one of the burst of 4 used");
 
-    let target = AdminTarget {
-        domain: "api".to_owned(),
-        descriptor,
-    };
     let report = admin
-        .reset(with_token(target.clone()))
+        .reset_counter(with_token(ResetCounterRequest {
+            domain: "api".to_owned(),
+            descriptor: descriptor.clone(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -578,15 +577,24 @@ async fn the_grpc_admin_service_serves_the_same_operations_behind_the_token() {
         "the override's and the rule's keys"
     );
     admin
-        .delete_override(with_token(target.clone()))
+        .delete_override(with_token(DeleteOverrideRequest {
+            domain: "api".to_owned(),
+            descriptor: descriptor.clone(),
+        }))
         .await
         .unwrap();
-    let gone = admin.get_override(with_token(target)).await.unwrap_err();
+    let gone = admin
+        .get_override(with_token(GetOverrideRequest {
+            domain: "api".to_owned(),
+            descriptor,
+        }))
+        .await
+        .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
 
-    let bad = AdminPutOverrideRequest {
+    let bad = PutOverrideRequest {
         domain: "nope".to_owned(),
-        ..AdminPutOverrideRequest::default()
+        ..PutOverrideRequest::default()
     };
     let refused = admin.put_override(with_token(bad)).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);

@@ -1,4 +1,4 @@
-//! `ratekeeper.v1.Admin` on the gRPC port: the [`AdminApi`] operations,
+//! `ratekeeper.v1.AdminService` on the gRPC port: the [`AdminApi`] operations,
 //! translated to and from `proto/ratekeeper/v1/admin.proto`. The bearer
 //! token travels as `authorization` metadata.
 
@@ -23,8 +23,8 @@ impl AdminService {
     }
 
     /// The service, ready to add to a tonic server.
-    pub fn into_server(self) -> pb::admin_server::AdminServer<Self> {
-        pb::admin_server::AdminServer::new(self)
+    pub fn into_server(self) -> pb::admin_service_server::AdminServiceServer<Self> {
+        pb::admin_service_server::AdminServiceServer::new(self)
     }
 
     fn admit<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
@@ -44,11 +44,11 @@ impl AdminService {
 }
 
 #[tonic::async_trait]
-impl pb::admin_server::Admin for AdminService {
+impl pb::admin_service_server::AdminService for AdminService {
     async fn put_override(
         &self,
-        request: Request<pb::AdminPutOverrideRequest>,
-    ) -> Result<Response<pb::AdminOverride>, Status> {
+        request: Request<pb::PutOverrideRequest>,
+    ) -> Result<Response<pb::PutOverrideResponse>, Status> {
         let caller = self.admit(&request)?;
         let r = request.into_inner();
         let put = PutOverride {
@@ -59,55 +59,58 @@ impl pb::admin_server::Admin for AdminService {
             expires_at_ms: nonzero(r.expires_at_ms),
         };
         let stored = self.api.put(&caller, put).await?;
-        Ok(Response::new(to_proto(stored)))
+        Ok(Response::new(pb::PutOverrideResponse {
+            stored: Some(to_proto(stored)),
+        }))
     }
 
     async fn get_override(
         &self,
-        request: Request<pb::AdminTarget>,
-    ) -> Result<Response<pb::AdminOverride>, Status> {
+        request: Request<pb::GetOverrideRequest>,
+    ) -> Result<Response<pb::GetOverrideResponse>, Status> {
         self.admit(&request)?;
-        let found = self.api.get(&target(request.into_inner())).await?;
-        found
-            .map(|o| Response::new(to_proto(o)))
-            .ok_or_else(not_found)
+        let r = request.into_inner();
+        let found = self.api.get(&target(r.domain, r.descriptor)).await?;
+        let found = found.map(to_proto).ok_or_else(not_found)?;
+        Ok(Response::new(pb::GetOverrideResponse {
+            found: Some(found),
+        }))
     }
 
     async fn list_overrides(
         &self,
-        request: Request<pb::AdminListOverridesRequest>,
-    ) -> Result<Response<pb::AdminListOverridesResponse>, Status> {
+        request: Request<pb::ListOverridesRequest>,
+    ) -> Result<Response<pb::ListOverridesResponse>, Status> {
         self.admit(&request)?;
         let overrides = self.api.list().await?.into_iter().map(to_proto).collect();
-        Ok(Response::new(pb::AdminListOverridesResponse { overrides }))
+        Ok(Response::new(pb::ListOverridesResponse { overrides }))
     }
 
     async fn delete_override(
         &self,
-        request: Request<pb::AdminTarget>,
-    ) -> Result<Response<pb::AdminOverride>, Status> {
+        request: Request<pb::DeleteOverrideRequest>,
+    ) -> Result<Response<pb::DeleteOverrideResponse>, Status> {
         let caller = self.admit(&request)?;
+        let r = request.into_inner();
         let deleted = self
             .api
-            .delete(&caller, &target(request.into_inner()))
+            .delete(&caller, &target(r.domain, r.descriptor))
             .await?;
-        deleted
-            .map(|o| Response::new(to_proto(o)))
-            .ok_or_else(not_found)
+        let deleted = deleted.map(to_proto).ok_or_else(not_found)?;
+        Ok(Response::new(pb::DeleteOverrideResponse {
+            deleted: Some(deleted),
+        }))
     }
 
-    async fn inspect(
+    async fn inspect_counter(
         &self,
-        request: Request<pb::AdminInspectRequest>,
-    ) -> Result<Response<pb::AdminInspectResponse>, Status> {
+        request: Request<pb::InspectCounterRequest>,
+    ) -> Result<Response<pb::InspectCounterResponse>, Status> {
         self.admit(&request)?;
         let r = request.into_inner();
-        let asked = Target {
-            domain: r.domain,
-            descriptor: entries(r.descriptor),
-        };
+        let asked = target(r.domain, r.descriptor);
         let seen = self.api.inspect(&asked, r.hits).await?;
-        Ok(Response::new(pb::AdminInspectResponse {
+        Ok(Response::new(pb::InspectCounterResponse {
             decision: seen.decision,
             overridden: seen.overridden,
             rule: seen.rule.as_ref().map(rule),
@@ -119,16 +122,17 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn reset(
+    async fn reset_counter(
         &self,
-        request: Request<pb::AdminTarget>,
-    ) -> Result<Response<pb::AdminResetResponse>, Status> {
+        request: Request<pb::ResetCounterRequest>,
+    ) -> Result<Response<pb::ResetCounterResponse>, Status> {
         let caller = self.admit(&request)?;
+        let r = request.into_inner();
         let report = self
             .api
-            .reset(&caller, &target(request.into_inner()))
+            .reset(&caller, &target(r.domain, r.descriptor))
             .await?;
-        Ok(Response::new(pb::AdminResetResponse {
+        Ok(Response::new(pb::ResetCounterResponse {
             keys: report.keys,
             deleted: report.deleted,
         }))
@@ -157,10 +161,10 @@ fn entries(entries: Vec<pb::AdminEntry>) -> Vec<EntrySpec> {
         .collect()
 }
 
-fn target(t: pb::AdminTarget) -> Target {
+fn target(domain: String, descriptor: Vec<pb::AdminEntry>) -> Target {
     Target {
-        domain: t.domain,
-        descriptor: entries(t.descriptor),
+        domain,
+        descriptor: entries(descriptor),
     }
 }
 

@@ -178,6 +178,7 @@ impl AdminApi {
             Some(&o),
             version,
         );
+        self.limiter.metrics().admin_write("put_override");
         self.apply_locally().await;
         Ok(o)
     }
@@ -232,6 +233,7 @@ impl AdminApi {
             None,
             version,
         );
+        self.limiter.metrics().admin_write("delete_override");
         self.apply_locally().await;
         Ok(before)
     }
@@ -333,6 +335,7 @@ impl AdminApi {
             }
         }
         let deleted = self.limiter.store().delete(&keys).await?;
+        self.limiter.metrics().admin_write("reset");
         self.limiter.clear_over_limit_cache();
         let version = self.limiter.overrides().backend().bump().await?;
         let id = id_of(&target.domain, &target.descriptor);

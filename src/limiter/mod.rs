@@ -190,9 +190,13 @@ impl Limiter {
     ///
     /// [`StoreError`] when the overrides store cannot be read.
     pub async fn refresh_overrides(&self) -> Result<bool, StoreError> {
-        let changed = self.overrides.refresh().await?;
+        let changed = self.overrides.refresh().await.inspect_err(|_| {
+            self.metrics.overrides_refresh_error();
+        })?;
         if changed {
             self.clear_over_limit_cache();
+            self.metrics
+                .overrides(self.overrides.current().list().len());
         }
         Ok(changed)
     }
