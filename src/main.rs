@@ -22,9 +22,7 @@ use ratekeeper::config::{
     CliError, Command, ConfigSnapshot, DomainFiles, DotFiles, KeyLayoutKind, ServeArgs, StoreKind,
     load_rules_with, read_snapshot_with,
 };
-use ratekeeper::overrides::{
-    MemoryOverrides, OverrideBackend, Overrides, RedisOverrides, UnsupportedOverrides,
-};
+use ratekeeper::overrides::{MemoryOverrides, OverrideBackend, Overrides, RedisOverrides};
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::rules::{RuleLimit, Rules};
 use ratekeeper::store::envoy_layout::EnvoyLayout;
@@ -327,7 +325,7 @@ fn serve_with(args: ServeArgs, mode: &Mode, runtime: &tokio::runtime::Runtime) -
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let admin = match admin_settings(&args, mode) {
+    let admin = match admin_settings(&args, &store) {
         Ok(admin) => admin,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "invalid admin API settings");
@@ -377,24 +375,20 @@ fn tls_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Option<TlsSetti
 
 /// Where overrides are kept (the counters' Redis, or this instance's
 /// memory) and who may use the admin API.
-fn admin_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<(Overrides, AdminAuth)> {
+fn admin_settings(
+    args: &ServeArgs,
+    store: &Arc<dyn CounterStore>,
+) -> anyhow::Result<(Overrides, AdminAuth)> {
     let auth = match &args.admin_token_file {
         Some(path) => AdminAuth::from_token_file(&read(path, "--admin-token-file")?)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("--admin-token-file {}", path.display()))?,
         None => AdminAuth::LoopbackOnly,
     };
-    let backend: Arc<dyn OverrideBackend> = match args.store {
-        StoreKind::Memory => Arc::new(MemoryOverrides::default()),
-        StoreKind::Redis => Arc::new(
-            RedisOverrides::new(&redis_settings(args, mode)?).context(mode.name("--redis-url"))?,
-        ),
-        StoreKind::RedisSentinel => Arc::new(UnsupportedOverrides {
-            reason: "overrides are not supported with --store redis-sentinel yet",
-        }),
-        StoreKind::RedisCluster => Arc::new(UnsupportedOverrides {
-            reason: "overrides are not supported with --store redis-cluster yet",
-        }),
+    // Every Redis store (single, Sentinel, Cluster) keeps them in Redis.
+    let backend: Arc<dyn OverrideBackend> = match store.commands() {
+        Some(redis) => Arc::new(RedisOverrides::new(redis)),
+        None => Arc::new(MemoryOverrides::default()),
     };
     Ok((Overrides::new(backend, Arc::new(SystemClock)), auth))
 }

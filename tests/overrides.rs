@@ -14,7 +14,6 @@ use ratekeeper::admin_api::AdminAuth;
 use ratekeeper::clock::{Clock, ManualClock, SystemClock};
 use ratekeeper::overrides::{Overrides, RedisOverrides};
 use ratekeeper::proto::ratekeeper::v1::DescriptorResult;
-use ratekeeper::store::redis::RedisSettings;
 use ratekeeper::store::{CounterStore, MemoryStore, OverLimitCache};
 use serde_json::{Value, json};
 
@@ -103,8 +102,14 @@ async fn decide(server: &TestServer, value: &str) -> DescriptorResult {
 /// with an over-limit cache.
 async fn shared_instance(url: &str) -> TestServer {
     let store: Arc<dyn CounterStore> = Arc::new(redis_store(url, Duration::from_secs(2)));
+    shared_instance_on(store).await
+}
+
+/// A server over a Redis `store`, its overrides in the same Redis polled
+/// every [`POLL`], with an over-limit cache.
+async fn shared_instance_on(store: Arc<dyn CounterStore>) -> TestServer {
     let overrides = Overrides::new(
-        Arc::new(RedisOverrides::new(&RedisSettings::new(url)).unwrap()),
+        Arc::new(RedisOverrides::new(store.commands().unwrap())),
         Arc::new(SystemClock),
     );
     let server = Server::new(rules(&[RULES]), store)
@@ -725,4 +730,45 @@ fn an_empty_admin_token_file_is_refused_at_startup() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("admin token file is empty"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_keeps_overrides_and_resets_counters_for_every_instance() {
+    use common::cluster::RedisCluster;
+    use ratekeeper::store::RedisClusterStore;
+    use ratekeeper::store::redis_cluster::RedisClusterSettings;
+
+    fresh_hour(Duration::from_secs(120)).await;
+    let cluster = RedisCluster::start();
+    let store = || -> Arc<dyn CounterStore> {
+        Arc::new(
+            RedisClusterStore::new(&RedisClusterSettings {
+                nodes: cluster.urls(),
+                pool_size: 2,
+                timeout: Duration::from_secs(2),
+                connect_timeout: Duration::from_millis(500),
+                tls: None,
+                expiry_jitter: Duration::ZERO,
+            })
+            .unwrap(),
+        )
+    };
+    let a = shared_instance_on(store()).await;
+    let b = shared_instance_on(store()).await;
+    put(a.admin_addr, &put_body("acme", 4, "hour")).await;
+    let took =
+        within_patience(|| async { inspect(b.admin_addr, "acme").await["overridden"] == true })
+            .await;
+    println!("cluster: the other instance applied the override after {took:?}");
+    for _ in 0..4 {
+        assert_eq!(decide(&a, "acme").await.decision, 1);
+    }
+    assert_eq!(decide(&b, "acme").await.decision, 2);
+
+    let body = json!({ "domain": "api", "descriptor": tenant("acme") });
+    let (status, report) = http(b.admin_addr, "POST", "/admin/v1/reset", Some(&body), None).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["deleted"], 1);
+    let after = decide(&a, "acme").await;
+    assert_eq!((after.decision, after.limit, after.remaining), (1, 4, 3));
 }

@@ -103,39 +103,3 @@ impl OverrideBackend for MemoryOverrides {
         "memory"
     }
 }
-
-/// A store that cannot keep shared overrides yet (Redis Sentinel, Redis
-/// Cluster): none are in force, and writes are refused with `reason`
-/// rather than kept per instance where every instance would disagree.
-#[derive(Debug)]
-pub struct UnsupportedOverrides {
-    /// Why, for the refusal.
-    pub reason: &'static str,
-}
-
-#[async_trait]
-impl OverrideBackend for UnsupportedOverrides {
-    async fn version(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    async fn load(&self) -> Result<(u64, Vec<Override>), StoreError> {
-        Ok((0, Vec::new()))
-    }
-
-    async fn put(&self, _: &Override) -> Result<(u64, Option<Override>), StoreError> {
-        Err(StoreError::Backend(self.reason.to_owned()))
-    }
-
-    async fn delete(&self, _: &str) -> Result<(u64, Option<Override>), StoreError> {
-        Err(StoreError::Backend(self.reason.to_owned()))
-    }
-
-    async fn bump(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    fn kind(&self) -> &'static str {
-        "unsupported"
-    }
-}

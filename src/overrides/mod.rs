@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-pub use backend::{MemoryOverrides, OverrideBackend, UnsupportedOverrides};
+pub use backend::{MemoryOverrides, OverrideBackend};
 pub use model::{EntrySpec, LimitSpec, Override, id_of};
 pub use redis::RedisOverrides;
 

@@ -1,30 +1,26 @@
 //! Overrides in the shared Redis: one hash (field = the override's id, value
-//! = its JSON) and one version counter, both under one hash tag. Writes
-//! change the hash and bump the version in one script, so an instance that
-//! reads the version after a write always loads that write. Reads of the
-//! version are one `GET`, off the request path (the refresh loop).
+//! = its JSON) and one version counter, both under one hash tag (one slot in
+//! a Cluster). Writes change the hash and bump the version in one script, so
+//! an instance that reads the version after a write always loads that
+//! write. Reads of the version are one `GET`, off the request path (the
+//! refresh loop). Calls go over the counter store's own connections
+//! ([`RedisCommands`]), so Sentinel failovers and Cluster redirections are
+//! followed as for decisions.
 //!
 //! Keys: `rk-overrides:{rk-overrides}:data` and `rk-overrides:{rk-overrides}:version`.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
 
 use super::backend::OverrideBackend;
 use super::model::Override;
-use crate::store::StoreError;
-use crate::store::redis::{RedisSettings, connection_info};
+use crate::store::{RedisCommands, StoreError};
 
 /// The hash of overrides.
 pub const DATA_KEY: &str = "rk-overrides:{rk-overrides}:data";
 /// The version counter.
 pub const VERSION_KEY: &str = "rk-overrides:{rk-overrides}:version";
-
-/// Deadline of one override call: these are admin calls and a poll, off the
-/// request path, so a slow Redis may take longer than a decision may.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// KEYS[1] data, KEYS[2] version; ARGV[1] id, ARGV[2] JSON. Returns the new
 /// version and the replaced JSON ('' when there was none).
@@ -42,95 +38,44 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return {redis.call('INCR', KEYS[2]), before or ''}
 ";
 
-/// Overrides shared by every instance on one Redis.
-pub struct RedisOverrides {
-    client: redis::Client,
-    /// The connection in use; replaced after a failure. A tokio mutex: a
-    /// connect awaits while it is held, and only admin calls and the poll
-    /// take it.
-    connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    put: redis::Script,
-    delete: redis::Script,
-}
+/// KEYS[1] data, KEYS[2] version. Returns the version ('0' when unset) and
+/// the hash as a flat list, read at one moment.
+const LOAD: &str = r"
+return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1])}
+";
 
-impl std::fmt::Debug for RedisOverrides {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The connection info may hold a password.
-        f.debug_struct("RedisOverrides").finish_non_exhaustive()
-    }
+/// Overrides shared by every instance on one Redis (single node, behind
+/// Sentinel, or a Cluster: both keys share one hash tag, so one slot).
+#[derive(Debug)]
+pub struct RedisOverrides {
+    /// The counter store's own connections.
+    redis: Arc<dyn RedisCommands>,
 }
 
 impl RedisOverrides {
-    /// Overrides on the Redis of `settings` (its URL and TLS); nothing
-    /// connects until the first call.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Connection`] for an unusable URL or certificates.
-    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let info = connection_info(&settings.url, settings.tls.as_ref())?;
-        let client = redis::Client::open(info)
-            .map_err(|e| StoreError::Connection(format!("invalid redis url: {e}")))?;
-        Ok(Self {
-            client,
-            connection: tokio::sync::Mutex::new(None),
-            put: redis::Script::new(PUT),
-            delete: redis::Script::new(DELETE),
-        })
+    /// Overrides kept through `redis` (a Redis store's
+    /// [`commands`](crate::store::CounterStore::commands)).
+    pub fn new(redis: Arc<dyn RedisCommands>) -> Self {
+        Self { redis }
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        let mut held = self.connection.lock().await;
-        if let Some(connection) = held.as_ref() {
-            return Ok(connection.clone());
+    /// Runs a script (plain `EVAL`: these calls are rare and off the
+    /// request path) on the overrides' slot.
+    async fn eval(&self, script: &str, args: &[&str]) -> Result<redis::Value, StoreError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(2).arg(DATA_KEY).arg(VERSION_KEY);
+        for arg in args {
+            cmd.arg(*arg);
         }
-        let connection = self
-            .client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| StoreError::Connection(e.to_string()))?;
-        *held = Some(connection.clone());
-        Ok(connection)
-    }
-
-    /// Runs `call` on the connection under the deadline; a failed call
-    /// retires the connection.
-    async fn call<T, F>(
-        &self,
-        call: impl FnOnce(MultiplexedConnection) -> F,
-    ) -> Result<T, StoreError>
-    where
-        F: Future<Output = redis::RedisResult<T>>,
-    {
-        let result = tokio::time::timeout(CALL_TIMEOUT, async {
-            let connection = self.connection().await?;
-            call(connection)
-                .await
-                .map_err(|e| crate::store::redis::store_error(&e))
-        })
-        .await
-        .unwrap_or(Err(StoreError::Timeout(CALL_TIMEOUT)));
-        if result.is_err() {
-            *self.connection.lock().await = None;
-        }
-        result
+        self.redis.query(DATA_KEY.as_bytes(), cmd).await
     }
 
     async fn write(
         &self,
-        script: &redis::Script,
+        script: &str,
         args: &[&str],
     ) -> Result<(u64, Option<Override>), StoreError> {
-        let (version, before): (u64, String) = self
-            .call(|mut c| async move {
-                let mut invocation = script.key(DATA_KEY);
-                invocation.key(VERSION_KEY);
-                for arg in args {
-                    invocation.arg(*arg);
-                }
-                invocation.invoke_async(&mut c).await
-            })
-            .await?;
+        let (version, before): (u64, String) = decode(self.eval(script, args).await?)?;
         let before = if before.is_empty() {
             None
         } else {
@@ -143,59 +88,58 @@ impl RedisOverrides {
 #[async_trait]
 impl OverrideBackend for RedisOverrides {
     async fn version(&self) -> Result<u64, StoreError> {
-        let version: Option<u64> = self
-            .call(
-                |mut c| async move { redis::cmd("GET").arg(VERSION_KEY).query_async(&mut c).await },
+        let reply = self
+            .redis
+            .query(
+                DATA_KEY.as_bytes(),
+                redis::cmd("GET").arg(VERSION_KEY).clone(),
             )
             .await?;
-        Ok(version.unwrap_or(0))
+        Ok(decode::<Option<u64>>(reply)?.unwrap_or(0))
     }
 
     async fn load(&self) -> Result<(u64, Vec<Override>), StoreError> {
-        let (version, all): (Option<u64>, HashMap<String, String>) = self
-            .call(|mut c| async move {
-                redis::pipe()
-                    .atomic()
-                    .get(VERSION_KEY)
-                    .hgetall(DATA_KEY)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        let mut overrides = Vec::with_capacity(all.len());
-        for (id, json) in all {
-            match parse(&json) {
+        let (version, flat): (u64, Vec<String>) = decode(self.eval(LOAD, &[]).await?)?;
+        let mut overrides = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let [id, json] = pair else { continue };
+            match parse(json) {
                 Ok(o) => overrides.push(o),
                 // Written by something else; the others still apply.
                 Err(error) => tracing::warn!(%id, %error, "unreadable override in redis skipped"),
             }
         }
-        Ok((version.unwrap_or(0), overrides))
+        Ok((version, overrides))
     }
 
     async fn put(&self, o: &Override) -> Result<(u64, Option<Override>), StoreError> {
         let json = serde_json::to_string(o)
             .map_err(|e| StoreError::Protocol(format!("override json: {e}")))?;
-        self.write(&self.put, &[&o.id(), &json]).await
+        self.write(PUT, &[&o.id(), &json]).await
     }
 
     async fn delete(&self, id: &str) -> Result<(u64, Option<Override>), StoreError> {
-        self.write(&self.delete, &[id]).await
+        self.write(DELETE, &[id]).await
     }
 
     async fn bump(&self) -> Result<u64, StoreError> {
-        self.call(|mut c| async move {
-            redis::cmd("INCR")
-                .arg(VERSION_KEY)
-                .query_async(&mut c)
-                .await
-        })
-        .await
+        let reply = self
+            .redis
+            .query(
+                DATA_KEY.as_bytes(),
+                redis::cmd("INCR").arg(VERSION_KEY).clone(),
+            )
+            .await?;
+        decode(reply)
     }
 
     fn kind(&self) -> &'static str {
         "redis"
     }
+}
+
+fn decode<T: redis::FromRedisValue>(reply: redis::Value) -> Result<T, StoreError> {
+    redis::from_redis_value(reply).map_err(|e| StoreError::Protocol(format!("overrides: {e}")))
 }
 
 fn parse(json: &str) -> Result<Override, StoreError> {

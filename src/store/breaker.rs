@@ -170,6 +170,10 @@ impl CounterStore for CircuitBreaker {
     async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
         self.inner.delete(keys).await
     }
+
+    fn commands(&self) -> Option<std::sync::Arc<dyn super::RedisCommands>> {
+        self.inner.commands()
+    }
 }
 
 // === impl Call ===

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{CounterStore, StoreError};
+use super::{ADMIN_TIMEOUT, CounterStore, RedisCommands, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
 use crate::rules::KeyLayout;
@@ -48,9 +48,6 @@ use node::Node;
 /// own, and the script reads a state past its recorded expiry as absent
 /// anyway, exactly as the memory store does.
 const INJECTED_TIME_GRACE_MS: u64 = 600_000;
-
-/// Least deadline of an operator's call (a reset): off the request path.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]
@@ -379,25 +376,38 @@ impl CounterStore for RedisStore {
     }
 
     async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
-        if keys.is_empty() {
+        let Some(first) = keys.first() else {
             return Ok(0);
-        }
-        super::within(self.timeout.max(ADMIN_TIMEOUT), async {
-            let call = self.node.call().await?;
-            let result = redis::cmd("DEL")
-                .arg(keys)
-                .query_async::<u64>(&mut call.connection())
-                .await;
-            call.end(result.as_ref().err());
-            result.map_err(|e| store_error(&e))
-        })
-        .await
+        };
+        let deleted = self
+            .query(first, redis::cmd("DEL").arg(keys).clone())
+            .await?;
+        redis::from_redis_value(deleted).map_err(|e| StoreError::Protocol(e.to_string()))
     }
 
     fn key_layout(&self) -> KeyLayout {
         self.layout
             .as_ref()
             .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
+    }
+
+    fn commands(&self) -> Option<Arc<dyn RedisCommands>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl RedisCommands for RedisStore {
+    async fn query(&self, _key: &[u8], cmd: redis::Cmd) -> Result<redis::Value, StoreError> {
+        super::within(ADMIN_TIMEOUT, async {
+            let call = self.node.call().await?;
+            let result = cmd
+                .query_async::<redis::Value>(&mut call.connection())
+                .await;
+            call.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
+        })
+        .await
     }
 }
 
