@@ -73,7 +73,12 @@ fn main() -> ExitCode {
         Command::CheckConfig {
             path,
             merge_domain_config,
-        } => check_config(&path, domain_files(merge_domain_config)),
+            redis_url,
+        } => check_config(
+            &path,
+            domain_files(merge_domain_config),
+            redis_url.as_deref(),
+        ),
         Command::Serve(args) => serve(*args, &Mode::Serve),
         Command::Upstream => upstream(),
         Command::Admin(args) => ExitCode::from(ratekeeper::admin_api::client::run(args)),
@@ -161,7 +166,11 @@ fn domain_files(merge: bool) -> DomainFiles {
     }
 }
 
-fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
+fn check_config(
+    path: &std::path::Path,
+    domain_files: DomainFiles,
+    redis_url: Option<&str>,
+) -> ExitCode {
     match load_rules_with(path, domain_files) {
         Ok(rules) => {
             for (domain, _) in rules.domains() {
@@ -199,15 +208,52 @@ fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
                 rules.domains().count(),
                 rules.all_rules().len()
             );
-            // Overrides live in the store, which this command does not reach.
-            println!(
-                "runtime overrides are not shown: they live in the store; list them with `ratekeeper admin list` (or GET /admin/v1/overrides, or /rules)"
-            );
+            print_overrides(redis_url);
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!("invalid config: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Lists the overrides stored in the Redis at `url`, or says why they are
+/// not shown: they live in the store, which only `--redis-url` reaches.
+fn print_overrides(url: Option<&str>) {
+    let Some(url) = url else {
+        println!(
+            "runtime overrides are not shown: they live in the store (give --redis-url, or list them with `ratekeeper admin list`, GET /admin/v1/overrides or /rules)"
+        );
+        return;
+    };
+    let loaded = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let store = RedisStore::new(&RedisSettings::new(url)).map_err(|e| e.to_string())?;
+                let redis = store.commands().ok_or("not a redis store")?;
+                RedisOverrides::new(redis)
+                    .load()
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+    match loaded {
+        Ok((_, mut overrides)) => {
+            overrides.sort_by_key(ratekeeper::overrides::Override::id);
+            let now = SystemClock.now_ms();
+            overrides.retain(|o| !o.expired(now));
+            for o in &overrides {
+                println!("override {}", serde_json::to_string(o).unwrap_or_default());
+            }
+            // Not the URL: it may hold a password.
+            println!("{} runtime overrides in redis", overrides.len());
+        }
+        Err(error) => {
+            println!("runtime overrides are not shown: cannot read them from redis: {error}");
         }
     }
 }

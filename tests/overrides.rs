@@ -772,3 +772,41 @@ async fn a_redis_cluster_keeps_overrides_and_resets_counters_for_every_instance(
     let after = decide(&a, "acme").await;
     assert_eq!((after.decision, after.limit, after.remaining), (1, 4, 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_lists_the_overrides_when_it_can_reach_the_store() {
+    use common::process::BIN;
+    let redis = RedisServer::start();
+    let instance = shared_instance(&redis.url()).await;
+    put(instance.admin_addr, &put_body("acme", 5, "minute")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rules.yaml");
+    std::fs::write(&config, RULES).unwrap();
+    let check = |extra: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["check-config", config.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stdout = check(&["--redis-url", &redis.url()]);
+    assert!(
+        stdout
+            .contains(r#"override {"domain":"api","descriptor":[{"key":"tenant","value":"acme"}]"#),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 runtime overrides in redis"), "{stdout}");
+    let stdout = check(&[]);
+    assert!(
+        stdout.contains("runtime overrides are not shown: they live in the store"),
+        "{stdout}"
+    );
+    let unreachable = format!("redis://127.0.0.1:{}", common::free_port());
+    let stdout = check(&["--redis-url", &unreachable]);
+    assert!(
+        stdout.contains("runtime overrides are not shown: cannot read them"),
+        "{stdout}"
+    );
+}

@@ -60,6 +60,12 @@ pub enum Command {
         /// MERGE_DOMAIN_CONFIG); without it such a domain is refused.
         #[arg(long, env = "RATEKEEPER_MERGE_DOMAIN_CONFIG", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
         merge_domain_config: bool,
+
+        /// Also list the runtime overrides stored in this Redis (a single
+        /// node; no environment variable, so it is never reached by
+        /// surprise). Without it they are not shown.
+        #[arg(long)]
+        redis_url: Option<String>,
     },
     /// Call a running ratekeeper's admin API (overrides, inspect, reset)
     /// over its admin HTTP port.
