@@ -810,3 +810,37 @@ async fn check_config_lists_the_overrides_when_it_can_reach_the_store() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_request_limit_beats_a_stored_override_which_beats_the_rules() {
+    use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+    use ratekeeper::proto::envoy::r#type::v3::RateLimitUnit;
+
+    let server = memory_instance(Arc::new(SystemClock), AdminAuth::LoopbackOnly).await;
+    put(server.admin_addr, &put_body("acme", 7, "minute")).await;
+    let envoy = server.envoy().await;
+    let limit_of = |request| {
+        let mut envoy = envoy.clone();
+        async move {
+            let answer = envoy.should_rate_limit(request).await.unwrap().into_inner();
+            answer.statuses[0]
+                .current_limit
+                .as_ref()
+                .unwrap()
+                .requests_per_unit
+        }
+    };
+    // The stored override, over the rules file's 1,000 per hour.
+    let plain = common::envoy_request("api", &[&[("tenant", "acme")]]);
+    assert_eq!(limit_of(plain.clone()).await, 7);
+    // The request's own limit, over the stored override.
+    let mut carried = plain;
+    carried.descriptors[0].limit = Some(RateLimitOverride {
+        requests_per_unit: 3,
+        unit: RateLimitUnit::Second as i32,
+    });
+    assert_eq!(limit_of(carried).await, 3);
+    // Other descriptors: the rules file.
+    let other = common::envoy_request("api", &[&[("tenant", "globex")]]);
+    assert_eq!(limit_of(other).await, 1_000);
+}
