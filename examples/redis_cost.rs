@@ -56,6 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let rule = Arc::new(Rule {
                 name: None,
                 limit: RuleLimit::Limited(limit),
+                extra_limits: Vec::new(),
                 replaces: vec![],
                 shadow_mode: false,
                 detailed_metric: false,

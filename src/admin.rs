@@ -113,6 +113,9 @@ pub(crate) struct RuleView {
     unit_multiplier: Option<u64>,
     burst: Option<u64>,
     unlimited: bool,
+    /// Every limit of the rule, the first one (shown above too) first;
+    /// several for a descriptor with `rate_limits`, empty when unlimited.
+    limits: Vec<LimitView>,
     shadow_mode: bool,
     quota_mode: bool,
     /// The descriptor's `metadata`, as loaded; `null` when it has none.
@@ -121,6 +124,16 @@ pub(crate) struct RuleView {
     failure_policy: Option<&'static str>,
     replaces: Vec<String>,
     source: String,
+}
+
+/// One limit of a rule as `/rules` shows it.
+#[derive(Debug, Serialize)]
+struct LimitView {
+    algorithm: &'static str,
+    requests_per_unit: u64,
+    unit: &'static str,
+    unit_multiplier: u64,
+    burst: u64,
 }
 
 async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -159,6 +172,16 @@ pub(crate) fn view(domain: &str, rule: &Rule) -> RuleView {
         unit_multiplier: limit.map(|l| l.unit_multiplier),
         burst: limit.map(|l| l.quota().burst),
         unlimited: limit.is_none(),
+        limits: rule
+            .limits()
+            .map(|l| LimitView {
+                algorithm: l.algorithm.as_str(),
+                requests_per_unit: l.requests_per_unit,
+                unit: l.unit.as_str(),
+                unit_multiplier: l.unit_multiplier,
+                burst: l.quota().burst,
+            })
+            .collect(),
         shadow_mode: rule.shadow_mode,
         quota_mode: rule.quota_mode,
         metadata: rule.metadata.as_deref().cloned(),

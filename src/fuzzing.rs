@@ -28,7 +28,15 @@ pub fn config_loader(data: &[u8]) {
     let mut rules = Vec::new();
     tree.collect_rules(&mut rules);
     for rule in rules {
-        if let Some(limit) = rule.limited() {
+        // Two limits of one rule never share a counter.
+        let shapes: Vec<_> = rule
+            .limits()
+            .map(|l| (l.algorithm, l.window_ms()))
+            .collect();
+        for (i, shape) in shapes.iter().enumerate() {
+            assert!(!shapes[..i].contains(shape), "{}: shared window", rule.path);
+        }
+        for limit in rule.limits() {
             assert!(limit.window_ms() > 0, "{}: empty window", rule.path);
             let quota = limit.quota();
             assert!(

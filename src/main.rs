@@ -166,6 +166,23 @@ fn domain_files(merge: bool) -> DomainFiles {
     }
 }
 
+/// One limit as `check-config` prints it: `10 per second (fixed_window)`.
+fn describe_limit(limit: &ratekeeper::rules::Limit) -> String {
+    let per = match limit.unit_multiplier {
+        1 => limit.unit.to_string(),
+        n => format!("{n} × {}", limit.unit),
+    };
+    let burst = limit
+        .burst
+        .map(|b| format!(", burst {b}"))
+        .unwrap_or_default();
+    format!(
+        "{} per {per} ({}{burst})",
+        limit.requests_per_unit,
+        limit.algorithm.as_str()
+    )
+}
+
 fn check_config(
     path: &std::path::Path,
     domain_files: DomainFiles,
@@ -178,21 +195,11 @@ fn check_config(
             }
             for rule in rules.all_rules() {
                 let limit = match rule.limit {
-                    RuleLimit::Limited(limit) => {
-                        let per = match limit.unit_multiplier {
-                            1 => limit.unit.to_string(),
-                            n => format!("{n} × {}", limit.unit),
-                        };
-                        let burst = limit
-                            .burst
-                            .map(|b| format!(", burst {b}"))
-                            .unwrap_or_default();
-                        format!(
-                            "{} per {per} ({}{burst})",
-                            limit.requests_per_unit,
-                            limit.algorithm.as_str()
-                        )
-                    }
+                    RuleLimit::Limited(_) => rule
+                        .limits()
+                        .map(describe_limit)
+                        .collect::<Vec<_>>()
+                        .join(" and "),
                     RuleLimit::Unlimited => "unlimited".to_owned(),
                 };
                 let shadow = if rule.shadow_mode { " (shadow)" } else { "" };

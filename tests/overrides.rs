@@ -844,3 +844,33 @@ async fn envoys_request_limit_beats_a_stored_override_which_beats_the_rules() {
     let other = common::envoy_request("api", &[&[("tenant", "globex")]]);
     assert_eq!(limit_of(other).await, 1_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_deletes_every_limit_of_a_rule_with_several() {
+    const SEVERAL: &str = r"
+domain: api
+descriptors:
+  - key: tenant
+    rate_limits:
+      - {unit: second, requests_per_unit: 10}
+      - {unit: minute, requests_per_unit: 2}
+";
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = Arc::new(MemoryStore::new(10_000, clock.clone()));
+    let server = TestServer::start(Server::new(rules(&[SEVERAL]), store).with_clock(clock)).await;
+    assert_eq!(decide(&server, "acme").await.decision, 1);
+    assert_eq!(decide(&server, "acme").await.decision, 1);
+    assert_eq!(decide(&server, "acme").await.decision, 2);
+    let body = json!({ "domain": "api", "descriptor": tenant("acme") });
+    let (status, report) = http(
+        server.admin_addr,
+        "POST",
+        "/admin/v1/reset",
+        Some(&body),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report, json!({ "keys": 2, "deleted": 2 }));
+    assert_eq!(decide(&server, "acme").await.decision, 1);
+}

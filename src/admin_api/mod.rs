@@ -23,7 +23,7 @@ use crate::limiter::{
 };
 use crate::overrides::{EntrySpec, LimitSpec, Override, compile, id_of};
 use crate::rules::matcher::EntryRef;
-use crate::rules::{KeyLayout, Rule};
+use crate::rules::{KeyLayout, Rule, multi};
 use crate::store::StoreError;
 
 pub use auth::{AdminAuth, Caller};
@@ -300,9 +300,9 @@ impl AdminApi {
         Ok(inspection)
     }
 
-    /// Deletes exactly the counters of `target`: the key of the rule in
-    /// force and of the rules file's rule (they differ when an override
-    /// changes the algorithm or window), computed from the rules, never
+    /// Deletes exactly the counters of `target`: the keys of every limit of
+    /// the rule in force and of the rules file's rule (they differ when an
+    /// override changes the algorithm or window), computed from the rules, never
     /// searched for. Every instance forgets its cached denials: this one now,
     /// the others at their next overrides poll (the version moves).
     ///
@@ -324,11 +324,16 @@ impl AdminApi {
             .into_iter()
             .flatten()
         {
-            if let Some(limit) = rule.limited() {
-                let key = self
-                    .limiter
-                    .key_layout()
-                    .key(&target.domain, &entries, &rule, limit);
+            // Every limit of a rule with several counts in a key of its own.
+            for (index, limit) in rule.limits().enumerate() {
+                let key = multi::limit_key(
+                    self.limiter.key_layout(),
+                    &target.domain,
+                    &entries,
+                    &rule,
+                    index,
+                    limit,
+                );
                 if !keys.contains(&key) {
                     keys.push(key);
                 }

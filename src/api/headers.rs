@@ -93,16 +93,22 @@ impl HeaderSettings {
             ]);
         }
         if self.draft == DraftHeaders::On {
+            // A descriptor with several limits lists each of them.
             let policies: Vec<String> = descriptors
                 .iter()
                 .filter_map(|d| match d {
-                    DescriptorDecision::Limited { rule, limit, .. } => Some(format!(
-                        "{};q={};w={}",
-                        sf_string(policy_name(rule)),
-                        limit.requests_per_unit,
-                        limit.window_ms() / 1_000
-                    )),
+                    DescriptorDecision::Limited { rule, .. } => Some(rule),
                     _ => None,
+                })
+                .flat_map(|rule| {
+                    rule.limits().map(|limit| {
+                        format!(
+                            "{};q={};w={}",
+                            sf_string(policy_name(rule)),
+                            limit.requests_per_unit,
+                            limit.window_ms() / 1_000
+                        )
+                    })
                 })
                 .collect();
             headers.push(header("RateLimit-Policy", policies.join(", ")));

@@ -31,6 +31,9 @@ pub struct DescriptorDoc {
     pub value: Option<Text>,
     /// The limit, if this node carries one.
     pub rate_limit: Option<RateLimitDoc>,
+    /// ratekeeper extension: several limits on this node, every one of which
+    /// must admit a request (instead of `rate_limit`, never with it).
+    pub rate_limits: Option<Vec<RateLimitDoc>>,
     /// The next level.
     pub descriptors: Option<Vec<DescriptorDoc>>,
     /// Count and report, but never deny.

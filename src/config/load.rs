@@ -368,12 +368,32 @@ impl Compiler<'_> {
                 .transpose()?
                 .flatten()
                 .map(Arc::new);
-            let rule = doc
-                .rate_limit
-                .as_ref()
-                .map(|rl| self.rule(rl, doc, &here, &path, &here_and_above, metadata))
-                .transpose()?
-                .map(Arc::new);
+            let rule = match (&doc.rate_limit, &doc.rate_limits) {
+                (Some(_), Some(_)) => {
+                    return Err(self.error(
+                        &format!("{here}.rate_limits"),
+                        "a descriptor has either rate_limit or rate_limits, not both",
+                    ));
+                }
+                (Some(rl), None) => Some(self.rule(
+                    rl,
+                    doc,
+                    &format!("{here}.rate_limit"),
+                    &path,
+                    &here_and_above,
+                    metadata,
+                )?),
+                (None, Some(list)) => Some(self.multi_limit_rule(
+                    list,
+                    doc,
+                    &format!("{here}.rate_limits"),
+                    &path,
+                    &here_and_above,
+                    metadata,
+                )?),
+                (None, None) => None,
+            }
+            .map(Arc::new);
             let children = self.level(
                 doc.descriptors.as_deref().unwrap_or_default(),
                 &format!("{here}.descriptors"),
@@ -392,16 +412,90 @@ impl Compiler<'_> {
         Ok(())
     }
 
-    fn rule(
+    /// Compiles a `rate_limits` list at `at`: the first entry is the rule
+    /// (with its name, replaces and failure policy, which cover every
+    /// limit), the others add only a limit each.
+    fn multi_limit_rule(
         &self,
-        doc: &RateLimitDoc,
+        list: &[RateLimitDoc],
         descriptor: &DescriptorDoc,
-        here: &str,
+        at: &str,
         path: &str,
         levels: &Above,
         metadata: Option<Arc<Metadata>>,
     ) -> Result<Rule, ConfigError> {
-        let at = format!("{here}.rate_limit");
+        let Some((first, rest)) = list.split_first() else {
+            return Err(self.error(
+                at,
+                "rate_limits needs at least one limit; remove it for a descriptor without a limit",
+            ));
+        };
+        for (i, doc) in list.iter().enumerate() {
+            if doc.unlimited.is_some() {
+                return Err(self.error(
+                    &format!("{at}[{i}].unlimited"),
+                    "a rate_limits entry cannot be unlimited; use rate_limit: {unlimited: true}",
+                ));
+            }
+        }
+        let mut rule = self.rule(
+            first,
+            descriptor,
+            &format!("{at}[0]"),
+            path,
+            levels,
+            metadata,
+        )?;
+        let mut seen: Vec<Limit> = rule.limited().copied().into_iter().collect();
+        for (i, doc) in rest.iter().enumerate() {
+            let here = format!("{at}[{}]", i + 1);
+            let whole_rule = [
+                ("name", doc.name.is_some()),
+                ("replaces", doc.replaces.is_some()),
+                ("failure_policy", doc.failure_policy.is_some()),
+            ];
+            if let Some((field, _)) = whole_rule.into_iter().find(|(_, given)| *given) {
+                return Err(self.error(
+                    &format!("{here}.{field}"),
+                    format!("{field} applies to every limit of the descriptor; write it on rate_limits[0] only"),
+                ));
+            }
+            let unit_text = doc.unit.as_ref().map(|u| u.as_str()).unwrap_or_default();
+            let unit = Unit::parse(unit_text).ok_or_else(|| {
+                self.error(
+                    &format!("{here}.unit"),
+                    format!("invalid rate limit unit '{unit_text}'"),
+                )
+            })?;
+            let limit = self.limit(doc, &here, unit)?;
+            // Same algorithm and window would share one counter.
+            if let Some(j) = seen.iter().position(|other| {
+                other.algorithm == limit.algorithm && other.window_ms() == limit.window_ms()
+            }) {
+                return Err(self.error(
+                    &here,
+                    format!(
+                        "counts the same window as rate_limits[{j}] ({} over {} s); keep only the stricter one",
+                        limit.algorithm.as_str(),
+                        limit.window_ms() / 1_000
+                    ),
+                ));
+            }
+            seen.push(limit);
+            rule.extra_limits.push(limit);
+        }
+        Ok(rule)
+    }
+
+    fn rule(
+        &self,
+        doc: &RateLimitDoc,
+        descriptor: &DescriptorDoc,
+        at: &str,
+        path: &str,
+        levels: &Above,
+        metadata: Option<Arc<Metadata>>,
+    ) -> Result<Rule, ConfigError> {
         let unit_text = doc.unit.as_ref().map(|u| u.as_str()).unwrap_or_default();
         let unit = Unit::parse(unit_text);
         let limit = if doc.unlimited.unwrap_or(false) {
@@ -426,7 +520,7 @@ impl Compiler<'_> {
                     format!("invalid rate limit unit '{unit_text}'"),
                 )
             })?;
-            RuleLimit::Limited(self.limit(doc, &at, unit)?)
+            RuleLimit::Limited(self.limit(doc, at, unit)?)
         };
         let failure_policy = match &doc.failure_policy {
             None => None,
@@ -463,6 +557,7 @@ impl Compiler<'_> {
         Ok(Rule {
             name,
             limit,
+            extra_limits: Vec::new(),
             replaces,
             shadow_mode: descriptor.shadow_mode.unwrap_or(false),
             detailed_metric: descriptor.detailed_metric.unwrap_or(false),

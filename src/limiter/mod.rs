@@ -31,7 +31,7 @@ pub use crate::failure_policy::FailurePolicy;
 use crate::metrics::{AnswerSource, Metrics};
 use crate::overrides::Overrides;
 use crate::rules::matcher::EntryRef;
-use crate::rules::{KeyLayout, Limit, Rule, Rules};
+use crate::rules::{KeyLayout, Limit, Rule, Rules, multi};
 use crate::store::{CounterStore, OverLimitCache, StoreError};
 use admission::Admission;
 pub use admission::DEFAULT_MAX_IN_FLIGHT;
@@ -128,9 +128,11 @@ pub enum DescriptorDecision {
     Limited {
         /// The matched rule.
         rule: Arc<Rule>,
-        /// Its limit.
+        /// Its limit; of a rule with several, the most restrictive one
+        /// (see [`multi::fold`]).
         limit: Limit,
-        /// What the store decided.
+        /// What the store decided; of a rule with several limits, their
+        /// folded answer.
         outcome: Outcome,
     },
 }
@@ -334,20 +336,19 @@ impl Limiter {
         drop(overrides);
         drop_replaced(&mut matched);
 
-        // One key per counted descriptor; the hits borrow them.
+        // One key per limit of each counted descriptor (a descriptor with
+        // several limits has several); the hits borrow them.
         let counted: Vec<(usize, &Rule, Limit, Vec<u8>)> = matched
             .iter()
             .enumerate()
-            .filter_map(|(i, rule)| {
-                let rule = rule.as_deref()?;
-                let limit = *rule.limited()?;
-                let key = self.key_layout.key(
-                    request.domain,
-                    &request.descriptors[i].entries,
-                    rule,
-                    &limit,
-                );
-                Some((i, rule, limit, key))
+            .filter_map(|(i, rule)| Some((i, rule.as_deref()?)))
+            .flat_map(|(i, rule)| {
+                rule.limits().enumerate().map(move |(n, limit)| {
+                    let entries = &request.descriptors[i].entries;
+                    let key =
+                        multi::limit_key(&self.key_layout, request.domain, entries, rule, n, limit);
+                    (i, rule, *limit, key)
+                })
             })
             .collect();
         let batch = Batch {
@@ -369,8 +370,15 @@ impl Limiter {
         };
         let (outcomes, sources) = self.apply(request.domain, &batch).await?;
 
+        // The limits of one descriptor are adjacent: fold each run into the
+        // descriptor's answer.
         let mut applied: Vec<Option<(Limit, Outcome)>> = vec![None; matched.len()];
-        for (((i, rule, limit, _), outcome), source) in counted.iter().zip(outcomes).zip(sources) {
+        let mut at = 0;
+        while at < counted.len() {
+            let (i, rule, _, _) = &counted[at];
+            let run = counted[at..].iter().take_while(|c| c.0 == *i).count();
+            let (picked, outcome) = multi::fold(&outcomes[at..at + run]);
+            let limit = counted[at + picked].2;
             if request.mode != Mode::DryRun {
                 self.metrics.rule(
                     request.domain,
@@ -379,10 +387,11 @@ impl Limiter {
                     request.descriptors[*i].hits,
                     limit.quota().burst,
                     &outcome,
-                    source,
+                    sources[at + picked],
                 );
             }
-            applied[*i] = Some((*limit, outcome));
+            applied[*i] = Some((limit, outcome));
+            at += run;
         }
         let descriptors = matched
             .into_iter()

@@ -82,6 +82,7 @@ mod tests {
         Rule {
             name: None,
             limit: RuleLimit::Limited(Limit::fixed(1, Unit::Minute)),
+            extra_limits: Vec::new(),
             replaces: vec![],
             shadow_mode: false,
             detailed_metric: false,

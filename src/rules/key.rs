@@ -67,6 +67,14 @@ pub fn storage_key(
     key
 }
 
+/// Gives `key` the hash tag of `anchor` (both ratekeeper keys), so that it
+/// lives on the same Redis Cluster slot. The body after the tag, which
+/// alone keeps counters apart, is unchanged.
+pub(crate) fn copy_tag(key: &mut [u8], anchor: &[u8]) {
+    let tag = KEY_PREFIX.len()..KEY_PREFIX.len() + TAG_LEN;
+    key[tag.clone()].copy_from_slice(&anchor[tag]);
+}
+
 /// Length of `{<16 hex digits>}:`.
 const TAG_LEN: usize = 19;
 
@@ -114,6 +122,7 @@ mod tests {
         Rule {
             name: None,
             limit: RuleLimit::Limited(Limit::fixed(1, Unit::Minute)),
+            extra_limits: Vec::new(),
             replaces: vec![],
             shadow_mode: false,
             detailed_metric: false,

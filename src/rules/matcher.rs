@@ -214,6 +214,7 @@ mod tests {
         Some(Arc::new(Rule {
             name: Some(name.to_owned()),
             limit: RuleLimit::Limited(Limit::fixed(1, Unit::Second)),
+            extra_limits: Vec::new(),
             replaces: vec![],
             shadow_mode: false,
             detailed_metric: false,

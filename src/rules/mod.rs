@@ -12,6 +12,7 @@ pub mod envoy_key;
 pub mod key;
 pub mod layout;
 pub mod matcher;
+pub mod multi;
 pub mod stats_key;
 
 use std::collections::HashMap;
@@ -89,8 +90,12 @@ pub type Metadata = serde_json::Map<String, serde_json::Value>;
 pub struct Rule {
     /// The `rate_limit.name`, used by `replaces` and echoed in responses.
     pub name: Option<String>,
-    /// The limit itself.
+    /// The limit itself; with several limits (`rate_limits`), the first.
     pub limit: RuleLimit,
+    /// The limits after the first of a descriptor with several
+    /// (`rate_limits`), each counted in its own key; empty otherwise. A
+    /// request passes only when every limit admits it (see [`multi`]).
+    pub extra_limits: Vec<Limit>,
     /// Names of rules this one replaces when both match one request.
     pub replaces: Vec<String>,
     /// Counted and reported, but never denies the request.
@@ -222,6 +227,7 @@ impl Rule {
         Self {
             name: None,
             limit: RuleLimit::Limited(limit),
+            extra_limits: Vec::new(),
             replaces: Vec::new(),
             shadow_mode: false,
             detailed_metric: false,
@@ -241,6 +247,12 @@ impl Rule {
             RuleLimit::Limited(limit) => Some(limit),
             RuleLimit::Unlimited => None,
         }
+    }
+
+    /// Every finite limit of the rule, the first one first: none for an
+    /// unlimited rule, one for `rate_limit`, several for `rate_limits`.
+    pub fn limits(&self) -> impl Iterator<Item = &Limit> {
+        self.limited().into_iter().chain(&self.extra_limits)
     }
 }
 
