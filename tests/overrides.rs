@@ -874,3 +874,19 @@ descriptors:
     assert_eq!(report, json!({ "keys": 2, "deleted": 2 }));
     assert_eq!(decide(&server, "acme").await.decision, 1);
 }
+
+/// Without a token, loopback callers are served on both surfaces: the peer
+/// address reaches the check (a caller without one would be refused, as
+/// the unit tests of `admin_api::auth` show for non-loopback peers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_loopback_callers_are_served_on_both_surfaces() {
+    use ratekeeper::proto::ratekeeper::v1::ListOverridesRequest;
+    use ratekeeper::proto::ratekeeper::v1::admin_service_client::AdminServiceClient;
+
+    let server = memory_instance(Arc::new(SystemClock), AdminAuth::LoopbackOnly).await;
+    let (status, _) = http(server.admin_addr, "GET", "/admin/v1/overrides", None, None).await;
+    assert_eq!(status, 200);
+    let mut admin = AdminServiceClient::new(server.channel().await);
+    let list = admin.list_overrides(ListOverridesRequest {}).await.unwrap();
+    assert!(list.into_inner().overrides.is_empty());
+}
