@@ -486,9 +486,34 @@ async fn bad_input_is_answered_with_the_field_and_changes_nothing() {
     for path in [
         "/admin/v1/reset",
         "/admin/v1/inspect",
-        "/admin/v1/overrides/delete",
+        "/admin/v1/overrides/get",
     ] {
         let (status, answer) = http(server.admin_addr, "POST", path, Some(&unknown), None).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("domain: unknown domain")
+        );
+    }
+    // An override of a domain gone from the rules could still be deleted.
+    let (status, _) = http(
+        server.admin_addr,
+        "POST",
+        "/admin/v1/overrides/delete",
+        Some(&unknown),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let oversized = json!({ "domain": "api", "descriptor": tenant(&"x".repeat(2_000)) });
+    for path in [
+        "/admin/v1/reset",
+        "/admin/v1/inspect",
+        "/admin/v1/overrides/delete",
+    ] {
+        let (status, answer) = http(server.admin_addr, "POST", path, Some(&oversized), None).await;
         assert_eq!(status, 400, "{path}: {answer}");
     }
     let (_, list) = http(server.admin_addr, "GET", "/admin/v1/overrides", None, None).await;

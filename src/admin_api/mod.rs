@@ -1,6 +1,6 @@
 //! The admin API: overrides (put, get, list, delete), inspecting a counter
 //! and resetting it. [`AdminApi`] holds the operations once; [`grpc`] serves
-//! them as `ratekeeper.v1.Admin` on the gRPC port and [`http`] as JSON under
+//! them as `ratekeeper.v1.AdminService` on the gRPC port and [`http`] as JSON under
 //! `/admin/v1/` on the admin port, both behind [`auth`]. [`client`] is the
 //! `ratekeeper admin` command over the HTTP surface.
 //!
@@ -212,17 +212,20 @@ impl AdminApi {
         Ok(all)
     }
 
-    /// Deletes the override for `target`; what was deleted.
+    /// Deletes the override for `target` (its domain may no longer be
+    /// configured); what was deleted.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidRequest`] for a bad target; [`Error::Storage`].
+    /// [`Error::InvalidRequest`] for a malformed target; [`Error::Storage`].
     pub async fn delete(
         &self,
         caller: &Caller,
         target: &Target,
     ) -> Result<Option<Override>, Error> {
-        self.check_target(&target.domain, &target.descriptor)?;
+        // The domain need not be configured any more: an override left
+        // behind by a domain removed from the rules can still be deleted.
+        self.check_shape(&target.domain, &target.descriptor)?;
         let id = id_of(&target.domain, &target.descriptor);
         let (version, before) = self.limiter.overrides().backend().delete(&id).await?;
         audit(
@@ -367,6 +370,22 @@ impl AdminApi {
         domain: &str,
         descriptor: &'a [EntrySpec],
     ) -> Result<Vec<EntryRef<'a>>, Error> {
+        let entries = self.check_shape(domain, descriptor)?;
+        if self.limiter.rules().domain(domain).is_none() {
+            return Err(Error::invalid(
+                "domain",
+                format!("unknown domain '{domain}': no rules file defines it"),
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// Checks a domain and descriptor as a request's are checked.
+    fn check_shape<'a>(
+        &self,
+        domain: &str,
+        descriptor: &'a [EntrySpec],
+    ) -> Result<Vec<EntryRef<'a>>, Error> {
         self.limits.check_domain(domain)?;
         let entries = self
             .limits
@@ -385,12 +404,6 @@ impl AdminApi {
                 ),
                 other => other,
             })?;
-        if self.limiter.rules().domain(domain).is_none() {
-            return Err(Error::invalid(
-                "domain",
-                format!("unknown domain '{domain}': no rules file defines it"),
-            ));
-        }
         Ok(entries)
     }
 
