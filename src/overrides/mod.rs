@@ -54,6 +54,10 @@ pub struct Overrides {
     /// The last load, expired entries included, to rebuild the set when one
     /// expires without asking the backend again.
     loaded: Arc<Mutex<(u64, Vec<Override>)>>,
+    /// One load at a time: the poll and an admin write reloading at once
+    /// could otherwise install an older read after a newer one. A tokio
+    /// mutex: held across the backend call.
+    loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 // === impl OverrideSet ===
@@ -130,6 +134,7 @@ impl Overrides {
             backend,
             clock,
             loaded: Arc::default(),
+            loading: Arc::default(),
         }
     }
 
@@ -159,6 +164,11 @@ impl Overrides {
     ///
     /// [`StoreError`] when the backend cannot be read; the set in force stays.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.loading.lock().await;
+        self.load_and_install().await
+    }
+
+    async fn load_and_install(&self) -> Result<(), StoreError> {
         let (version, all) = self.backend.load().await?;
         self.install(version, all);
         Ok(())
@@ -172,6 +182,7 @@ impl Overrides {
     ///
     /// [`StoreError`] when the backend cannot be read; the set in force stays.
     pub async fn refresh(&self) -> Result<bool, StoreError> {
+        let _one_at_a_time = self.loading.lock().await;
         let version = self.backend.version().await?;
         let (seen, expired) = {
             let current = self.current.load();
@@ -181,7 +192,7 @@ impl Overrides {
             (current.version, expired)
         };
         if version != seen {
-            self.reload().await?;
+            self.load_and_install().await?;
             return Ok(true);
         }
         if expired {
