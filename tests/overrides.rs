@@ -733,6 +733,10 @@ async fn the_admin_cli_drives_a_real_binary_on_redis() {
     let log = serve.stderr();
     assert!(log.contains("bearer token required"), "{log}");
     assert!(
+        log.contains("used 1 of the rule in force, 4 remaining"),
+        "the reset's audit line says what the counter held: {log}"
+    );
+    assert!(
         log.contains("operation=\"put_override\"") || log.contains("put_override"),
         "{log}"
     );

@@ -342,6 +342,16 @@ impl AdminApi {
                 }
             }
         }
+        // For the audit line: what the counter held (best effort; a store
+        // that fails here fails the delete below too).
+        let before = match self.inspect(target, 1).await {
+            Ok(seen) => format!(
+                "used {} of the rule in force, {} remaining",
+                seen.used.unwrap_or(0),
+                seen.remaining.unwrap_or(0)
+            ),
+            Err(error) => format!("unknown ({error})"),
+        };
         let deleted = self.limiter.store().delete(&keys).await?;
         self.limiter.metrics().admin_write("reset");
         self.limiter.clear_over_limit_cache();
@@ -354,6 +364,8 @@ impl AdminApi {
             id = %id,
             keys = keys.len(),
             deleted,
+            before = %before,
+            after = "counters deleted",
             version,
             "admin write"
         );
