@@ -9,6 +9,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "ratekeeper/v1/ratekeeper.proto",
     "ratekeeper/v1/leases.proto",
+    "ratekeeper/v1/admin.proto",
     "envoy/service/ratelimit/v3/rls.proto",
 ];
 

@@ -5,7 +5,8 @@
 //! | `/healthz` | `200 ok` while the process runs |
 //! | `/readyz` | `200 ready` when the instance can answer: the store answers a ping within its deadline, or it does not and no failure policy in force is `error` (`ready (degraded: …)`); `503` with the reason otherwise (see [`crate::readiness`]) |
 //! | `/metrics` | Prometheus text exposition of [`crate::metrics`] |
-//! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, shadow and quota mode, metadata, source file |
+//! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, shadow and quota mode, metadata, source file; then the runtime overrides in force, with `source` `override` |
+//! | `/admin/v1/…` | the authenticated admin API ([`crate::admin_api::http`]) |
 
 use std::sync::Arc;
 
@@ -102,7 +103,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
 
 /// One rule as `/rules` shows it.
 #[derive(Debug, Serialize)]
-struct RuleView {
+pub(crate) struct RuleView {
     domain: String,
     path: String,
     name: Option<String>,
@@ -140,7 +141,7 @@ struct LimitView {
 
 async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     let rules = state.limiter.rules();
-    let views: Vec<RuleView> = rules
+    let mut views: Vec<RuleView> = rules
         .domains()
         .flat_map(|(domain, tree)| {
             let mut found = Vec::new();
@@ -148,10 +149,18 @@ async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             found.into_iter().map(move |rule| view(domain, &rule))
         })
         .collect();
+    // Then the runtime overrides in force (`source` is `override`).
+    let overrides = state.limiter.overrides().current();
+    views.extend(
+        overrides
+            .rules()
+            .into_iter()
+            .map(|(domain, rule)| view(domain, &rule)),
+    );
     axum::Json(views)
 }
 
-fn view(domain: &str, rule: &Rule) -> RuleView {
+pub(crate) fn view(domain: &str, rule: &Rule) -> RuleView {
     let limit = match rule.limit {
         RuleLimit::Limited(limit) => Some(limit),
         RuleLimit::Unlimited | RuleLimit::Concurrency(_) => None,

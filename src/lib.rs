@@ -26,6 +26,9 @@
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services (with the Envoy
 //!   answer's quota mode, headers and dynamic metadata).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
+//! - [`overrides`]: runtime limit overrides, kept in the store.
+//! - [`admin_api`]: the authenticated admin API (overrides, inspect,
+//!   reset) over gRPC and HTTP JSON, and the `ratekeeper admin` client.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.
 //! - [`readiness`]: readiness for `/readyz` and gRPC health.
@@ -35,6 +38,7 @@
 //! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
 
 pub mod admin;
+pub mod admin_api;
 pub mod algorithm;
 pub mod api;
 pub mod clock;
@@ -45,6 +49,7 @@ pub mod fuzzing;
 pub mod lease;
 pub mod limiter;
 pub mod metrics;
+pub mod overrides;
 pub mod proto;
 pub mod readiness;
 pub mod reload;

@@ -172,6 +172,16 @@ impl CounterStore for CircuitBreaker {
     async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
         self.inner.refund(hits).await
     }
+
+    // An operator's reset: not request traffic, so it neither waits for nor
+    // moves the breaker.
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        self.inner.delete(keys).await
+    }
+
+    fn commands(&self) -> Option<std::sync::Arc<dyn super::RedisCommands>> {
+        self.inner.commands()
+    }
 }
 
 // === impl Call ===

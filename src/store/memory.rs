@@ -154,6 +154,15 @@ impl MemoryStore {
 
 #[async_trait]
 impl CounterStore for MemoryStore {
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for key in keys {
+            let shard = &self.inner.shards[shard_of(&self.inner.router, key)];
+            deleted += u64::from(lock(shard).entries.remove(key.as_slice()).is_some());
+        }
+        Ok(deleted)
+    }
+
     async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
         let mut view = self.lock_for(hits);
         let now_ms = view.now_ms;

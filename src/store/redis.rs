@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{CounterStore, StoreError};
+use super::{ADMIN_TIMEOUT, CounterStore, RedisCommands, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
 use crate::rules::KeyLayout;
@@ -418,10 +418,39 @@ impl CounterStore for RedisStore {
         Ok(())
     }
 
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let Some(first) = keys.first() else {
+            return Ok(0);
+        };
+        let deleted = self
+            .query(first, redis::cmd("DEL").arg(keys).clone())
+            .await?;
+        redis::from_redis_value(deleted).map_err(|e| StoreError::Protocol(e.to_string()))
+    }
+
     fn key_layout(&self) -> KeyLayout {
         self.layout
             .as_ref()
             .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
+    }
+
+    fn commands(&self) -> Option<Arc<dyn RedisCommands>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl RedisCommands for RedisStore {
+    async fn query(&self, _key: &[u8], cmd: redis::Cmd) -> Result<redis::Value, StoreError> {
+        super::within(ADMIN_TIMEOUT, async {
+            let call = self.node.call().await?;
+            let result = cmd
+                .query_async::<redis::Value>(&mut call.connection())
+                .await;
+            call.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
+        })
+        .await
     }
 }
 
@@ -464,7 +493,7 @@ pub(crate) fn refund_call(
 /// ([`StoreError::Protocol`]); everything else — I/O, the server refusing
 /// because of its state (read-only, loading, out of memory, busy, cluster
 /// down, no permission) — is the store failing.
-pub(super) fn store_error(error: &redis::RedisError) -> StoreError {
+pub(crate) fn store_error(error: &redis::RedisError) -> StoreError {
     use redis::ErrorKind;
     let script_error = error.code() == Some("ERR")
         && error

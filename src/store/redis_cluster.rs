@@ -41,7 +41,7 @@ use super::redis::coalesce::share_out;
 use super::redis::encode::{Encoded, assemble};
 use super::redis::node::Node;
 use super::redis::{RedisTls, decide_on, no_connection, outcomes_of, store_error};
-use super::{CounterStore, StoreError, groups};
+use super::{ADMIN_TIMEOUT, CounterStore, RedisCommands, StoreError, groups};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::rules::KeyLayout;
 use topology::{Cluster, Redirect, slot};
@@ -414,6 +414,56 @@ impl CounterStore for RedisClusterStore {
         self.layout
             .as_ref()
             .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
+    }
+
+    /// Each key on its own slot's master, one after another (an
+    /// operator's reset names a key or two).
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for key in keys {
+            let reply = self.query(key, redis::cmd("DEL").arg(key).clone()).await?;
+            deleted += redis::from_redis_value::<u64>(reply)
+                .map_err(|e| StoreError::Protocol(e.to_string()))?;
+        }
+        Ok(deleted)
+    }
+
+    fn commands(&self) -> Option<Arc<dyn RedisCommands>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl RedisCommands for RedisClusterStore {
+    /// Follows redirections as a decision does, within the admin deadline.
+    async fn query(&self, key: &[u8], cmd: redis::Cmd) -> Result<redis::Value, StoreError> {
+        let slot = slot(key);
+        super::within(ADMIN_TIMEOUT, async {
+            let mut to = self.master_of(slot).await?;
+            let mut last = None;
+            for _ in 0..MAX_ATTEMPTS {
+                let call = to.node.call().await?;
+                let result = if to.asking {
+                    redis::pipe()
+                        .cmd("ASKING")
+                        .ignore()
+                        .add_command(cmd.clone())
+                        .query_async::<(redis::Value,)>(&mut call.connection())
+                        .await
+                        .map(|(reply,)| reply)
+                } else {
+                    cmd.query_async::<redis::Value>(&mut call.connection())
+                        .await
+                };
+                call.end(result.as_ref().err().filter(|e| Redirect::of(e).is_none()));
+                match result {
+                    Ok(reply) => return Ok(reply),
+                    Err(error) => to = self.follow(slot, &error, &mut last).await?,
+                }
+            }
+            Err(redirected_too_often(slot, last))
+        })
+        .await
     }
 }
 
