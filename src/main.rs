@@ -444,7 +444,8 @@ fn admin_settings(
         Some(redis) => Arc::new(RedisOverrides::new(redis)),
         None => Arc::new(MemoryOverrides::default()),
     };
-    Ok((Overrides::new(backend, Arc::new(SystemClock)), auth))
+    let overrides = Overrides::new(backend, Arc::new(SystemClock)).with_max(args.max_overrides);
+    Ok((overrides, auth))
 }
 
 /// The clock decisions read: the system's, or the frozen one of

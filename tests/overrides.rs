@@ -919,3 +919,74 @@ async fn without_a_token_loopback_callers_are_served_on_both_surfaces() {
     let list = admin.list_overrides(ListOverridesRequest {}).await.unwrap();
     assert!(list.into_inner().overrides.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_override_store_refuses_a_new_one_and_makes_room_as_they_expire() {
+    let redis = RedisServer::start();
+    let clock = Arc::new(ManualClock::new(T0));
+    let store: Arc<dyn CounterStore> = Arc::new(redis_store(&redis.url(), Duration::from_secs(2)));
+    let overrides = Overrides::new(
+        Arc::new(RedisOverrides::new(store.commands().unwrap())),
+        clock.clone(),
+    )
+    .with_max(2);
+    let server =
+        TestServer::start(Server::new(rules(&[RULES]), store).with_overrides(overrides, POLL))
+            .await;
+    let addr = server.admin_addr;
+    let stored = || async {
+        let (status, answer) = http(addr, "GET", "/admin/v1/overrides", None, None).await;
+        assert_eq!(status, 200, "{answer}");
+        let mut tenants: Vec<String> = answer
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["descriptor"][0]["value"].as_str().unwrap().to_owned())
+            .collect();
+        tenants.sort();
+        tenants
+    };
+
+    let mut for_a_minute = put_body("a", 5, "hour");
+    for_a_minute["expires_in_seconds"] = json!(60);
+    put(addr, &for_a_minute).await;
+    put(addr, &put_body("b", 5, "hour")).await;
+
+    // A third is refused, naming the bound, and nothing changes.
+    let (status, answer) = http(
+        addr,
+        "PUT",
+        "/admin/v1/overrides",
+        Some(&put_body("c", 5, "hour")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains("2 overrides") && message.contains("--max-overrides"),
+        "{message}"
+    );
+    assert_eq!(stored().await, ["a", "b"]);
+    // A stored one may still change.
+    assert_eq!(
+        put(addr, &put_body("b", 7, "hour")).await["rate_limit"]["requests_per_unit"],
+        7
+    );
+
+    // Once `a` has expired, it makes room (and is gone from Redis).
+    clock.advance(60_000);
+    put(addr, &put_body("c", 5, "hour")).await;
+    assert_eq!(stored().await, ["b", "c"]);
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let held: u64 = redis::cmd("HLEN")
+        .arg(ratekeeper::overrides::redis::DATA_KEY)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(held, 2);
+}

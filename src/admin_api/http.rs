@@ -146,6 +146,7 @@ fn found<T: Serialize>(result: Result<Option<T>, Error>) -> Response {
 fn failure(e: &Error) -> Response {
     let status = match e {
         Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+        Error::Full(_) => StatusCode::CONFLICT,
         Error::Storage(_) | Error::Overloaded { .. } | Error::NoConfig => {
             StatusCode::SERVICE_UNAVAILABLE
         }

@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::limiter::{
     CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter, Resolved,
 };
-use crate::overrides::{EntrySpec, LimitSpec, Override, compile, id_of};
+use crate::overrides::{EntrySpec, LimitSpec, Override, Put, compile, id_of};
 use crate::rules::matcher::EntryRef;
 use crate::rules::{KeyLayout, Rule, multi};
 use crate::store::StoreError;
@@ -169,7 +169,16 @@ impl AdminApi {
         };
         compile::validate(&o)?;
         let overrides = self.limiter.overrides();
-        let (version, before) = overrides.backend().put(&o).await?;
+        let (version, before) = match overrides.backend().put(&o, overrides.max(), now).await? {
+            Put::Stored(version, before) => (version, before),
+            Put::Full => {
+                return Err(Error::Full(format!(
+                    "{} overrides are stored, the most --max-overrides allows; \
+                     delete one or raise it",
+                    overrides.max()
+                )));
+            }
+        };
         audit(
             caller,
             "put_override",

@@ -395,6 +395,13 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_OVERRIDES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub overrides_poll_interval: Duration,
 
+    /// Most overrides stored (each is a lookup entry and a metrics series
+    /// on every instance); a new one past it is refused until one is
+    /// deleted or expires.
+    #[arg(long, env = "RATEKEEPER_MAX_OVERRIDES", default_value_t = crate::overrides::DEFAULT_MAX_OVERRIDES,
+          value_parser = parse_positive)]
+    pub max_overrides: usize,
+
     /// Tests only: every decision reads this fixed time (Unix ms) instead of
     /// the clock — the memory store, the local fallback, the over-limit
     /// cache and the Redis scripts — so a multi-process test can count

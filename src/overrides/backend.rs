@@ -13,6 +13,16 @@ use async_trait::async_trait;
 use super::model::Override;
 use crate::store::StoreError;
 
+/// What [`OverrideBackend::put`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Put {
+    /// Stored: the new version and the override it replaced.
+    Stored(u64, Option<Override>),
+    /// Nothing written: the override is new and the store already holds
+    /// the most it may, even after dropping the expired ones.
+    Full,
+}
+
 /// A versioned map of overrides by id.
 #[async_trait]
 pub trait OverrideBackend: Send + Sync + fmt::Debug {
@@ -30,12 +40,15 @@ pub trait OverrideBackend: Send + Sync + fmt::Debug {
     /// [`StoreError`] when the store cannot be read.
     async fn load(&self) -> Result<(u64, Vec<Override>), StoreError>;
 
-    /// Stores `o` under its id; the new version and the override it replaced.
+    /// Stores `o` under its id, unless it is new and `max` overrides are
+    /// stored already; overrides expired at `now_ms` are dropped first to
+    /// make room (the check and the write are one atomic step, so
+    /// concurrent writers never pass `max` together).
     ///
     /// # Errors
     ///
     /// [`StoreError`] when the store cannot be written; nothing changed then.
-    async fn put(&self, o: &Override) -> Result<(u64, Option<Override>), StoreError>;
+    async fn put(&self, o: &Override, max: usize, now_ms: u64) -> Result<Put, StoreError>;
 
     /// Removes the override `id`; the new version and what was removed.
     ///
@@ -79,11 +92,18 @@ impl OverrideBackend for MemoryOverrides {
         Ok((inner.0, inner.1.values().cloned().collect()))
     }
 
-    async fn put(&self, o: &Override) -> Result<(u64, Option<Override>), StoreError> {
+    async fn put(&self, o: &Override, max: usize, now_ms: u64) -> Result<Put, StoreError> {
         let mut inner = self.lock();
+        let id = o.id();
+        if !inner.1.contains_key(&id) && inner.1.len() >= max {
+            inner.1.retain(|_, stored| !stored.expired(now_ms));
+            if inner.1.len() >= max {
+                return Ok(Put::Full);
+            }
+        }
         inner.0 += 1;
-        let before = inner.1.insert(o.id(), o.clone());
-        Ok((inner.0, before))
+        let before = inner.1.insert(id, o.clone());
+        Ok(Put::Stored(inner.0, before))
     }
 
     async fn delete(&self, id: &str) -> Result<(u64, Option<Override>), StoreError> {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-pub use backend::{MemoryOverrides, OverrideBackend};
+pub use backend::{MemoryOverrides, OverrideBackend, Put};
 pub use model::{EntrySpec, LimitSpec, Override, id_of};
 pub use redis::RedisOverrides;
 
@@ -31,6 +31,9 @@ use crate::clock::{Clock, SystemClock};
 use crate::rules::matcher::EntryRef;
 use crate::rules::{DescriptorTree, Rule};
 use crate::store::StoreError;
+
+/// The most overrides stored unless `--max-overrides` says otherwise.
+pub const DEFAULT_MAX_OVERRIDES: usize = 10_000;
 
 /// The overrides in force at one moment, compiled.
 #[derive(Debug, Default)]
@@ -54,6 +57,8 @@ pub struct Overrides {
     /// The last load, expired entries included, to rebuild the set when one
     /// expires without asking the backend again.
     loaded: Arc<Mutex<(u64, Vec<Override>)>>,
+    /// The most overrides the backend may hold (`--max-overrides`).
+    max: usize,
     /// One load at a time: the poll and an admin write reloading at once
     /// could otherwise install an older read after a newer one. A tokio
     /// mutex: held across the backend call.
@@ -135,7 +140,21 @@ impl Overrides {
             clock,
             loaded: Arc::default(),
             loading: Arc::default(),
+            max: DEFAULT_MAX_OVERRIDES,
         }
+    }
+
+    /// Holds at most `max` overrides: a new one past it is refused (each
+    /// override is a lookup entry and a metrics series on every instance).
+    #[must_use]
+    pub fn with_max(mut self, max: usize) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// The most overrides the backend may hold.
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// This instance's own overrides, in memory.
@@ -253,10 +272,14 @@ mod tests {
         let overrides = Overrides::new(Arc::new(MemoryOverrides::default()), clock.clone());
         overrides
             .backend()
-            .put(&timed("a", Some(1_500)))
+            .put(&timed("a", Some(1_500)), 10, 1_000)
             .await
             .unwrap();
-        overrides.backend().put(&timed("b", None)).await.unwrap();
+        overrides
+            .backend()
+            .put(&timed("b", None), 10, 1_000)
+            .await
+            .unwrap();
         assert!(overrides.refresh().await.unwrap());
         let entries = |v: &'static str| {
             [EntryRef {
@@ -271,5 +294,41 @@ mod tests {
         assert!(overrides.current().find("api", &entries("a")).is_none());
         assert!(overrides.current().find("api", &entries("b")).is_some());
         assert_eq!(overrides.current().list().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_a_new_override_until_one_expires() {
+        let backend = MemoryOverrides::default();
+        let stored = |put: Put| matches!(put, Put::Stored(..));
+        assert!(stored(
+            backend
+                .put(&timed("a", Some(1_500)), 2, 1_000)
+                .await
+                .unwrap()
+        ));
+        assert!(stored(
+            backend.put(&timed("b", None), 2, 1_000).await.unwrap()
+        ));
+        // Full: a new one is refused and nothing changes...
+        assert_eq!(
+            backend.put(&timed("c", None), 2, 1_000).await.unwrap(),
+            Put::Full
+        );
+        assert_eq!(backend.version().await.unwrap(), 2);
+        // ...but a stored one may still change.
+        assert!(stored(
+            backend
+                .put(&timed("b", Some(9_000)), 2, 1_000)
+                .await
+                .unwrap()
+        ));
+        // Once `a` has expired it makes room.
+        assert!(stored(
+            backend.put(&timed("c", None), 2, 1_500).await.unwrap()
+        ));
+        let (_, all) = backend.load().await.unwrap();
+        let mut ids: Vec<_> = all.iter().map(|o| o.descriptor[0].value.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, [Some("b".to_owned()), Some("c".to_owned())]);
     }
 }

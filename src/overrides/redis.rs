@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::backend::OverrideBackend;
+use super::backend::{OverrideBackend, Put};
 use super::model::Override;
 use crate::store::{RedisCommands, StoreError};
 
@@ -22,9 +22,26 @@ pub const DATA_KEY: &str = "rk-overrides:{rk-overrides}:data";
 /// The version counter.
 pub const VERSION_KEY: &str = "rk-overrides:{rk-overrides}:version";
 
-/// KEYS[1] data, KEYS[2] version; ARGV[1] id, ARGV[2] JSON. Returns the new
-/// version and the replaced JSON ('' when there was none).
+/// KEYS[1] data, KEYS[2] version; ARGV[1] id, ARGV[2] JSON, ARGV[3] the
+/// most overrides stored, ARGV[4] now (Unix ms). Returns the new version and
+/// the replaced JSON ('' when there was none), or -1 when a new override
+/// finds the hash full even after its expired entries are dropped (read
+/// from each entry's `expires_at_ms`; an entry that does not decode stays).
 const PUT: &str = r"
+local max = tonumber(ARGV[3])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= max then
+  local all = redis.call('HGETALL', KEYS[1])
+  local now = tonumber(ARGV[4])
+  for i = 1, #all, 2 do
+    local ok, o = pcall(cjson.decode, all[i + 1])
+    if ok and type(o) == 'table' and type(o.expires_at_ms) == 'number' and o.expires_at_ms <= now then
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+  if redis.call('HLEN', KEYS[1]) >= max then
+    return {-1, ''}
+  end
+end
 local before = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {redis.call('INCR', KEYS[2]), before or ''}
@@ -70,18 +87,17 @@ impl RedisOverrides {
         self.redis.query(DATA_KEY.as_bytes(), cmd).await
     }
 
-    async fn write(
-        &self,
-        script: &str,
-        args: &[&str],
-    ) -> Result<(u64, Option<Override>), StoreError> {
-        let (version, before): (u64, String) = decode(self.eval(script, args).await?)?;
+    async fn write(&self, script: &str, args: &[&str]) -> Result<Put, StoreError> {
+        let (version, before): (i64, String) = decode(self.eval(script, args).await?)?;
+        let Ok(version) = u64::try_from(version) else {
+            return Ok(Put::Full);
+        };
         let before = if before.is_empty() {
             None
         } else {
             Some(parse(&before)?)
         };
-        Ok((version, before))
+        Ok(Put::Stored(version, before))
     }
 }
 
@@ -112,14 +128,18 @@ impl OverrideBackend for RedisOverrides {
         Ok((version, overrides))
     }
 
-    async fn put(&self, o: &Override) -> Result<(u64, Option<Override>), StoreError> {
+    async fn put(&self, o: &Override, max: usize, now_ms: u64) -> Result<Put, StoreError> {
         let json = serde_json::to_string(o)
             .map_err(|e| StoreError::Protocol(format!("override json: {e}")))?;
-        self.write(PUT, &[&o.id(), &json]).await
+        let (max, now) = (max.to_string(), now_ms.to_string());
+        self.write(PUT, &[&o.id(), &json, &max, &now]).await
     }
 
     async fn delete(&self, id: &str) -> Result<(u64, Option<Override>), StoreError> {
-        self.write(DELETE, &[id]).await
+        match self.write(DELETE, &[id]).await? {
+            Put::Stored(version, before) => Ok((version, before)),
+            Put::Full => Err(StoreError::Protocol("overrides: delete answered -1".into())),
+        }
     }
 
     async fn bump(&self) -> Result<u64, StoreError> {
