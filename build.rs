@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
     "ratekeeper/v1/ratekeeper.proto",
+    "ratekeeper/v1/leases.proto",
+    "ratekeeper/v1/admin.proto",
     "ratekeeper/v1/reservations.proto",
     "envoy/service/ratelimit/v3/rls.proto",
 ];

@@ -5,7 +5,8 @@
 //! | `/healthz` | `200 ok` while the process runs |
 //! | `/readyz` | `200 ready` when the instance can answer: the store answers a ping within its deadline, or it does not and no failure policy in force is `error` (`ready (degraded: …)`); `503` with the reason otherwise (see [`crate::readiness`]) |
 //! | `/metrics` | Prometheus text exposition of [`crate::metrics`] |
-//! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, shadow and quota mode, metadata, source file |
+//! | `/rules` | the loaded rules as JSON: domain, path, algorithm, limit, shadow and quota mode, metadata, source file; then the runtime overrides in force, with `source` `override` |
+//! | `/admin/v1/…` | the authenticated admin API ([`crate::admin_api::http`]) |
 
 use std::sync::Arc;
 
@@ -102,7 +103,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
 
 /// One rule as `/rules` shows it.
 #[derive(Debug, Serialize)]
-struct RuleView {
+pub(crate) struct RuleView {
     domain: String,
     path: String,
     name: Option<String>,
@@ -123,6 +124,9 @@ struct RuleView {
     failure_policy: Option<&'static str>,
     replaces: Vec<String>,
     source: String,
+    /// Set for a concurrency rule (leases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    concurrency: Option<crate::lease::ConcurrencyView>,
 }
 
 /// One limit of a rule as `/rules` shows it.
@@ -137,7 +141,7 @@ struct LimitView {
 
 async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     let rules = state.limiter.rules();
-    let views: Vec<RuleView> = rules
+    let mut views: Vec<RuleView> = rules
         .domains()
         .flat_map(|(domain, tree)| {
             let mut found = Vec::new();
@@ -145,15 +149,24 @@ async fn rules(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             found.into_iter().map(move |rule| view(domain, &rule))
         })
         .collect();
+    // Then the runtime overrides in force (`source` is `override`).
+    let overrides = state.limiter.overrides().current();
+    views.extend(
+        overrides
+            .rules()
+            .into_iter()
+            .map(|(domain, rule)| view(domain, &rule)),
+    );
     axum::Json(views)
 }
 
-fn view(domain: &str, rule: &Rule) -> RuleView {
+pub(crate) fn view(domain: &str, rule: &Rule) -> RuleView {
     let limit = match rule.limit {
         RuleLimit::Limited(limit) => Some(limit),
-        RuleLimit::Unlimited => None,
+        RuleLimit::Unlimited | RuleLimit::Concurrency(_) => None,
     };
     RuleView {
+        concurrency: rule.concurrency().map(crate::lease::ConcurrencyView::of),
         domain: domain.to_owned(),
         path: rule.path.clone(),
         name: rule.name.clone(),
@@ -162,7 +175,7 @@ fn view(domain: &str, rule: &Rule) -> RuleView {
         unit: limit.map(|l| l.unit.as_str()),
         unit_multiplier: limit.map(|l| l.unit_multiplier),
         burst: limit.map(|l| l.quota().burst),
-        unlimited: limit.is_none(),
+        unlimited: matches!(rule.limit, RuleLimit::Unlimited),
         limits: rule
             .limits()
             .map(|l| LimitView {

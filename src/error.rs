@@ -35,6 +35,10 @@ pub enum Error {
         /// The cap on requests in flight.
         max: usize,
     },
+    /// A bounded store is full: nothing was written. The message says
+    /// what to do (delete something, or raise the named bound).
+    #[error("{0}")]
+    Full(String),
     /// No rate limit configuration has loaded yet (the upstream mode serves
     /// before a first valid config, as envoyproxy/ratelimit does); its
     /// message is upstream's.
@@ -68,7 +72,9 @@ impl From<Error> for Status {
                 tracing::debug!(error = %e, "store call failed");
                 Status::unavailable(format!("rate limit store unavailable: {e}"))
             }
-            Error::Overloaded { .. } => Status::resource_exhausted(error.to_string()),
+            Error::Overloaded { .. } | Error::Full(_) => {
+                Status::resource_exhausted(error.to_string())
+            }
             Error::Reservation(e) => e.clone().into(),
             // UNKNOWN with upstream's text, as upstream answers it.
             Error::NoConfig => Status::unknown(error.to_string()),

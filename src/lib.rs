@@ -21,11 +21,15 @@
 //! - [`store`]: `CounterStore` with the memory and Redis backends.
 //! - [`limiter`]: match → hits → one store call → decision.
 //! - [`failure_policy`]: what to answer when the store fails.
+//! - [`lease`]: concurrency rules: the `Leases` API and Envoy's slots.
 //! - [`reservation`]: reserve an estimated cost, then settle the actual one.
 //! - [`fuzzing`]: fuzz targets for the config loader, matcher and keys.
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services (with the Envoy
 //!   answer's quota mode, headers and dynamic metadata).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
+//! - [`overrides`]: runtime limit overrides, kept in the store.
+//! - [`admin_api`]: the authenticated admin API (overrides, inspect,
+//!   reset) over gRPC and HTTP JSON, and the `ratekeeper admin` client.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.
 //! - [`readiness`]: readiness for `/readyz` and gRPC health.
@@ -35,6 +39,7 @@
 //! - [`clock`], [`telemetry`], [`shutdown`], [`error`], [`proto`].
 
 pub mod admin;
+pub mod admin_api;
 pub mod algorithm;
 pub mod api;
 pub mod clock;
@@ -42,8 +47,10 @@ pub mod config;
 pub mod error;
 pub mod failure_policy;
 pub mod fuzzing;
+pub mod lease;
 pub mod limiter;
 pub mod metrics;
+pub mod overrides;
 pub mod proto;
 pub mod readiness;
 pub mod reload;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context as _;
+use ratekeeper::admin_api::AdminAuth;
 use ratekeeper::api::{
     DraftHeaders, DynamicMetadata, EnvoyCounting, QuotaMode, RequestLimits, ResponseHeaders,
     ShadowMode,
@@ -21,6 +22,7 @@ use ratekeeper::config::{
     CliError, Command, ConfigSnapshot, DomainFiles, DotFiles, KeyLayoutKind, ServeArgs, StoreKind,
     load_rules_with, read_snapshot_with,
 };
+use ratekeeper::overrides::{MemoryOverrides, OverrideBackend, Overrides, RedisOverrides};
 use ratekeeper::reload::ReloadSettings;
 use ratekeeper::reservation::Ledger;
 use ratekeeper::rules::{RuleLimit, Rules};
@@ -72,9 +74,15 @@ fn main() -> ExitCode {
         Command::CheckConfig {
             path,
             merge_domain_config,
-        } => check_config(&path, domain_files(merge_domain_config)),
+            redis_url,
+        } => check_config(
+            &path,
+            domain_files(merge_domain_config),
+            redis_url.as_deref(),
+        ),
         Command::Serve(args) => serve(*args, &Mode::Serve),
         Command::Upstream => upstream(),
+        Command::Admin(args) => ExitCode::from(ratekeeper::admin_api::client::run(args)),
     }
 }
 
@@ -176,7 +184,11 @@ fn describe_limit(limit: &ratekeeper::rules::Limit) -> String {
     )
 }
 
-fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
+fn check_config(
+    path: &std::path::Path,
+    domain_files: DomainFiles,
+    redis_url: Option<&str>,
+) -> ExitCode {
     match load_rules_with(path, domain_files) {
         Ok(rules) => {
             for (domain, _) in rules.domains() {
@@ -190,6 +202,7 @@ fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
                         .collect::<Vec<_>>()
                         .join(" and "),
                     RuleLimit::Unlimited => "unlimited".to_owned(),
+                    RuleLimit::Concurrency(limit) => ratekeeper::lease::describe(&limit),
                 };
                 let shadow = if rule.shadow_mode { " (shadow)" } else { "" };
                 let quota = if rule.quota_mode { " (quota)" } else { "" };
@@ -204,11 +217,52 @@ fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
                 rules.domains().count(),
                 rules.all_rules().len()
             );
+            print_overrides(redis_url);
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!("invalid config: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Lists the overrides stored in the Redis at `url`, or says why they are
+/// not shown: they live in the store, which only `--redis-url` reaches.
+fn print_overrides(url: Option<&str>) {
+    let Some(url) = url else {
+        println!(
+            "runtime overrides are not shown: they live in the store (give --redis-url, or list them with `ratekeeper admin list`, GET /admin/v1/overrides or /rules)"
+        );
+        return;
+    };
+    let loaded = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let store = RedisStore::new(&RedisSettings::new(url)).map_err(|e| e.to_string())?;
+                let redis = store.commands().ok_or("not a redis store")?;
+                RedisOverrides::new(redis)
+                    .load()
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+    match loaded {
+        Ok((_, mut overrides)) => {
+            overrides.sort_by_key(ratekeeper::overrides::Override::id);
+            let now = SystemClock.now_ms();
+            overrides.retain(|o| !o.expired(now));
+            for o in &overrides {
+                println!("override {}", serde_json::to_string(o).unwrap_or_default());
+            }
+            // Not the URL: it may hold a password.
+            println!("{} runtime overrides in redis", overrides.len());
+        }
+        Err(error) => {
+            println!("runtime overrides are not shown: cannot read them from redis: {error}");
         }
     }
 }
@@ -326,7 +380,14 @@ fn serve_with(args: ServeArgs, mode: &Mode, runtime: &tokio::runtime::Runtime) -
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match runtime.block_on(run(args, mode, (rules, snapshot), store, tls)) {
+    let admin = match admin_settings(&args, &store) {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "invalid admin API settings");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime.block_on(run(args, mode, (rules, snapshot), store, tls, admin)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "ratekeeper failed");
@@ -365,6 +426,27 @@ fn tls_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Option<TlsSetti
             )
         })?;
     Ok(Some(settings))
+}
+
+/// Where overrides are kept (the counters' Redis, or this instance's
+/// memory) and who may use the admin API.
+fn admin_settings(
+    args: &ServeArgs,
+    store: &Arc<dyn CounterStore>,
+) -> anyhow::Result<(Overrides, AdminAuth)> {
+    let auth = match &args.admin_token_file {
+        Some(path) => AdminAuth::from_token_file(&read(path, "--admin-token-file")?)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("--admin-token-file {}", path.display()))?,
+        None => AdminAuth::LoopbackOnly,
+    };
+    // Every Redis store (single, Sentinel, Cluster) keeps them in Redis.
+    let backend: Arc<dyn OverrideBackend> = match store.commands() {
+        Some(redis) => Arc::new(RedisOverrides::new(redis)),
+        None => Arc::new(MemoryOverrides::default()),
+    };
+    let overrides = Overrides::new(backend, Arc::new(SystemClock)).with_max(args.max_overrides);
+    Ok((overrides, auth))
 }
 
 /// The clock decisions read: the system's, or the frozen one of
@@ -515,6 +597,7 @@ async fn run(
     (rules, snapshot): (Rules, Option<ConfigSnapshot>),
     store: Arc<dyn CounterStore>,
     tls: Option<TlsSettings>,
+    (overrides, admin_auth): (Overrides, AdminAuth),
 ) -> anyhow::Result<()> {
     // Before any port is bound: a SIGTERM from here on is a clean shutdown.
     let shutdown = ratekeeper::shutdown::signal();
@@ -630,7 +713,9 @@ async fn run(
         .with_near_limit_ratio(args.near_limit_ratio)
         .with_max_in_flight(args.max_in_flight)
         .with_failure_policy(args.failure_policy)
-        .with_shutdown_timeout(args.shutdown_timeout);
+        .with_shutdown_timeout(args.shutdown_timeout)
+        .with_overrides(overrides, args.overrides_poll_interval)
+        .with_admin_auth(admin_auth);
     server
         .serve(
             Listeners {

@@ -34,8 +34,13 @@
 //! | `ratelimit_config_reloads_total` | counter | result | config changes applied (`success`) or refused (`failure`) |
 //! | `ratelimit_degraded_total` | counter | policy | requests answered by the failure policy because the store failed |
 //! | `ratelimit_over_limit_cache_hits_total` | counter | domain | descriptors denied from the over-limit cache, without a store call |
+//! | `ratelimit_overrides` | gauge | | runtime overrides in force on this instance |
+//! | `ratelimit_overrides_refresh_errors_total` | counter | | failed reads of the overrides store (the last overrides loaded stay in force) |
+//! | `ratelimit_admin_writes_total` | counter | operation | admin API writes: `put_override`, `delete_override`, `reset` |
 //! | `ratelimit_reservations_total` | counter | event | reservations `reserved` (opened by an admitted `ShouldAllow` with a TTL), `settled` (by `Settle`; retries not counted) and `expired` (found unsettled past their TTL: charged at their estimate) |
 //! | `ratelimit_detailed_metric_folded_total` | counter | domain | descriptors whose stats key carries runtime values, counted under the rule's path because the per-value series cap was reached |
+//!
+//! The concurrency leases' metrics are in [`crate::lease::metrics`].
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -83,6 +88,13 @@ pub const OVER_LIMIT_CACHE_HITS_TOTAL: &str = "ratelimit_over_limit_cache_hits_t
 pub const DETAILED_METRIC_FOLDED_TOTAL: &str = "ratelimit_detailed_metric_folded_total";
 /// Reservations reserved, settled and expired.
 pub const RESERVATIONS_TOTAL: &str = "ratelimit_reservations_total";
+
+/// Runtime overrides in force.
+pub const OVERRIDES: &str = "ratelimit_overrides";
+/// Failed reads of the overrides store.
+pub const OVERRIDES_REFRESH_ERRORS_TOTAL: &str = "ratelimit_overrides_refresh_errors_total";
+/// Admin API writes.
+pub const ADMIN_WRITES_TOTAL: &str = "ratelimit_admin_writes_total";
 
 /// Default cap on distinct per-value (`detailed_metric`) rule labels.
 pub const DEFAULT_MAX_DETAILED_SERIES: usize = 1_000;
@@ -285,6 +297,18 @@ impl Metrics {
             None,
             "Descriptors counted under their rule's path instead of a per-value key: the per-value series cap was reached.",
         );
+        crate::lease::metrics::describe(&recorder);
+        recorder.describe_gauge(
+            OVERRIDES.into(),
+            None,
+            SharedString::const_str("Runtime overrides in force on this instance."),
+        );
+        describe(
+            OVERRIDES_REFRESH_ERRORS_TOTAL,
+            None,
+            "Failed reads of the overrides store; the last overrides loaded stay in force.",
+        );
+        describe(ADMIN_WRITES_TOTAL, None, "Admin API writes, by operation.");
         describe(
             RESERVATIONS_TOTAL,
             None,
@@ -413,6 +437,26 @@ impl Metrics {
             .increment(1);
     }
 
+    /// Sets the number of overrides in force.
+    pub fn overrides(&self, count: usize) {
+        self.inner
+            .recorder
+            .register_gauge(&Key::from_name(OVERRIDES), &METADATA)
+            .set(count as f64);
+    }
+
+    /// Counts a failed read of the overrides store.
+    pub fn overrides_refresh_error(&self) {
+        self.counter(OVERRIDES_REFRESH_ERRORS_TOTAL, Vec::new())
+            .increment(1);
+    }
+
+    /// Counts one admin API write.
+    pub fn admin_write(&self, operation: &'static str) {
+        self.counter(ADMIN_WRITES_TOTAL, vec![Label::new("operation", operation)])
+            .increment(1);
+    }
+
     /// Counts one config reload.
     pub fn config_reload(&self, result: ReloadResult) {
         let result = match result {
@@ -444,6 +488,11 @@ impl Metrics {
         )
         .increment(1);
         sanitise(&rule.path)
+    }
+
+    /// The recorder, for metrics registered outside this module (leases).
+    pub(crate) fn recorder(&self) -> &PrometheusRecorder {
+        &self.inner.recorder
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {

@@ -5,20 +5,26 @@
 //! in one order (readiness false, drain, stop accepting, let calls finish).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::admin_api::grpc::AdminService;
+use crate::admin_api::{AdminApi, AdminAuth};
 use crate::api::{
     DraftHeaders, DynamicMetadata, EnvoyCounting, EnvoyService, HeaderSettings, QuotaMode,
     RequestLimits, ResponseHeaders, ShadowMode, ShouldAllowService,
 };
 use crate::config::upstream_env::ConfigHealth;
+use crate::lease::service::LeaseService;
 use crate::limiter::{FailurePolicy, Limiter};
 use crate::metrics::{Metrics, MetricsSettings};
+use crate::overrides::Overrides;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use crate::proto::ratekeeper::v1::leases_server::LeasesServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
 use crate::proto::ratekeeper::v1::reservation_service_server::ReservationServiceServer;
 use crate::readiness::Readiness;
@@ -27,7 +33,7 @@ use crate::reservation::service::SettleService;
 use crate::rules::Rules;
 use crate::store::{CounterStore, OverLimitCache};
 use crate::upstream::{self, UpstreamListeners};
-use crate::{Error, admin, proto, reload};
+use crate::{Error, admin, admin_api, overrides, proto, reload};
 
 /// The listeners a server runs on, bound by the caller (tests bind port 0).
 #[derive(Debug)]
@@ -105,6 +111,10 @@ pub struct Server {
     config_health: ConfigHealth,
     /// gRPC connections older than this are sent a GOAWAY.
     max_connection_age: Option<Duration>,
+    /// Who may use the admin API.
+    admin_auth: AdminAuth,
+    /// How often the overrides store's version is read.
+    overrides_poll: Duration,
 }
 
 // === impl Server ===
@@ -129,7 +139,23 @@ impl Server {
             shutdown_timeout: Duration::from_secs(10),
             config_health: ConfigHealth::StoreOnly,
             max_connection_age: None,
+            admin_auth: AdminAuth::LoopbackOnly,
+            overrides_poll: overrides::refresh::DEFAULT_POLL_INTERVAL,
         }
+    }
+
+    /// Sets who may use the admin API (default: loopback callers only).
+    pub fn with_admin_auth(mut self, auth: AdminAuth) -> Self {
+        self.admin_auth = auth;
+        self
+    }
+
+    /// Consults `overrides` before the rules, polling their store every
+    /// `poll` for changes.
+    pub fn with_overrides(mut self, overrides: Overrides, poll: Duration) -> Self {
+        self.limiter = self.limiter.with_overrides(overrides);
+        self.overrides_poll = poll;
+        self
     }
 
     /// Makes health (readiness, gRPC health, `/healthcheck`) also need
@@ -297,6 +323,16 @@ impl Server {
             ConfigHealth::NeedsDomain => Readiness::with_config_gate(self.limiter.clone()),
         };
         readiness.probe(&self.limiter, &health).await;
+        // Overrides in force from the first request; a store that is down
+        // leaves them to the poll.
+        if let Err(error) = self.limiter.refresh_overrides().await {
+            tracing::warn!(%error, "cannot load overrides yet; polling");
+        }
+        tracing::info!(
+            overrides = self.limiter.overrides().backend().kind(),
+            auth = self.admin_auth.describe(),
+            "admin API"
+        );
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -353,6 +389,18 @@ impl Server {
                     .max_decoding_message_size(self.limits.max_request_bytes),
             )
             .add_service(
+                LeasesServer::new(LeaseService::new(self.limiter.clone(), self.limits))
+                    .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .add_service(
+                AdminService::new(
+                    AdminApi::new(self.limiter.clone(), self.limits),
+                    self.admin_auth.clone(),
+                )
+                .into_server()
+                .max_decoding_message_size(self.limits.max_request_bytes),
+            )
+            .add_service(
                 ReservationServiceServer::new(SettleService::new(
                     self.limiter.clone(),
                     self.limits,
@@ -373,6 +421,11 @@ impl Server {
             self.readiness_interval,
             stopped(stop_rx.clone()),
         );
+        let polling_overrides = overrides::refresh::watch(
+            self.limiter.clone(),
+            self.overrides_poll,
+            stopped(stop_rx.clone()),
+        );
         let reloading = async {
             if let Some(settings) = self.reload.clone() {
                 reload::watch(
@@ -387,7 +440,10 @@ impl Server {
         // Every HTTP listener: admin, metrics, and upstream's in that mode.
         let mut http_listeners: Vec<(TcpListener, axum::Router, &'static str)> = Vec::new();
         if let Some(listener) = listeners.admin {
-            http_listeners.push((listener, admin::router(admin_state.clone()), "admin"));
+            let admin_api = AdminApi::new(self.limiter.clone(), self.limits);
+            let router = admin::router(admin_state.clone())
+                .merge(admin_api::http::router(admin_api, self.admin_auth.clone()));
+            http_listeners.push((listener, router, "admin"));
         }
         if let Some(listener) = listeners.metrics {
             http_listeners.push((
@@ -414,7 +470,10 @@ impl Server {
             |(listener, router, name)| {
                 let stop = stopped(stop_rx.clone());
                 async move {
-                    axum::serve(listener, router)
+                    // With the peer's address: the admin API serves only
+                    // loopback callers when no token is configured.
+                    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                    axum::serve(listener, service)
                         .with_graceful_shutdown(stop)
                         .await
                         .map_err(|e| Error::Internal(format!("{name} server: {e}")))
@@ -422,7 +481,8 @@ impl Server {
             },
         ));
         let servers = async {
-            let (grpc, admin, (), ()) = tokio::join!(grpc, admin, reloading, monitoring);
+            let (grpc, admin, (), (), ()) =
+                tokio::join!(grpc, admin, reloading, monitoring, polling_overrides);
             grpc.map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
             admin.map(drop)
         };

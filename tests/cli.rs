@@ -893,3 +893,22 @@ fn envoy_answer_options_refuse_bad_values() {
         "--limit-header has no effect without --response-headers",
     );
 }
+
+/// The overrides' bounds: at least one override, a poll that moves.
+#[test]
+fn serve_refuses_bad_overrides_bounds() {
+    let config = ["--config", EXAMPLE];
+    assert_refused(
+        &[&config[..], &["--max-overrides", "0"]].concat(),
+        "invalid value '0' for '--max-overrides <MAX_OVERRIDES>': must be at least 1",
+    );
+    assert_refused_with_env(
+        &config,
+        &[("RATEKEEPER_MAX_OVERRIDES", "many")],
+        "invalid value 'many' for '--max-overrides <MAX_OVERRIDES>'",
+    );
+    assert_refused(
+        &[&config[..], &["--overrides-poll-interval", "0s"]].concat(),
+        "invalid value '0s' for '--overrides-poll-interval <OVERRIDES_POLL_INTERVAL>'",
+    );
+}

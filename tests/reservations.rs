@@ -601,6 +601,57 @@ async fn upstreams_key_layout_refuses_reservations_clearly() {
     assert_eq!(left.results[0].remaining, 10);
 }
 
+/// `ReservationService` is reported by gRPC health with the other services
+/// and listed by reflection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_know_the_service() {
+    use futures::StreamExt;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let f = fixture(Backend::Memory).await;
+    let channel = f.harness.server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: "ratekeeper.v1.ReservationService".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        if matches!(status, Ok(ServingStatus::Serving)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "ratekeeper.v1.ReservationService"),
+        "{list:?}"
+    );
+}
+
 both_stores!(
     concurrent_reserve_and_settle_charge_exactly_the_settled_costs,
     a_retried_settle_answers_the_same_and_changes_nothing,

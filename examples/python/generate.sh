@@ -16,6 +16,7 @@ out="$here/gen"
 # grpc_tools, which adds them to the include path itself.
 protos=(
   ratekeeper/v1/ratekeeper.proto
+  ratekeeper/v1/leases.proto
   envoy/service/ratelimit/v3/rls.proto
   envoy/extensions/common/ratelimit/v3/ratelimit.proto
   envoy/type/v3/ratelimit_unit.proto

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod fixed_window;
+pub mod refund;
 pub mod sliding_window;
 pub mod token_bucket;
 

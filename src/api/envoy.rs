@@ -20,6 +20,8 @@ use super::validate::check_cost;
 use super::{Answered, RequestLimits, ShadowMode, ceil_seconds, finish, trace_context};
 use crate::algorithm::Mode;
 use crate::error::Error;
+use crate::lease::LeaseEngine;
+use crate::lease::envoy as lease_envoy;
 use crate::limiter::{
     CheckRequest, DescriptorDecision, DescriptorInput, Enforcement, Limiter, QuotaMode,
 };
@@ -47,6 +49,8 @@ pub struct EnvoyService {
     headers: HeaderSettings,
     quota: QuotaMode,
     metadata: DynamicMetadata,
+    /// Concurrency rules' slots and negative hits.
+    leases: LeaseEngine,
 }
 
 /// Which hits of an Envoy request are counted.
@@ -74,6 +78,7 @@ impl EnvoyService {
         shadow: ShadowMode,
     ) -> Self {
         Self {
+            leases: LeaseEngine::new(limiter.clone()),
             limiter,
             limits,
             counting,
@@ -108,10 +113,12 @@ impl EnvoyService {
         self.limits
             .check_descriptor_count(request.descriptors.len())?;
         let request_hits = u64::from(request.hits_addend.max(1));
+        // Negative hits are never counted as hits; lease::envoy answers them.
         let descriptors = request
             .descriptors
             .iter()
             .enumerate()
+            .filter(|(d, _)| !lease_envoy::is_negative(request, *d))
             .map(|(d, descriptor)| {
                 // Upstream accepts a descriptor without entries (it matches
                 // nothing unless it carries a limit override).
@@ -178,7 +185,12 @@ impl EnvoyService {
         request: &RateLimitRequest,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let result = match self.translate(request) {
-            Ok(check) => self.limiter.check(&check).await,
+            Ok(check) => match self.limiter.check(&check).await {
+                Ok(decision) => {
+                    lease_envoy::complete(&self.leases, &self.limits, request, decision).await
+                }
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error),
         };
         let quota = self.quota;
@@ -263,6 +275,15 @@ fn to_status(decision: &DescriptorDecision) -> DescriptorStatus {
             limit_remaining: UNLIMITED_REMAINING,
             ..Default::default()
         },
+        // A concurrency rule has no window: no current_limit (its unit would
+        // be made up), and the slots left as the remaining count.
+        DescriptorDecision::Limited { rule, outcome, .. } if rule.concurrency().is_some() => {
+            DescriptorStatus {
+                code: code.into(),
+                limit_remaining: u32::try_from(outcome.remaining).unwrap_or(u32::MAX),
+                ..Default::default()
+            }
+        }
         DescriptorDecision::Limited {
             rule,
             limit,

@@ -177,7 +177,9 @@ fn to_result(decision: &DescriptorDecision) -> pb::DescriptorResult {
         DescriptorDecision::Unlimited { rule } => pb::DescriptorResult {
             decision: pb::Decision::Allowed.into(),
             rule_name: rule.name.clone().unwrap_or_default(),
-            unlimited: true,
+            // A concurrency rule is held through the Leases API, not
+            // counted here: allowed, but not unlimited.
+            unlimited: rule.concurrency().is_none(),
             shadow_mode: rule.shadow_mode,
             ..Default::default()
         },

@@ -60,7 +60,16 @@ pub enum Command {
         /// MERGE_DOMAIN_CONFIG); without it such a domain is refused.
         #[arg(long, env = "RATEKEEPER_MERGE_DOMAIN_CONFIG", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
         merge_domain_config: bool,
+
+        /// Also list the runtime overrides stored in this Redis (a single
+        /// node; no environment variable, so it is never reached by
+        /// surprise). Without it they are not shown.
+        #[arg(long)]
+        redis_url: Option<String>,
     },
+    /// Call a running ratekeeper's admin API (overrides, inspect, reset)
+    /// over its admin HTTP port.
+    Admin(crate::admin_api::client::AdminArgs),
     /// Serve in place of envoyproxy/ratelimit: its environment variables
     /// (RUNTIME_ROOT, REDIS_URL, USE_STATSD, …), its ports and HTTP
     /// endpoints; no flags. The same as running the binary as `ratelimit`.
@@ -383,6 +392,25 @@ pub struct ServeArgs {
     /// ratelimit_rule_near_limit_total (envoyproxy/ratelimit's NEAR_LIMIT_RATIO).
     #[arg(long, env = "RATEKEEPER_NEAR_LIMIT_RATIO", default_value = "0.8", value_parser = parse_ratio)]
     pub near_limit_ratio: f32,
+
+    /// File holding the admin API's bearer token (overrides, inspect,
+    /// reset; gRPC and the admin port). Without it the admin API serves
+    /// loopback callers only.
+    #[arg(long, env = "RATEKEEPER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// How often each instance reads the overrides' version in the store
+    /// (one GET), reloading them when it moved: the bound on how long an
+    /// override or a reset takes to reach every instance.
+    #[arg(long, env = "RATEKEEPER_OVERRIDES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub overrides_poll_interval: Duration,
+
+    /// Most overrides stored (each is a lookup entry and a metrics series
+    /// on every instance); a new one past it is refused until one is
+    /// deleted or expires.
+    #[arg(long, env = "RATEKEEPER_MAX_OVERRIDES", default_value_t = crate::overrides::DEFAULT_MAX_OVERRIDES,
+          value_parser = parse_positive)]
+    pub max_overrides: usize,
 
     /// Tests only: every decision reads this fixed time (Unix ms) instead of
     /// the clock — the memory store, the local fallback, the over-limit

@@ -43,6 +43,7 @@ where
         Command::CheckConfig {
             path,
             merge_domain_config: true,
+            ..
         },
         Some(("check-config", check)),
     ) = (&cli.command, matches.subcommand())

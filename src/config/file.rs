@@ -50,6 +50,13 @@ pub struct DescriptorDoc {
     /// Free-form map returned in Envoy's dynamic metadata while the
     /// descriptor is within its limit (`--response-dynamic-metadata`).
     pub metadata: Option<serde_yaml_ng::Value>,
+    /// ratekeeper extension: a concurrency rule holding at most this many
+    /// permits at once (instead of `rate_limit`; see `config::concurrency`).
+    pub concurrency: Option<u32>,
+    /// A concurrency rule's default lease TTL (`30s`).
+    pub lease_ttl: Option<Text>,
+    /// A concurrency rule's longest lease TTL (default: `lease_ttl`).
+    pub max_lease_ttl: Option<Text>,
 }
 
 /// The `rate_limit` block of a descriptor.

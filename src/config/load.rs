@@ -368,30 +368,49 @@ impl Compiler<'_> {
                 .transpose()?
                 .flatten()
                 .map(Arc::new);
-            let rule = match (&doc.rate_limit, &doc.rate_limits) {
-                (Some(_), Some(_)) => {
-                    return Err(self.error(
+            let concurrency = super::concurrency::limit(doc, &here)
+                .map_err(|(field, reason)| self.error(&field, reason))?;
+            let rule = match concurrency {
+                Some(limit) => Some(Rule {
+                    name: None,
+                    limit: RuleLimit::Concurrency(limit),
+                    extra_limits: Vec::new(),
+                    replaces: Vec::new(),
+                    shadow_mode: false,
+                    detailed_metric: doc.detailed_metric.unwrap_or(false),
+                    quota_mode: false,
+                    metadata,
+                    stats: StatsPath::Levels(here_and_above.stats.clone()),
+                    path: path.clone(),
+                    source: self.source.clone(),
+                    shared_values: here_and_above.shared.clone(),
+                    failure_policy: None,
+                }),
+                None => match (&doc.rate_limit, &doc.rate_limits) {
+                    (Some(_), Some(_)) => {
+                        return Err(self.error(
+                            &format!("{here}.rate_limits"),
+                            "a descriptor has either rate_limit or rate_limits, not both",
+                        ));
+                    }
+                    (Some(rl), None) => Some(self.rule(
+                        rl,
+                        doc,
+                        &format!("{here}.rate_limit"),
+                        &path,
+                        &here_and_above,
+                        metadata,
+                    )?),
+                    (None, Some(list)) => Some(self.multi_limit_rule(
+                        list,
+                        doc,
                         &format!("{here}.rate_limits"),
-                        "a descriptor has either rate_limit or rate_limits, not both",
-                    ));
-                }
-                (Some(rl), None) => Some(self.rule(
-                    rl,
-                    doc,
-                    &format!("{here}.rate_limit"),
-                    &path,
-                    &here_and_above,
-                    metadata,
-                )?),
-                (None, Some(list)) => Some(self.multi_limit_rule(
-                    list,
-                    doc,
-                    &format!("{here}.rate_limits"),
-                    &path,
-                    &here_and_above,
-                    metadata,
-                )?),
-                (None, None) => None,
+                        &path,
+                        &here_and_above,
+                        metadata,
+                    )?),
+                    (None, None) => None,
+                },
             }
             .map(Arc::new);
             let children = self.level(

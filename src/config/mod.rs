@@ -9,6 +9,7 @@
 
 pub mod args;
 pub mod cli;
+pub mod concurrency;
 pub mod file;
 pub mod go_syntax;
 pub mod load;

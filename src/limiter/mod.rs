@@ -30,6 +30,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 pub use crate::failure_policy::FailurePolicy;
 use crate::metrics::{AnswerSource, Metrics};
+use crate::overrides::Overrides;
 use crate::reservation::Grant;
 use crate::rules::matcher::EntryRef;
 use crate::rules::{KeyLayout, Limit, Rule, Rules, multi};
@@ -53,6 +54,17 @@ pub struct Limiter {
     over_limit: Option<Arc<OverLimitCache>>,
     /// Requests in flight, and the cap past which more are shed.
     admission: Admission,
+    /// Runtime overrides, consulted before the rules (see [`crate::overrides`]).
+    overrides: Overrides,
+}
+
+/// The rules that apply to one descriptor (see [`Limiter::resolve`]).
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// A stored override, else the rules file's rule.
+    pub applied: Option<Arc<Rule>>,
+    /// The rules file's rule.
+    pub configured: Option<Arc<Rule>>,
 }
 
 /// A validated request, borrowing its strings from the wire message.
@@ -158,7 +170,70 @@ impl Limiter {
             degraded: Degraded::new(FailurePolicy::default(), Arc::new(SystemClock)),
             over_limit: None,
             admission: Admission::new(DEFAULT_MAX_IN_FLIGHT),
+            overrides: Overrides::default(),
         }
+    }
+
+    /// Consults `overrides` before the rules.
+    pub fn with_overrides(mut self, overrides: Overrides) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// The runtime overrides.
+    pub fn overrides(&self) -> &Overrides {
+        &self.overrides
+    }
+
+    /// Refreshes the overrides from their store (see
+    /// [`Overrides::refresh`]); when they changed or a counter was reset
+    /// anywhere, the over-limit cache is emptied, since a cached denial may
+    /// no longer hold.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the overrides store cannot be read.
+    pub async fn refresh_overrides(&self) -> Result<bool, StoreError> {
+        let changed = self.overrides.refresh().await.inspect_err(|_| {
+            self.metrics.overrides_refresh_error();
+        })?;
+        if changed {
+            self.clear_over_limit_cache();
+            self.metrics
+                .overrides(self.overrides.current().list().len());
+        }
+        Ok(changed)
+    }
+
+    /// Forgets every known denial (a limit changed or a counter was reset).
+    pub fn clear_over_limit_cache(&self) {
+        if let Some(cache) = &self.over_limit {
+            cache.clear();
+        }
+    }
+
+    /// The rule that applies to one descriptor without a request-supplied
+    /// limit: a stored override, else the rules file's; and the rules
+    /// file's own. `None` for an unknown domain.
+    pub fn resolve(&self, domain: &str, entries: &[EntryRef<'_>]) -> Option<Resolved> {
+        let rules = self.rules.load();
+        let tree = rules.domain(domain)?;
+        let configured = tree.find(entries).cloned();
+        let applied = self
+            .overrides
+            .current()
+            .find(domain, entries)
+            .cloned()
+            .or_else(|| configured.clone());
+        Some(Resolved {
+            applied,
+            configured,
+        })
+    }
+
+    /// The layout the store's keys are built in.
+    pub fn key_layout(&self) -> &KeyLayout {
+        &self.key_layout
     }
 
     /// Decides at most `max` requests at once; more are refused with
@@ -207,9 +282,22 @@ impl Limiter {
     pub fn replace_rules(&self, rules: Rules) {
         self.rules.store(Arc::new(rules));
         // A changed limit could admit sooner than a cached denial says.
+        self.clear_over_limit_cache();
+    }
+
+    /// Forgets any cached denial of `keys` (their hits were refunded, so a
+    /// denial known here may no longer hold).
+    pub fn forget_denials<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
         if let Some(cache) = &self.over_limit {
-            cache.clear();
+            for key in keys {
+                cache.forget(key);
+            }
         }
+    }
+
+    /// The service's failure policy (`--failure-policy`).
+    pub fn failure_policy(&self) -> FailurePolicy {
+        self.degraded.policy()
     }
 
     /// The counter store.
@@ -260,14 +348,20 @@ impl Limiter {
             return Ok((decision, None));
         };
 
+        // Precedence: the request's own limit, a stored override, the rules.
+        let overrides = self.overrides.current();
         let mut matched: Vec<Option<Arc<Rule>>> = request
             .descriptors
             .iter()
             .map(|d| match d.limit_override {
                 Some(limit) => Some(Arc::new(Rule::from_override(request.domain, limit))),
-                None => tree.find(&d.entries).cloned(),
+                None => overrides
+                    .find(request.domain, &d.entries)
+                    .or_else(|| tree.find(&d.entries))
+                    .cloned(),
             })
             .collect();
+        drop(overrides);
         drop_replaced(&mut matched);
 
         // One key per limit of each counted descriptor (a descriptor with
@@ -478,6 +572,8 @@ impl DescriptorDecision {
         match self {
             DescriptorDecision::Unlimited { .. } => false,
             DescriptorDecision::NoRule => quota == QuotaMode::Global,
+            // A concurrency cap is never a quota: it always denies.
+            DescriptorDecision::Limited { rule, .. } if rule.concurrency().is_some() => false,
             DescriptorDecision::Limited { rule, .. } => {
                 quota == QuotaMode::Global || rule.quota_mode
             }

@@ -8,6 +8,7 @@
 //! counter, or [`envoy_key`] into envoyproxy/ratelimit's, as the store's
 //! [`KeyLayout`] says. Nothing here is async or reads a clock.
 
+pub mod concurrency;
 pub mod envoy_key;
 pub mod key;
 pub mod layout;
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+pub use concurrency::ConcurrencyLimit;
 pub use layout::KeyLayout;
 pub use matcher::{DescriptorTree, Node};
 pub use stats_key::{LevelMatch, StatsKey, StatsLevel, StatsPath, stats_key};
@@ -77,6 +79,9 @@ pub enum RuleLimit {
     Limited(Limit),
     /// Always allow, never count.
     Unlimited,
+    /// Cap the permits held at once (leases; see [`crate::lease`]). Not
+    /// counted by `ShouldAllow`.
+    Concurrency(ConcurrencyLimit),
 }
 
 /// A descriptor's `metadata`: a JSON-like map, returned in Envoy's dynamic
@@ -245,7 +250,15 @@ impl Rule {
     pub fn limited(&self) -> Option<&Limit> {
         match &self.limit {
             RuleLimit::Limited(limit) => Some(limit),
-            RuleLimit::Unlimited => None,
+            RuleLimit::Unlimited | RuleLimit::Concurrency(_) => None,
+        }
+    }
+
+    /// The concurrency limit, if this is a concurrency rule.
+    pub fn concurrency(&self) -> Option<&ConcurrencyLimit> {
+        match &self.limit {
+            RuleLimit::Concurrency(limit) => Some(limit),
+            RuleLimit::Limited(_) | RuleLimit::Unlimited => None,
         }
     }
 

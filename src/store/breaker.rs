@@ -165,6 +165,24 @@ impl CounterStore for CircuitBreaker {
         self.inner.key_layout()
     }
 
+    fn leases(&self) -> Option<std::sync::Arc<dyn crate::lease::LeaseStore>> {
+        self.inner.leases()
+    }
+
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        self.inner.refund(hits).await
+    }
+
+    // An operator's reset: not request traffic, so it neither waits for nor
+    // moves the breaker.
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        self.inner.delete(keys).await
+    }
+
+    fn commands(&self) -> Option<std::sync::Arc<dyn super::RedisCommands>> {
+        self.inner.commands()
+    }
+
     fn reservations(&self) -> Option<Arc<dyn crate::reservation::ReservationStore>> {
         // Reserving and settling go to the store directly: their failures
         // are errors, never answered by the breaker's policy.

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{CounterStore, StoreError};
+use crate::algorithm::refund::refund;
 use crate::algorithm::{BatchHit, Mode, Outcome, StateView, Stored, apply_batch};
 use crate::clock::Clock;
 use crate::reservation::{Ledger, ReservationStore};
@@ -67,6 +68,8 @@ struct Inner {
     router: RandomState,
     max_keys_per_shard: usize,
     clock: Arc<dyn Clock>,
+    /// The concurrency rules' leases, on the same clock.
+    leases: crate::lease::MemoryLeases,
     /// Reservations charged to these counters.
     ledger: Ledger,
 }
@@ -120,6 +123,7 @@ impl MemoryStore {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 router: RandomState::new(),
                 max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
+                leases: crate::lease::MemoryLeases::new(clock.clone()),
                 clock,
                 ledger,
             }),
@@ -219,6 +223,15 @@ impl MemoryStore {
 
 #[async_trait]
 impl CounterStore for MemoryStore {
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for key in keys {
+            let shard = &self.inner.shards[shard_of(&self.inner.router, key)];
+            deleted += u64::from(lock(shard).entries.remove(key.as_slice()).is_some());
+        }
+        Ok(deleted)
+    }
+
     async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
         let mut view = self.lock_for(hits);
         let now_ms = view.now_ms;
@@ -233,6 +246,34 @@ impl CounterStore for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    fn leases(&self) -> Option<Arc<dyn crate::lease::LeaseStore>> {
+        Some(Arc::new(self.inner.leases.clone()))
+    }
+
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        let mut view = self.lock_for(hits);
+        let now_ms = view.now_ms;
+        for hit in hits {
+            let stored = view.load(hit.key);
+            if let Some(after) = refund(hit.algorithm, &hit.quota, stored, hit.hits, now_ms) {
+                view.store(hit.key, Some(after));
+            }
+        }
+        // Nothing was judged: a refunded key reads as under no pressure.
+        let outcomes: Vec<Outcome> = hits
+            .iter()
+            .map(|hit| Outcome {
+                allowed: true,
+                remaining: hit.quota.burst.max(hit.quota.limit),
+                reset_after_ms: 0,
+                retry_after_ms: None,
+                used_before: 0,
+            })
+            .collect();
+        view.commit(hits, &outcomes, self.inner.max_keys_per_shard);
+        Ok(())
     }
 
     fn reservations(&self) -> Option<Arc<dyn ReservationStore>> {

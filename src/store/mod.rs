@@ -18,6 +18,7 @@ pub mod redis;
 pub mod redis_cluster;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -61,12 +62,68 @@ pub trait CounterStore: Send + Sync + fmt::Debug {
         KeyLayout::Ratekeeper
     }
 
+    /// Takes `hits` back from their counters, never below zero (Envoy's
+    /// negative hits on counting rules; see `algorithm::refund`). A store
+    /// that cannot refund (the envoy-ratelimit key layout) ignores them.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend failed or missed its deadline.
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        let _ = hits;
+        Ok(())
+    }
+
+    /// The lease tables kept beside these counters (concurrency rules);
+    /// `None` when this backend keeps none.
+    fn leases(&self) -> Option<std::sync::Arc<dyn crate::lease::LeaseStore>> {
+        None
+    }
+
+    /// Deletes the counters at `keys` (an operator's reset); returns how many
+    /// existed. Keys are named exactly, never searched for.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend failed, or cannot delete keys.
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let _ = keys;
+        Err(StoreError::Protocol(format!(
+            "the {} store cannot reset counters",
+            self.backend()
+        )))
+    }
+
+    /// Plain Redis commands on this store's connections, for the shared
+    /// overrides; `None` for a store that is not Redis.
+    fn commands(&self) -> Option<Arc<dyn RedisCommands>> {
+        None
+    }
+
     /// The reservations kept beside these counters (reserve, then settle);
     /// `None` when this backend keeps none.
     fn reservations(&self) -> Option<std::sync::Arc<dyn crate::reservation::ReservationStore>> {
         None
     }
 }
+
+/// Plain Redis commands routed to the node that owns a key, on the Redis
+/// stores' own connections (so Sentinel failovers and Cluster slots are
+/// followed): for work off the request path, such as the shared overrides.
+#[async_trait]
+pub trait RedisCommands: Send + Sync + fmt::Debug {
+    /// Runs `cmd` on the master that owns `key`'s slot, within
+    /// [`ADMIN_TIMEOUT`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store failed or answered with an error.
+    async fn query(&self, key: &[u8], cmd: ::redis::Cmd) -> Result<::redis::Value, StoreError>;
+}
+
+/// Deadline of a call off the request path (overrides, resets): an operator
+/// or a poll may wait longer than a decision may.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a store call failed.
 #[derive(Debug, Clone, thiserror::Error)]

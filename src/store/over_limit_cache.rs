@@ -112,6 +112,11 @@ impl OverLimitCache {
         );
     }
 
+    /// Forgets the denial of `key`, if one is held (its hits were refunded).
+    pub fn forget(&self, key: &[u8]) {
+        self.lock().entries.remove(key);
+    }
+
     /// Forgets everything (the rules changed).
     pub fn clear(&self) {
         let mut inner = self.lock();

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{CounterStore, StoreError};
+use super::{ADMIN_TIMEOUT, CounterStore, RedisCommands, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::clock::Clock;
 use crate::rules::KeyLayout;
@@ -247,6 +247,35 @@ impl RedisStore {
         }
     }
 
+    /// Runs `script` with `keys` and `args` on one of this store's
+    /// connections, under its deadline (the lease tables' script, which is
+    /// not part of the batched decision code).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] as for a decision.
+    pub(crate) async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> Result<T, StoreError> {
+        super::within(self.timeout, async {
+            let call = self.node.call().await?;
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(arg);
+            }
+            let result = invocation.invoke_async::<T>(&mut call.connection()).await;
+            call.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
+        })
+        .await
+    }
+
     /// Makes the code use `clock` instead of Redis `TIME` (tests only:
     /// instances with different clocks would disagree on windows).
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
@@ -410,6 +439,30 @@ impl CounterStore for RedisStore {
         "redis"
     }
 
+    fn leases(&self) -> Option<Arc<dyn crate::lease::LeaseStore>> {
+        Some(Arc::new(crate::lease::RedisLeases::new(self.clone())))
+    }
+
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        // Upstream's keys hold upstream's counters: not refunded.
+        if hits.is_empty() || self.layout.is_some() {
+            return Ok(());
+        }
+        let (keys, args) = refund_call(hits, &self.batching.time);
+        self.run_script::<i64>(&REFUND, &keys, &args).await?;
+        Ok(())
+    }
+
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let Some(first) = keys.first() else {
+            return Ok(0);
+        };
+        let deleted = self
+            .query(first, redis::cmd("DEL").arg(keys).clone())
+            .await?;
+        redis::from_redis_value(deleted).map_err(|e| StoreError::Protocol(e.to_string()))
+    }
+
     fn reservations(&self) -> Option<Arc<dyn crate::reservation::ReservationStore>> {
         // In upstream's key layout the counters are not ours to adjust.
         match self.layout {
@@ -425,6 +478,59 @@ impl CounterStore for RedisStore {
             .as_ref()
             .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
     }
+
+    fn commands(&self) -> Option<Arc<dyn RedisCommands>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl RedisCommands for RedisStore {
+    async fn query(&self, _key: &[u8], cmd: redis::Cmd) -> Result<redis::Value, StoreError> {
+        super::within(ADMIN_TIMEOUT, async {
+            let call = self.node.call().await?;
+            let result = cmd
+                .query_async::<redis::Value>(&mut call.connection())
+                .await;
+            call.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
+        })
+        .await
+    }
+}
+
+/// The refund script (`redis/refund.lua`; its Rust twin is
+/// `algorithm::refund`).
+pub(crate) const REFUND_SOURCE: &str = include_str!("redis/refund.lua");
+
+static REFUND: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REFUND_SOURCE));
+
+/// The refund script's KEYS and ARGV for `hits`, at `time`'s clock.
+pub(crate) fn refund_call(
+    hits: &[BatchHit<'_>],
+    time: &ScriptTime,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let keys = hits.iter().map(|hit| hit.key.to_vec()).collect();
+    let mut args: Vec<Vec<u8>> = vec![
+        time.now_ms()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+            .into(),
+        time.ttl_extra_ms().to_string().into(),
+    ];
+    for hit in hits {
+        for value in [
+            u64::from(hit.algorithm.script_id()),
+            hit.quota.limit,
+            hit.quota.window_ms,
+            hit.quota.burst,
+            hit.hits,
+        ] {
+            args.push(value.to_string().into());
+        }
+    }
+    (keys, args)
 }
 
 /// What a Redis error says about the store. The script's own runtime

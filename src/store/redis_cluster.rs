@@ -41,7 +41,7 @@ use super::redis::coalesce::share_out;
 use super::redis::encode::{Encoded, assemble};
 use super::redis::node::Node;
 use super::redis::{RedisTls, ScriptTime, decide_on, no_connection, outcomes_of, store_error};
-use super::{CounterStore, StoreError, groups};
+use super::{ADMIN_TIMEOUT, CounterStore, RedisCommands, StoreError, groups};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::reservation::redis::NodeFailure;
 use crate::rules::KeyLayout;
@@ -298,6 +298,63 @@ impl RedisClusterStore {
     }
 }
 
+impl RedisClusterStore {
+    /// Runs the Lua `source` with `keys` (which must share one slot) and
+    /// `args` on that slot's master, following redirections, under the
+    /// store deadline (the lease tables' script). Sent with `EVAL`, so a
+    /// node that never saw it (after `ASK` or a failover) needs no `LOAD`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Protocol`] when the keys span slots; otherwise as for
+    /// a decision.
+    pub(crate) async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        source: &str,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> Result<T, StoreError> {
+        let Some(first) = keys.first() else {
+            return Err(StoreError::Protocol(
+                "a script call without keys".to_owned(),
+            ));
+        };
+        let slot = slot(first);
+        if keys.iter().any(|key| self::slot(key) != slot) {
+            return Err(StoreError::Protocol(
+                "the keys of one script call span cluster slots".to_owned(),
+            ));
+        }
+        super::within(self.timeout, async {
+            let mut to = self.master_of(slot).await?;
+            let mut last = None;
+            for _ in 0..MAX_ATTEMPTS {
+                let call = to.node.call().await?;
+                let mut pipe = redis::pipe();
+                if to.asking {
+                    pipe.cmd("ASKING").ignore();
+                }
+                pipe.cmd("EVAL")
+                    .arg(source)
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg(args);
+                let result = pipe
+                    .query_async::<(T,)>(&mut call.connection())
+                    .await
+                    .map(|(reply,)| reply);
+                call.end(result.as_ref().err().filter(|e| Redirect::of(e).is_none()));
+                match result {
+                    Ok(reply) => return Ok(reply),
+                    Err(error) => to = self.follow(slot, &error, &mut last).await?,
+                }
+            }
+            Err(redirected_too_often(slot, last))
+        })
+        .await
+    }
+}
+
 /// A call that was redirected or told to try again as often as it may.
 fn redirected_too_often(slot: u16, last: Option<StoreError>) -> StoreError {
     last.unwrap_or_else(|| {
@@ -327,6 +384,26 @@ impl CounterStore for RedisClusterStore {
             }
         })
         .await
+    }
+
+    fn leases(&self) -> Option<Arc<dyn crate::lease::LeaseStore>> {
+        Some(Arc::new(crate::lease::RedisLeases::on_cluster(
+            self.clone(),
+        )))
+    }
+
+    async fn refund(&self, hits: &[BatchHit<'_>]) -> Result<(), StoreError> {
+        // Upstream's keys hold upstream's counters: not refunded.
+        if hits.is_empty() || self.layout.is_some() {
+            return Ok(());
+        }
+        let calls = group_by_slot(hits).into_iter().map(|group| async move {
+            let group: Vec<BatchHit<'_>> = group.iter().map(|&i| hits[i]).collect();
+            let (keys, args) = super::redis::refund_call(&group, &self.batching.time);
+            self.run_script::<i64>(super::redis::REFUND_SOURCE, &keys, &args)
+                .await
+        });
+        try_join_all(calls).await.map(drop)
     }
 
     /// Pings every master at once: ready while any answers (the slots of a
@@ -389,6 +466,56 @@ impl CounterStore for RedisClusterStore {
         self.layout
             .as_ref()
             .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
+    }
+
+    /// Each key on its own slot's master, one after another (an
+    /// operator's reset names a key or two).
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for key in keys {
+            let reply = self.query(key, redis::cmd("DEL").arg(key).clone()).await?;
+            deleted += redis::from_redis_value::<u64>(reply)
+                .map_err(|e| StoreError::Protocol(e.to_string()))?;
+        }
+        Ok(deleted)
+    }
+
+    fn commands(&self) -> Option<Arc<dyn RedisCommands>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl RedisCommands for RedisClusterStore {
+    /// Follows redirections as a decision does, within the admin deadline.
+    async fn query(&self, key: &[u8], cmd: redis::Cmd) -> Result<redis::Value, StoreError> {
+        let slot = slot(key);
+        super::within(ADMIN_TIMEOUT, async {
+            let mut to = self.master_of(slot).await?;
+            let mut last = None;
+            for _ in 0..MAX_ATTEMPTS {
+                let call = to.node.call().await?;
+                let result = if to.asking {
+                    redis::pipe()
+                        .cmd("ASKING")
+                        .ignore()
+                        .add_command(cmd.clone())
+                        .query_async::<(redis::Value,)>(&mut call.connection())
+                        .await
+                        .map(|(reply,)| reply)
+                } else {
+                    cmd.query_async::<redis::Value>(&mut call.connection())
+                        .await
+                };
+                call.end(result.as_ref().err().filter(|e| Redirect::of(e).is_none()));
+                match result {
+                    Ok(reply) => return Ok(reply),
+                    Err(error) => to = self.follow(slot, &error, &mut last).await?,
+                }
+            }
+            Err(redirected_too_often(slot, last))
+        })
+        .await
     }
 }
 

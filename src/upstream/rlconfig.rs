@@ -15,7 +15,7 @@ pub fn dump(rules: &Rules) -> String {
         // ratekeeper keeps no count for it.
         let (unit, requests_per_unit) = match rule.limit {
             RuleLimit::Limited(limit) => (unit_name(limit.unit), limit.requests_per_unit),
-            RuleLimit::Unlimited => ("UNKNOWN", 0),
+            RuleLimit::Unlimited | RuleLimit::Concurrency(_) => ("UNKNOWN", 0),
         };
         let line = format!(
             "{}: unit={unit} requests_per_unit={requests_per_unit}, shadow_mode: {}, quota_mode: false\n",

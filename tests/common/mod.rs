@@ -477,6 +477,7 @@ pub fn envoy_descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
             .collect(),
         limit: None,
         hits_addend: None,
+        is_negative_hits: false,
     }
 }
 
