@@ -17,6 +17,7 @@ out="$here/gen"
 protos=(
   ratekeeper/v1/ratekeeper.proto
   ratekeeper/v1/leases.proto
+  ratekeeper/v1/reservations.proto
   envoy/service/ratelimit/v3/rls.proto
   envoy/extensions/common/ratelimit/v3/ratelimit.proto
   envoy/type/v3/ratelimit_unit.proto
