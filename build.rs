@@ -9,6 +9,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "ratekeeper/v1/ratekeeper.proto",
     "envoy/service/ratelimit/v3/rls.proto",
+    "envoy/service/rate_limit_quota/v3/rlqs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -27,6 +27,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.
+//! - [`rlqs`]: Envoy's Rate Limit Quota Service: one global limit divided
+//!   among Envoys by demand.
 //! - [`readiness`]: readiness for `/readyz` and gRPC health.
 //! - [`server`]: the listeners, health, reflection, shutdown order.
 //! - [`upstream`]: envoyproxy/ratelimit's HTTP surface (`/healthcheck`,
@@ -46,6 +48,7 @@ pub mod metrics;
 pub mod proto;
 pub mod readiness;
 pub mod reload;
+pub mod rlqs;
 pub mod rules;
 pub mod server;
 pub mod shutdown;

@@ -359,6 +359,37 @@ fn tls_settings(args: &ServeArgs, mode: &Mode) -> anyhow::Result<Option<TlsSetti
     Ok(Some(settings))
 }
 
+/// RLQS settings from the flags.
+fn rlqs_settings(args: &ServeArgs) -> ratekeeper::rlqs::RlqsSettings {
+    ratekeeper::rlqs::RlqsSettings {
+        report_period: args.rlqs_report_period,
+        max_buckets_per_stream: args.rlqs_max_buckets_per_stream,
+        max_buckets_per_domain: args.rlqs_max_buckets_per_domain,
+        abandon_after_idle_reports: args.rlqs_abandon_after_idle_reports,
+        ..Default::default()
+    }
+}
+
+/// Where RLQS subscribers are shared: the Redis of `--store redis`, so
+/// instances divide one limit; otherwise this instance's memory.
+fn rlqs_registry(args: &ServeArgs) -> anyhow::Result<Option<Arc<dyn ratekeeper::rlqs::Registry>>> {
+    match args.store {
+        StoreKind::Redis => {
+            let registry =
+                ratekeeper::rlqs::RedisRegistry::new(&args.redis_url, args.redis_connect_timeout)
+                    .context("--redis-url (RLQS registry)")?;
+            Ok(Some(Arc::new(registry)))
+        }
+        StoreKind::Memory => Ok(None),
+        _ => {
+            tracing::warn!(
+                "RLQS subscribers are shared through Redis only with --store redis; this instance divides its limits among its own streams"
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// The clock decisions read: the system's, or the frozen one of
 /// `--test-frozen-clock-ms`.
 fn clock(args: &ServeArgs) -> Arc<dyn Clock> {
@@ -615,7 +646,8 @@ async fn run(
         .with_near_limit_ratio(args.near_limit_ratio)
         .with_max_in_flight(args.max_in_flight)
         .with_failure_policy(args.failure_policy)
-        .with_shutdown_timeout(args.shutdown_timeout);
+        .with_shutdown_timeout(args.shutdown_timeout)
+        .with_rlqs(rlqs_settings(&args), rlqs_registry(&args)?);
     server
         .serve(
             Listeners {

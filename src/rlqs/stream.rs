@@ -1,0 +1,462 @@
+//! One RLQS stream: its bound domain, its subscriptions, the demand measured
+//! per bucket from the server's own receive times, and what it last sent.
+//!
+//! A usage report updates demand, then one registry exchange returns every
+//! subscriber of the reported buckets; the allocator divides each limit, and
+//! an assignment goes out only when this stream's share changed or its TTL
+//! needs extending (an identical token bucket keeps Envoy's bucket state).
+//! Buckets idle for `abandon_after` reports, refused by a cap, or with a bad
+//! id get an `AbandonAction`. Whatever happens, the stream never sends an
+//! empty response or an action for a bucket it was not told about.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost_types::Duration as ProtoDuration;
+
+use super::allocator::{self, Strategy};
+use super::bucket::BucketKey;
+use super::hub::{BucketView, Hub, Refusal};
+use super::registry::{Registry, Report, Timing};
+use super::rules::{RlqsRule, RlqsRules};
+use super::RlqsSettings;
+use crate::Error;
+use crate::proto::envoy::r#type::v3::{RateLimitStrategy, TokenBucket, rate_limit_strategy};
+use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::BucketAction;
+use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::{
+    self, AbandonAction, QuotaAssignmentAction,
+};
+use crate::proto::envoy::service::rate_limit_quota::v3::{
+    BucketId, RateLimitQuotaResponse, RateLimitQuotaUsageReports,
+};
+
+/// Shortest interval a rate is measured over; shorter gaps (an Envoy's
+/// immediate first report, a burst of messages) accumulate instead.
+const MIN_MEASURE_MS: u64 = 200;
+
+/// One stream's state.
+#[derive(Debug)]
+pub struct StreamState {
+    member: String,
+    domain: Option<String>,
+    subscriptions: HashMap<BucketKey, Subscription>,
+    settings: RlqsSettings,
+    hub: Hub,
+    registry: Arc<dyn Registry>,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    /// The injective key in the registry.
+    encoded: String,
+    /// Server receive time of the last measured report.
+    measured_ms: u64,
+    /// Requests (allowed, denied) since then, when too soon to measure.
+    pending: (u64, u64),
+    /// Smoothed demand, requests per second.
+    smoothed: Option<f64>,
+    /// The demand the allocation uses (after the hysteresis band).
+    in_use: Option<f64>,
+    /// Requests allowed per second, last measured.
+    allowed_rate: f64,
+    /// Consecutive reports with no requests.
+    idle_reports: u32,
+    /// The last strategy sent and when.
+    sent: Option<(Strategy, u64)>,
+}
+
+// === impl StreamState ===
+
+impl StreamState {
+    /// A new stream known to the registry as `member`.
+    pub fn new(
+        member: String,
+        settings: RlqsSettings,
+        hub: Hub,
+        registry: Arc<dyn Registry>,
+    ) -> Self {
+        hub.stream(true);
+        Self {
+            member,
+            domain: None,
+            subscriptions: HashMap::new(),
+            settings,
+            hub,
+            registry,
+        }
+    }
+
+    /// Handles one usage report received at `now_ms`; returns the response
+    /// to send, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] when the domain is missing or changes: the
+    /// stream must end.
+    pub async fn report(
+        &mut self,
+        message: RateLimitQuotaUsageReports,
+        rules: &RlqsRules,
+        now_ms: u64,
+    ) -> Result<Option<RateLimitQuotaResponse>, Error> {
+        let domain = match &self.domain {
+            None if message.domain.is_empty() => {
+                return Err(Error::invalid(
+                    "domain",
+                    "the first message of a stream must name its domain",
+                ));
+            }
+            None => {
+                self.domain = Some(message.domain.clone());
+                message.domain.clone()
+            }
+            Some(bound) if !message.domain.is_empty() && *bound != message.domain => {
+                return Err(Error::invalid(
+                    "domain",
+                    format!(
+                        "this stream is bound to domain '{bound}'; open a new stream for domain '{}'",
+                        message.domain
+                    ),
+                ));
+            }
+            Some(bound) => bound.clone(),
+        };
+        let mut actions = Vec::new();
+        let mut touched = Vec::new();
+        for usage in message.bucket_quota_usages {
+            let map = usage.bucket_id.map(|id| id.bucket).unwrap_or_default();
+            if map.is_empty() {
+                // Nothing to answer to: Envoy drops actions for empty ids.
+                self.hub.refused(&domain, Refusal::InvalidBucketId);
+                continue;
+            }
+            let key = match BucketKey::new(&map) {
+                Ok(key) => key,
+                Err(error) => {
+                    tracing::warn!(%domain, %error, "rlqs bucket refused");
+                    self.hub.refused(&domain, Refusal::InvalidBucketId);
+                    actions.push(abandon(map));
+                    continue;
+                }
+            };
+            let counts = (usage.num_requests_allowed, usage.num_requests_denied);
+            let hint_ms = usage
+                .time_elapsed
+                .map(|d| {
+                    u64::try_from(d.seconds).unwrap_or(0) * 1_000
+                        + u64::try_from(d.nanos).unwrap_or(0) / 1_000_000
+                })
+                .unwrap_or(0);
+            if let Some(sub) = self.subscriptions.get_mut(&key) {
+                sub.measure(counts, hint_ms, now_ms);
+                if sub.idle_reports >= self.settings.abandon_after_idle_reports {
+                    actions.push(abandon(key.to_map()));
+                    self.drop_subscription(&domain, &key).await;
+                    continue;
+                }
+            } else {
+                if self.subscriptions.len() >= self.settings.max_buckets_per_stream {
+                    tracing::warn!(%domain, bucket = %key, cap = self.settings.max_buckets_per_stream, "rlqs bucket refused: the stream has the most buckets allowed (--rlqs-max-buckets-per-stream)");
+                    self.hub.refused(&domain, Refusal::StreamCap);
+                    actions.push(abandon(key.to_map()));
+                    continue;
+                }
+                if !self
+                    .hub
+                    .subscribe(&domain, &key, self.settings.max_buckets_per_domain)
+                {
+                    tracing::warn!(%domain, bucket = %key, cap = self.settings.max_buckets_per_domain, "rlqs bucket refused: the domain has the most buckets allowed (--rlqs-max-buckets-per-domain)");
+                    self.hub.refused(&domain, Refusal::DomainCap);
+                    actions.push(abandon(key.to_map()));
+                    continue;
+                }
+                self.subscriptions.insert(
+                    key.clone(),
+                    Subscription {
+                        encoded: key.encode(),
+                        measured_ms: now_ms,
+                        pending: (0, 0),
+                        smoothed: None,
+                        in_use: None,
+                        allowed_rate: 0.0,
+                        idle_reports: 0,
+                        sent: None,
+                    },
+                );
+            }
+            if !touched.contains(&key) {
+                touched.push(key);
+            }
+        }
+        actions.extend(self.allocate(&domain, &touched, rules, now_ms, false).await);
+        Ok(response(actions))
+    }
+
+    /// Recomputes every subscription with `rules` (after a reload) and sends
+    /// whatever changed.
+    pub async fn reallocate_all(
+        &mut self,
+        rules: &RlqsRules,
+        now_ms: u64,
+    ) -> Option<RateLimitQuotaResponse> {
+        let domain = self.domain.clone()?;
+        let keys: Vec<BucketKey> = self.subscriptions.keys().cloned().collect();
+        response(self.allocate(&domain, &keys, rules, now_ms, false).await)
+    }
+
+    /// Leaves the registry and the hub; call once the stream has ended.
+    pub async fn close(mut self) {
+        self.hub.stream(false);
+        let Some(domain) = self.domain.take() else {
+            return;
+        };
+        let buckets: Vec<String> = self
+            .subscriptions
+            .values()
+            .map(|s| s.encoded.clone())
+            .collect();
+        for key in self.subscriptions.keys() {
+            self.hub.unsubscribe(&domain, key);
+        }
+        if let Err(error) = self.registry.leave(&domain, &self.member, &buckets).await {
+            // The entries age out after the stale time anyway.
+            tracing::warn!(%domain, %error, "rlqs registry: could not remove a closed stream");
+        }
+    }
+
+    async fn drop_subscription(&mut self, domain: &str, key: &BucketKey) {
+        if let Some(sub) = self.subscriptions.remove(key) {
+            self.hub.unsubscribe(domain, key);
+            if let Err(error) = self
+                .registry
+                .leave(domain, &self.member, &[sub.encoded])
+                .await
+            {
+                tracing::warn!(%domain, %error, "rlqs registry: could not remove an abandoned bucket");
+            }
+        }
+    }
+
+    /// Exchanges demand with the registry for `keys` and returns the
+    /// assignments to send.
+    async fn allocate(
+        &mut self,
+        domain: &str,
+        keys: &[BucketKey],
+        rules: &RlqsRules,
+        now_ms: u64,
+        force: bool,
+    ) -> Vec<BucketAction> {
+        let mut actions = Vec::new();
+        let period_ms = self.settings.report_period_ms();
+        // Buckets no rule limits are allowed, and kept out of the registry.
+        let mut limited: Vec<(BucketKey, Arc<RlqsRule>)> = Vec::new();
+        for key in keys {
+            match rules.find(domain, key) {
+                Some(rule) => limited.push((key.clone(), rule)),
+                None => {
+                    let ttl_ms = u64::from(super::rules::DEFAULT_TTL_SECONDS) * 1_000;
+                    if let Some(sub) = self.subscriptions.get_mut(key)
+                        && sub.due(Strategy::AllowAll, ttl_ms, period_ms, now_ms, force)
+                    {
+                        sub.sent = Some((Strategy::AllowAll, now_ms));
+                        actions.push(assign(key, Strategy::AllowAll, ttl_ms / 1_000));
+                    }
+                    self.hub.update(domain, key, BucketView::default());
+                }
+            }
+        }
+        if limited.is_empty() {
+            return actions;
+        }
+        let reports: Vec<Report> = limited
+            .iter()
+            .map(|(key, _)| {
+                let sub = &self.subscriptions[key];
+                Report {
+                    bucket: sub.encoded.clone(),
+                    demand: sub.in_use,
+                    allowed_rate: sub.allowed_rate,
+                }
+            })
+            .collect();
+        let learning_ms = limited
+            .iter()
+            .map(|(_, rule)| rule.ttl_seconds * 1_000)
+            .max()
+            .unwrap_or(0);
+        let timing = Timing {
+            stale_ms: self.settings.stale_ms(),
+            learning_ms,
+        };
+        let exchange = match self
+            .registry
+            .exchange(domain, &self.member, &reports, timing)
+            .await
+        {
+            Ok(exchange) => exchange,
+            Err(error) => {
+                // Fail static: Envoys keep what they hold until its TTL;
+                // extend what was sent, give nothing new.
+                tracing::warn!(%domain, %error, "rlqs registry unavailable; keeping the assignments in force");
+                for (key, rule) in &limited {
+                    let ttl_ms = rule.ttl_seconds * 1_000;
+                    if let Some(sub) = self.subscriptions.get_mut(key)
+                        && let Some((strategy, _)) = sub.sent
+                        && sub.due(strategy, ttl_ms, period_ms, now_ms, false)
+                    {
+                        sub.sent = Some((strategy, now_ms));
+                        actions.push(assign(key, strategy, rule.ttl_seconds));
+                    }
+                }
+                return actions;
+            }
+        };
+        for ((key, rule), members) in limited.iter().zip(exchange.members) {
+            let fill = rule.unit.seconds();
+            let pool = rule.requests_per_unit;
+            let demands: Vec<Option<f64>> = members
+                .iter()
+                .map(|m| m.demand.map(|d| d * fill as f64))
+                .collect();
+            let mut shares = allocator::fair_shares(pool, &demands);
+            if exchange.learning {
+                let cap = allocator::learning_cap(pool, members.len());
+                for share in &mut shares {
+                    *share = (*share).min(cap);
+                }
+            }
+            let mine = members
+                .iter()
+                .position(|m| m.id == self.member)
+                .map_or(0, |i| shares[i]);
+            let strategy = allocator::encode(mine, pool, rule.burst, fill);
+            self.hub.update(
+                domain,
+                key,
+                BucketView {
+                    rule: Some(rule.name.clone()),
+                    limit_per_second: rule.rate_per_second(),
+                    assigned_per_second: shares.iter().sum::<u64>() as f64 / fill as f64,
+                    realised_per_second: members.iter().map(|m| m.allowed_rate).sum(),
+                    subscribers: members.len(),
+                    local_streams: 0,
+                    learning: exchange.learning,
+                },
+            );
+            let ttl_ms = rule.ttl_seconds * 1_000;
+            if let Some(sub) = self.subscriptions.get_mut(key)
+                && sub.due(strategy, ttl_ms, period_ms, now_ms, force)
+            {
+                sub.sent = Some((strategy, now_ms));
+                actions.push(assign(key, strategy, rule.ttl_seconds));
+            }
+        }
+        actions
+    }
+}
+
+// === impl Subscription ===
+
+impl Subscription {
+    /// Takes a report's counts at `now_ms`: a new rate once enough time has
+    /// passed since the last measurement (server receive times; Envoy's
+    /// whole-second `time_elapsed` only when the receive times are too close).
+    fn measure(&mut self, (allowed, denied): (u64, u64), hint_ms: u64, now_ms: u64) {
+        self.pending.0 = self.pending.0.saturating_add(allowed);
+        self.pending.1 = self.pending.1.saturating_add(denied);
+        if allowed == 0 && denied == 0 {
+            self.idle_reports += 1;
+        } else {
+            self.idle_reports = 0;
+        }
+        let mut elapsed = now_ms.saturating_sub(self.measured_ms);
+        if elapsed < MIN_MEASURE_MS {
+            if hint_ms < MIN_MEASURE_MS {
+                return;
+            }
+            elapsed = hint_ms;
+        }
+        let seconds = elapsed as f64 / 1_000.0;
+        let (allowed, denied) = std::mem::take(&mut self.pending);
+        let demand = (allowed.saturating_add(denied)) as f64 / seconds;
+        self.allowed_rate = allowed as f64 / seconds;
+        let smoothed = allocator::smoothed(self.smoothed, demand);
+        self.smoothed = Some(smoothed);
+        self.in_use = Some(allocator::settle(self.in_use, smoothed));
+        self.measured_ms = now_ms;
+    }
+
+    /// Whether `strategy` must be sent: it differs from what was sent, or
+    /// the TTL would run out before the report after next.
+    fn due(
+        &self,
+        strategy: Strategy,
+        ttl_ms: u64,
+        period_ms: u64,
+        now_ms: u64,
+        force: bool,
+    ) -> bool {
+        match self.sent {
+            None => true,
+            Some((sent, at)) => {
+                let refresh_after = ttl_ms.saturating_sub(2 * period_ms).min(ttl_ms / 2);
+                force || sent != strategy || now_ms.saturating_sub(at) >= refresh_after
+            }
+        }
+    }
+}
+
+fn response(actions: Vec<BucketAction>) -> Option<RateLimitQuotaResponse> {
+    (!actions.is_empty()).then_some(RateLimitQuotaResponse {
+        bucket_action: actions,
+    })
+}
+
+fn abandon(bucket: HashMap<String, String>) -> BucketAction {
+    BucketAction {
+        bucket_id: Some(BucketId { bucket }),
+        bucket_action: Some(bucket_action::BucketAction::AbandonAction(AbandonAction {})),
+    }
+}
+
+/// An assignment; the TTL is always set, in whole seconds (Envoy reads an
+/// unset TTL as zero and drops fractions).
+fn assign(key: &BucketKey, strategy: Strategy, ttl_seconds: u64) -> BucketAction {
+    let strategy = match strategy {
+        Strategy::AllowAll => rate_limit_strategy::Strategy::BlanketRule(
+            rate_limit_strategy::BlanketRule::AllowAll as i32,
+        ),
+        Strategy::DenyAll => rate_limit_strategy::Strategy::BlanketRule(
+            rate_limit_strategy::BlanketRule::DenyAll as i32,
+        ),
+        Strategy::TokenBucket {
+            max_tokens,
+            tokens_per_fill,
+            fill_seconds,
+        } => rate_limit_strategy::Strategy::TokenBucket(TokenBucket {
+            max_tokens,
+            tokens_per_fill: Some(tokens_per_fill),
+            fill_interval: Some(ProtoDuration {
+                seconds: i64::try_from(fill_seconds).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+        }),
+    };
+    BucketAction {
+        bucket_id: Some(BucketId {
+            bucket: key.to_map(),
+        }),
+        bucket_action: Some(bucket_action::BucketAction::QuotaAssignmentAction(
+            QuotaAssignmentAction {
+                assignment_time_to_live: Some(ProtoDuration {
+                    seconds: i64::try_from(ttl_seconds.max(1)).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
+                rate_limit_strategy: Some(RateLimitStrategy {
+                    strategy: Some(strategy),
+                }),
+            },
+        )),
+    }
+}
