@@ -107,6 +107,19 @@ fn integerize(pool: u64, exact: &[f64]) -> Vec<u64> {
     shares
 }
 
+/// What a subscriber may be granted: its `target`, but only as far as the
+/// pool has room beside what the others hold now (`others_held`, tokens per
+/// fill). Shares shrink at once and grow into room others have given up, so
+/// the shares held never sum above the pool, whatever order the
+/// subscribers learn of a change in.
+pub fn grant(target: u64, pool: u64, others_held: f64) -> u64 {
+    let room = (pool as f64 - others_held.max(0.0) + 1e-6).floor();
+    if room <= 0.0 {
+        return 0;
+    }
+    target.min(room as u64)
+}
+
 /// The largest share anyone may have while learning: an equal part of the
 /// pool among the `seen` subscribers (rounded down).
 pub fn learning_cap(pool: u64, seen: usize) -> u64 {
@@ -195,6 +208,16 @@ mod tests {
     }
 
     #[test]
+    fn grants_only_grow_into_room_the_others_left() {
+        assert_eq!(grant(50, 100, 50.0), 50);
+        assert_eq!(grant(90, 100, 50.0), 50);
+        assert_eq!(grant(90, 100, 10.0), 90);
+        assert_eq!(grant(10, 100, 150.0), 0);
+        // Float noise in what others hold does not cost a token.
+        assert_eq!(grant(10, 100, 90.000_000_1), 10);
+    }
+
+    #[test]
     fn learning_caps_at_an_equal_part() {
         assert_eq!(learning_cap(100, 3), 33);
         assert_eq!(learning_cap(100, 0), 100);
@@ -275,6 +298,23 @@ mod tests {
                     }
                 }
             }
+        }
+
+        #[test]
+        fn grants_never_push_the_held_sum_over_the_pool(pool in 0u64..10_000, held in prop::collection::vec(0u64..5_000, 1..20), who in 0usize..20, target in 0u64..10_000) {
+            // Start from any holding within the pool; one subscriber is granted anew.
+            let mut held = held;
+            let mut total: u64 = held.iter().sum();
+            while total > pool {
+                let max = held.iter_mut().max().unwrap();
+                let cut = (*max).min(total - pool);
+                *max -= cut;
+                total -= cut;
+            }
+            let who = who % held.len();
+            let others: u64 = total - held[who];
+            held[who] = grant(target, pool, others as f64);
+            prop_assert!(held.iter().sum::<u64>() <= pool);
         }
 
         #[test]

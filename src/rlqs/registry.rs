@@ -7,6 +7,9 @@
 //! comes back, in one call (one Redis round trip). Members that have not
 //! reported for `stale_ms` are dropped, so a crashed instance's streams age
 //! out; streams that end leave at once ([`Registry::leave`]). The registry
+//! Each member also records the share it holds, so a share only grows into
+//! room the others do not hold ([`Registry::hold`] records a grown share
+//! before it is sent). The registry
 //! also says whether it is [`learning`](Exchange::learning): it lost its
 //! state (or just started) less than a TTL ago, so Envoys may still hold
 //! assignments it cannot see.
@@ -40,6 +43,10 @@ pub struct Report {
     pub demand: Option<f64>,
     /// Requests allowed per second, as last measured.
     pub allowed_rate: f64,
+    /// The share this member holds now (last sent), per second; `None`
+    /// keeps what the registry has (a client reconnecting under its id
+    /// still holds what it was sent on its previous stream).
+    pub held: Option<f64>,
 }
 
 /// A member of a bucket as the registry holds it.
@@ -51,6 +58,8 @@ pub struct Member {
     pub demand: Option<f64>,
     /// Requests allowed per second, as last measured.
     pub allowed_rate: f64,
+    /// The share it holds, per second.
+    pub held: f64,
 }
 
 /// What an exchange returns.
@@ -78,6 +87,20 @@ pub trait Registry: Send + Sync + fmt::Debug {
         reports: &[Report],
         timing: Timing,
     ) -> Result<Exchange, StoreError>;
+
+    /// Records the share `member` now holds in each `(bucket, per second)`,
+    /// before it is sent: a grown share is visible to every instance first.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the registry cannot be reached.
+    async fn hold(
+        &self,
+        domain: &str,
+        member: &str,
+        held: &[(String, f64)],
+        timing: Timing,
+    ) -> Result<(), StoreError>;
 
     /// Removes `member` from `buckets`.
     ///

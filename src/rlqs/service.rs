@@ -78,6 +78,30 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
+/// The request header that names the client (set it with the `GrpcService`'s
+/// `initial_metadata` in Envoy, unique per Envoy): a stream that reconnects
+/// under it, to any instance, keeps what its client holds.
+pub const CLIENT_ID_HEADER: &str = "x-ratekeeper-rlqs-client";
+/// Longest client id accepted.
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+
+/// The client id, if the stream carries one.
+fn client_id(metadata: &tonic::metadata::MetadataMap) -> Result<Option<String>, Status> {
+    let Some(value) = metadata.get(CLIENT_ID_HEADER) else {
+        return Ok(None);
+    };
+    let id = value
+        .to_str()
+        .ok()
+        .filter(|id| !id.is_empty() && id.len() <= MAX_CLIENT_ID_BYTES)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{CLIENT_ID_HEADER}: must be 1 to {MAX_CLIENT_ID_BYTES} visible ASCII characters"
+            ))
+        })?;
+    Ok(Some(id.to_owned()))
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<RateLimitQuotaResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -88,15 +112,21 @@ impl RateLimitQuotaService for RlqsService {
         &self,
         request: Request<Streaming<RateLimitQuotaUsageReports>>,
     ) -> Result<Response<Self::StreamRateLimitQuotasStream>, Status> {
+        let client = client_id(request.metadata())?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let member = format!(
-            "{}-{}",
-            self.instance,
-            self.next_stream.fetch_add(1, Ordering::Relaxed)
-        );
+        let persistent = client.is_some();
+        let member = match client {
+            Some(id) => format!("c:{id}"),
+            None => format!(
+                "s:{}-{}",
+                self.instance,
+                self.next_stream.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
         let mut state = StreamState::new(
             member,
+            persistent,
             self.settings,
             self.hub.clone(),
             self.registry.clone(),

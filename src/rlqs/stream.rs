@@ -38,6 +38,9 @@ const MIN_MEASURE_MS: u64 = 200;
 #[derive(Debug)]
 pub struct StreamState {
     member: String,
+    /// The member id is the client's own (it may reconnect under it): its
+    /// registry entries outlive the stream and age out.
+    persistent: bool,
     domain: Option<String>,
     subscriptions: HashMap<BucketKey, Subscription>,
     settings: RlqsSettings,
@@ -63,14 +66,18 @@ struct Subscription {
     idle_reports: u32,
     /// The last strategy sent and when.
     sent: Option<(Strategy, u64)>,
+    /// The share that strategy grants, per second.
+    held: f64,
 }
 
 // === impl StreamState ===
 
 impl StreamState {
-    /// A new stream known to the registry as `member`.
+    /// A new stream known to the registry as `member`; `persistent` when
+    /// that id is the client's own and survives the stream.
     pub fn new(
         member: String,
+        persistent: bool,
         settings: RlqsSettings,
         hub: Hub,
         registry: Arc<dyn Registry>,
@@ -78,6 +85,7 @@ impl StreamState {
         hub.stream(true);
         Self {
             member,
+            persistent,
             domain: None,
             subscriptions: HashMap::new(),
             settings,
@@ -181,6 +189,7 @@ impl StreamState {
                         allowed_rate: 0.0,
                         idle_reports: 0,
                         sent: None,
+                        held: 0.0,
                     },
                 );
             }
@@ -217,6 +226,11 @@ impl StreamState {
             .collect();
         for key in self.subscriptions.keys() {
             self.hub.unsubscribe(&domain, key);
+        }
+        if self.persistent {
+            // The client may come back under its id, on any instance, still
+            // enforcing what it holds: its entries stay until they age out.
+            return;
         }
         if let Err(error) = self.registry.leave(&domain, &self.member, &buckets).await {
             // The entries age out after the stale time anyway.
@@ -277,6 +291,9 @@ impl StreamState {
                     bucket: sub.encoded.clone(),
                     demand: sub.in_use,
                     allowed_rate: sub.allowed_rate,
+                    // Nothing sent on this stream yet: keep what the
+                    // registry has (the same client's previous stream).
+                    held: sub.sent.map(|_| sub.held),
                 }
             })
             .collect();
@@ -312,44 +329,86 @@ impl StreamState {
                 return actions;
             }
         };
+        let mut grown: Vec<(String, f64)> = Vec::new();
+        let mut pending: Vec<(BucketKey, Strategy, u64, f64)> = Vec::new();
         for ((key, rule), members) in limited.iter().zip(exchange.members) {
-            let fill = rule.unit.seconds();
+            let fill = rule.unit.seconds() as f64;
             let pool = rule.requests_per_unit;
-            let demands: Vec<Option<f64>> = members
-                .iter()
-                .map(|m| m.demand.map(|d| d * fill as f64))
-                .collect();
-            let mut shares = allocator::fair_shares(pool, &demands);
+            let demands: Vec<Option<f64>> =
+                members.iter().map(|m| m.demand.map(|d| d * fill)).collect();
+            let mut targets = allocator::fair_shares(pool, &demands);
             if exchange.learning {
                 let cap = allocator::learning_cap(pool, members.len());
-                for share in &mut shares {
-                    *share = (*share).min(cap);
+                for target in &mut targets {
+                    *target = (*target).min(cap);
                 }
             }
-            let mine = members
+            let Some(me) = members.iter().position(|m| m.id == self.member) else {
+                continue;
+            };
+            let others_held: f64 = members
                 .iter()
-                .position(|m| m.id == self.member)
-                .map_or(0, |i| shares[i]);
-            let strategy = allocator::encode(mine, pool, rule.burst, fill);
+                .filter(|m| m.id != self.member)
+                .map(|m| m.held)
+                .sum();
+            let target = targets[me];
+            let granted = allocator::grant(target, pool, others_held * fill);
+            let Some(sub) = self.subscriptions.get_mut(key) else {
+                continue;
+            };
+            if sub.sent.is_none() {
+                // What this client was sent on a previous stream, if any.
+                sub.held = members[me].held;
+            }
             self.hub.update(
                 domain,
                 key,
                 BucketView {
                     rule: Some(rule.name.clone()),
                     limit_per_second: rule.rate_per_second(),
-                    assigned_per_second: shares.iter().sum::<u64>() as f64 / fill as f64,
+                    assigned_per_second: others_held + granted as f64 / fill,
                     realised_per_second: members.iter().map(|m| m.allowed_rate).sum(),
                     subscribers: members.len(),
                     local_streams: 0,
                     learning: exchange.learning,
                 },
             );
+            if granted == 0 && target > 0 && sub.sent.is_none() {
+                // No room yet: the others shrink on their next report. The
+                // Envoy stays in its no-assignment behaviour meanwhile
+                // rather than being denied everything.
+                continue;
+            }
+            let strategy = allocator::encode(granted, pool, rule.burst, rule.unit.seconds());
             let ttl_ms = rule.ttl_seconds * 1_000;
-            if let Some(sub) = self.subscriptions.get_mut(key)
-                && sub.due(strategy, ttl_ms, period_ms, now_ms, force)
-            {
+            if sub.due(strategy, ttl_ms, period_ms, now_ms, force) {
+                let share = granted as f64 / fill;
+                if share > sub.held {
+                    grown.push((sub.encoded.clone(), share));
+                }
+                pending.push((key.clone(), strategy, rule.ttl_seconds, share));
+            }
+        }
+        // A grown share is recorded before it is sent, so no other instance
+        // hands out the same room meanwhile.
+        if !grown.is_empty()
+            && let Err(error) = self
+                .registry
+                .hold(domain, &self.member, &grown, timing)
+                .await
+        {
+            tracing::warn!(%domain, %error, "rlqs registry unavailable; keeping the assignments in force");
+            pending.retain(|(key, _, _, share)| {
+                self.subscriptions
+                    .get(key)
+                    .is_some_and(|sub| *share <= sub.held)
+            });
+        }
+        for (key, strategy, ttl_seconds, share) in pending {
+            if let Some(sub) = self.subscriptions.get_mut(&key) {
                 sub.sent = Some((strategy, now_ms));
-                actions.push(assign(key, strategy, rule.ttl_seconds));
+                sub.held = share;
+                actions.push(assign(&key, strategy, ttl_seconds));
             }
         }
         actions

@@ -24,6 +24,7 @@ pub struct MemoryRegistry {
 struct Entry {
     demand: Option<f64>,
     allowed_rate: f64,
+    held: f64,
     seen_ms: u64,
 }
 
@@ -57,11 +58,15 @@ impl Registry for MemoryRegistry {
             let entries = buckets
                 .entry((domain.to_owned(), report.bucket.clone()))
                 .or_default();
+            let held = report
+                .held
+                .unwrap_or_else(|| entries.get(member).map_or(0.0, |e| e.held));
             entries.insert(
                 member.to_owned(),
                 Entry {
                     demand: report.demand,
                     allowed_rate: report.allowed_rate,
+                    held,
                     seen_ms: now,
                 },
             );
@@ -72,6 +77,7 @@ impl Registry for MemoryRegistry {
                     id: id.clone(),
                     demand: e.demand,
                     allowed_rate: e.allowed_rate,
+                    held: e.held,
                 })
                 .collect();
             list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -86,6 +92,25 @@ impl Registry for MemoryRegistry {
             members,
             learning: now.saturating_sub(self.born_ms) < timing.learning_ms,
         })
+    }
+
+    async fn hold(
+        &self,
+        domain: &str,
+        member: &str,
+        held: &[(String, f64)],
+        _timing: Timing,
+    ) -> Result<(), StoreError> {
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        for (bucket, share) in held {
+            if let Some(entry) = map
+                .get_mut(&(domain.to_owned(), bucket.clone()))
+                .and_then(|entries| entries.get_mut(member))
+            {
+                entry.held = *share;
+            }
+        }
+        Ok(())
     }
 
     async fn leave(
@@ -127,6 +152,7 @@ mod tests {
             bucket: bucket.to_owned(),
             demand: Some(demand),
             allowed_rate: demand,
+            held: Some(demand),
         }
     }
 
@@ -166,6 +192,20 @@ mod tests {
             .unwrap();
         assert!(!three.learning);
         assert_eq!(three.members[0].len(), 1);
+        // A report that does not know what it holds keeps what is recorded.
+        let kept = registry
+            .exchange(
+                "d",
+                "b",
+                &[Report {
+                    held: None,
+                    ..report("b", 5.0)
+                }],
+                TIMING,
+            )
+            .await
+            .unwrap();
+        assert_eq!(kept.members[0][0].held, 2.0);
         registry.leave("d", "b", &["b".to_owned()]).await.unwrap();
         let four = registry
             .exchange("d", "c", &[report("b", 2.0)], TIMING)

@@ -25,6 +25,7 @@ const PREFIX: &str = "rk:rlqs:v1:";
 pub struct RedisRegistry {
     client: redis::Client,
     script: Arc<redis::Script>,
+    hold_script: Arc<redis::Script>,
     deadline: Duration,
     /// A tokio `Mutex`: connecting awaits while it is held.
     connection: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
@@ -51,6 +52,7 @@ impl RedisRegistry {
         Ok(Self {
             client,
             script: Arc::new(redis::Script::new(include_str!("exchange.lua"))),
+            hold_script: Arc::new(redis::Script::new(include_str!("hold.lua"))),
             deadline,
             connection: Arc::new(tokio::sync::Mutex::new(None)),
         })
@@ -131,7 +133,12 @@ impl Registry for RedisRegistry {
                         .demand
                         .map_or_else(|| "-1".to_owned(), |d| format!("{d:.3}")),
                 )
-                .arg(format!("{:.3}", report.allowed_rate));
+                .arg(format!("{:.3}", report.allowed_rate))
+                .arg(
+                    report
+                        .held
+                        .map_or_else(|| "-1".to_owned(), |h| format!("{h:.3}")),
+                );
         }
         let (learning, buckets): (i64, Vec<Vec<String>>) = self
             .with_connection(async |mut connection| invocation.invoke_async(&mut connection).await)
@@ -140,11 +147,13 @@ impl Registry for RedisRegistry {
             .into_iter()
             .map(|flat| {
                 let mut list: Vec<Member> = flat
-                    .chunks_exact(3)
+                    .chunks_exact(4)
                     .map(|m| Member {
                         id: m[0].clone(),
                         demand: m[1].parse::<f64>().ok().filter(|d| *d >= 0.0),
                         allowed_rate: m[2].parse().unwrap_or(0.0),
+                        // Unreadable: assume the worst, it holds a lot.
+                        held: m[3].parse().unwrap_or(f64::MAX / 1e6),
                     })
                     .collect();
                 list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -155,6 +164,31 @@ impl Registry for RedisRegistry {
             members,
             learning: learning == 1,
         })
+    }
+
+    async fn hold(
+        &self,
+        domain: &str,
+        member: &str,
+        held: &[(String, f64)],
+        timing: Timing,
+    ) -> Result<(), StoreError> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let tag = domain_tag(domain);
+        let mut invocation = self.hold_script.prepare_invoke();
+        for (bucket, _) in held {
+            invocation.key(format!("{tag}:b:{}", hex(bucket)));
+        }
+        invocation.arg(member).arg(timing.stale_ms);
+        for (_, share) in held {
+            invocation.arg(format!("{share:.3}"));
+        }
+        self.with_connection(async |mut connection| {
+            invocation.invoke_async::<()>(&mut connection).await
+        })
+        .await
     }
 
     async fn leave(
