@@ -34,7 +34,7 @@ const TICK: Duration = Duration::from_millis(500);
 fn settings() -> RlqsSettings {
     RlqsSettings {
         report_period: TICK,
-        reload_check: Duration::from_millis(100),
+        reallocate_every: Duration::from_millis(100),
         ..RlqsSettings::default()
     }
 }
@@ -570,4 +570,43 @@ async fn an_instance_restart_leaves_no_gap_in_enforcement() {
     // Within the limit, plus the buckets' capacity (burst 100 + a token each).
     assert!(rate <= 100.0 + 105.0 / seconds, "rate {rate}");
     drop(two);
+}
+
+#[tokio::test]
+async fn after_the_registry_is_lost_a_learning_period_caps_shares_at_an_equal_part() {
+    let redis = RedisServer::start();
+    let instance = Instance::start(&rules_yaml(100, 100), settings(), redis_registry(&redis)).await;
+    let (a, b) = (
+        SimEnvoy::start("mesh", vec![instance.addr()], TICK),
+        SimEnvoy::start("mesh", vec![instance.addr()], TICK),
+    );
+    a.set_demand(&api(), 150.0);
+    b.set_demand(&api(), 10.0);
+    eventually("a takes most of the limit", Duration::from_secs(20), || {
+        a.share(&api()).is_some_and(|s| s >= 80.0)
+    })
+    .await;
+    // State loss: the registry is gone (a flushed or failed-over Redis).
+    let _: () = redis::cmd("FLUSHALL").query(&mut redis.connection()).unwrap();
+    let mut debug = String::new();
+    for _ in 0..100 {
+        debug = http_get(instance.server.admin_addr, "/debug/rlqs").await;
+        if debug.contains("\"learning\":true") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(debug.contains("\"learning\":true"), "{debug}");
+    // While learning, nobody gets more than an equal part...
+    eventually("a capped at half", Duration::from_secs(10), || {
+        a.share(&api()) == Some(50.0)
+    })
+    .await;
+    assert!(total_share(&[a.clone(), b.clone()], &api()) <= 100.0);
+    // ...and after one TTL the shares follow demand again.
+    eventually("a back to most of the limit", Duration::from_secs(20), || {
+        a.share(&api()).is_some_and(|s| s >= 80.0)
+    })
+    .await;
+    assert_eq!(a.stats().decided_expired + b.stats().decided_expired, 0);
 }

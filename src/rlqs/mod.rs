@@ -51,8 +51,10 @@ pub struct RlqsSettings {
     pub max_buckets_per_domain: usize,
     /// Reports without requests before a bucket is abandoned.
     pub abandon_after_idle_reports: u32,
-    /// How often a stream looks for reloaded rules.
-    pub reload_check: Duration,
+    /// How often a stream, between its reports, re-reads the registry (and
+    /// the rules) and pushes whatever changed: how fast room given up by
+    /// others, or a reload, reaches it.
+    pub reallocate_every: Duration,
 }
 
 impl Default for RlqsSettings {
@@ -62,7 +64,7 @@ impl Default for RlqsSettings {
             max_buckets_per_stream: DEFAULT_MAX_BUCKETS_PER_STREAM,
             max_buckets_per_domain: DEFAULT_MAX_BUCKETS_PER_DOMAIN,
             abandon_after_idle_reports: DEFAULT_ABANDON_AFTER_IDLE_REPORTS,
-            reload_check: Duration::from_secs(1),
+            reallocate_every: Duration::from_secs(1),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The tonic service `RateLimitQuotaService/StreamRateLimitQuotas`: one task
 //! per stream runs its [`StreamState`], fed by the stream's messages, a
-//! tick that re-pushes assignments after a rules reload, and the server's
+//! tick that re-reads the registry and the rules between reports (so room
+//! others gave up, a newcomer, or a reload reach the stream within a tick,
+//! not a report period), and the server's
 //! shutdown (streams then end with `UNAVAILABLE`, and Envoys reconnect on
 //! their next report, keeping their assignments until TTL meanwhile).
 
@@ -136,8 +138,7 @@ impl RateLimitQuotaService for RlqsService {
         // its handle is not needed: it owns everything it touches.
         tokio::spawn(async move {
             let mut stop = service.stop.clone();
-            let mut rules = service.limiter.rules();
-            let mut tick = tokio::time::interval(service.settings.reload_check);
+            let mut tick = tokio::time::interval(service.settings.reallocate_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let event = tokio::select! {
@@ -147,7 +148,7 @@ impl RateLimitQuotaService for RlqsService {
                 };
                 let outcome = match event {
                     Event::Message(Some(Ok(message))) => {
-                        rules = service.limiter.rules();
+                        let rules = service.limiter.rules();
                         state
                             .report(message, rules.rlqs(), service.clock.now_ms())
                             .await
@@ -158,12 +159,17 @@ impl RateLimitQuotaService for RlqsService {
                         break;
                     }
                     Event::Message(None) => break,
+                    Event::Tick if state.is_silent(service.clock.now_ms()) => {
+                        // Half-open: free its place in the registry.
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(
+                                "no usage report for three report periods",
+                            )))
+                            .await;
+                        break;
+                    }
                     Event::Tick => {
-                        let latest = service.limiter.rules();
-                        if Arc::ptr_eq(&latest, &rules) {
-                            continue;
-                        }
-                        rules = latest;
+                        let rules = service.limiter.rules();
                         Ok(state
                             .reallocate_all(rules.rlqs(), service.clock.now_ms())
                             .await)

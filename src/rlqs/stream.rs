@@ -42,6 +42,8 @@ pub struct StreamState {
     /// registry entries outlive the stream and age out.
     persistent: bool,
     domain: Option<String>,
+    /// When the last message arrived.
+    last_message_ms: Option<u64>,
     subscriptions: HashMap<BucketKey, Subscription>,
     settings: RlqsSettings,
     hub: Hub,
@@ -87,6 +89,7 @@ impl StreamState {
             member,
             persistent,
             domain: None,
+            last_message_ms: None,
             subscriptions: HashMap::new(),
             settings,
             hub,
@@ -107,6 +110,7 @@ impl StreamState {
         rules: &RlqsRules,
         now_ms: u64,
     ) -> Result<Option<RateLimitQuotaResponse>, Error> {
+        self.last_message_ms = Some(now_ms);
         let domain = match &self.domain {
             None if message.domain.is_empty() => {
                 return Err(Error::invalid(
@@ -199,6 +203,13 @@ impl StreamState {
         }
         actions.extend(self.allocate(&domain, &touched, rules, now_ms, false).await);
         Ok(response(actions))
+    }
+
+    /// Whether the client has said nothing for longer than a subscriber may
+    /// stay silent (a half-open stream): the stream should end.
+    pub fn is_silent(&self, now_ms: u64) -> bool {
+        self.last_message_ms
+            .is_some_and(|at| now_ms.saturating_sub(at) > self.settings.stale_ms())
     }
 
     /// Recomputes every subscription with `rules` (after a reload) and sends
