@@ -15,7 +15,6 @@ use std::time::Duration;
 use common::{RedisServer, TestServer, http_get};
 use ratekeeper::Server;
 use ratekeeper::clock::SystemClock;
-use ratekeeper::limiter::Limiter;
 use ratekeeper::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::BucketAction as Action;
 use ratekeeper::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
 use ratekeeper::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_usage_reports::BucketQuotaUsage;
@@ -68,7 +67,6 @@ fn load(yaml: &str) -> ratekeeper::rules::Rules {
 
 struct Instance {
     server: TestServer,
-    limiter: Limiter,
 }
 
 impl Instance {
@@ -79,10 +77,8 @@ impl Instance {
     ) -> Self {
         let store = Arc::new(MemoryStore::new(1_000, Arc::new(SystemClock)));
         let server = Server::new(load(yaml), store).with_rlqs(settings, registry);
-        let limiter = server.limiter().clone();
         Instance {
             server: TestServer::start(server).await,
-            limiter,
         }
     }
 
@@ -257,18 +253,59 @@ async fn a_reload_re_pushes_assignments_without_waiting_for_reports() {
         report_period: Duration::from_secs(30),
         ..settings()
     };
-    let instance = Instance::start(&rules_yaml(100, 100), settings, None).await;
-    let envoy = SimEnvoy::start("mesh", vec![instance.addr()], Duration::from_secs(30));
+    // The rules file is watched as `serve` watches it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, rules_yaml(100, 100)).unwrap();
+    let store = Arc::new(MemoryStore::new(1_000, Arc::new(SystemClock)));
+    let server = Server::new(ratekeeper::config::load_rules(&path).unwrap(), store)
+        .with_rlqs(settings, None)
+        .with_reload(ratekeeper::reload::ReloadSettings {
+            path: path.clone(),
+            interval: Duration::from_millis(100),
+            loaded: Some(ratekeeper::config::read_snapshot(&path).unwrap()),
+            domain_files: Default::default(),
+            dot_files: Default::default(),
+        });
+    let server = TestServer::start(server).await;
+    let envoy = SimEnvoy::start("mesh", vec![server.addr], Duration::from_secs(30));
     envoy.set_demand(&api(), 5.0);
     eventually("the first assignment", Duration::from_secs(10), || {
         envoy.share(&api()) == Some(100.0)
     })
     .await;
-    instance.limiter.replace_rules(load(&rules_yaml(40, 40)));
+    std::fs::write(&path, rules_yaml(40, 40)).unwrap();
     eventually("the new limit pushed", Duration::from_secs(5), || {
         envoy.share(&api()) == Some(40.0)
     })
     .await;
+    // A broken rlqs section is refused; the last good limit stays.
+    std::fs::write(
+        &path,
+        rules_yaml(40, 40).replace("unit: second", "unit: fortnight"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ready = http_get(server.admin_addr, "/readyz").await;
+    assert!(
+        ready.contains("rlqs[0].unit: invalid unit 'fortnight'"),
+        "{ready}"
+    );
+    assert_eq!(envoy.share(&api()), Some(40.0));
+}
+
+#[test]
+fn a_bad_rlqs_section_is_refused_with_the_file_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, rules_yaml(0, 10)).unwrap();
+    let error = ratekeeper::config::load_rules(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("rules.yaml: rlqs[0].requests_per_unit: must be at least 1"),
+        "{error}"
+    );
 }
 
 #[tokio::test]

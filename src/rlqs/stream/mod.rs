@@ -530,3 +530,6 @@ fn assign(key: &BucketKey, strategy: Strategy, ttl_seconds: u64) -> BucketAction
         )),
     }
 }
+
+#[cfg(test)]
+mod tests;
