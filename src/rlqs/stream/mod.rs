@@ -9,30 +9,25 @@
 //! id get an `AbandonAction`. Whatever happens, the stream never sends an
 //! empty response or an action for a bucket it was not told about.
 
+mod actions;
+mod subscription;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prost_types::Duration as ProtoDuration;
-
+use self::actions::{abandon, assign, response};
+use self::subscription::Subscription;
+use super::RlqsSettings;
 use super::allocator::{self, Strategy};
 use super::bucket::BucketKey;
 use super::hub::{BucketView, Hub, Refusal};
 use super::registry::{Registry, Report, Timing};
 use super::rules::{RlqsRule, RlqsRules};
-use super::RlqsSettings;
 use crate::Error;
-use crate::proto::envoy::r#type::v3::{RateLimitStrategy, TokenBucket, rate_limit_strategy};
 use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::BucketAction;
-use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::{
-    self, AbandonAction, QuotaAssignmentAction,
-};
 use crate::proto::envoy::service::rate_limit_quota::v3::{
-    BucketId, RateLimitQuotaResponse, RateLimitQuotaUsageReports,
+    RateLimitQuotaResponse, RateLimitQuotaUsageReports,
 };
-
-/// Shortest interval a rate is measured over; shorter gaps (an Envoy's
-/// immediate first report, a burst of messages) accumulate instead.
-const MIN_MEASURE_MS: u64 = 200;
 
 /// One stream's state.
 #[derive(Debug)]
@@ -48,28 +43,6 @@ pub struct StreamState {
     settings: RlqsSettings,
     hub: Hub,
     registry: Arc<dyn Registry>,
-}
-
-#[derive(Debug)]
-struct Subscription {
-    /// The injective key in the registry.
-    encoded: String,
-    /// Server receive time of the last measured report.
-    measured_ms: u64,
-    /// Requests (allowed, denied) since then, when too soon to measure.
-    pending: (u64, u64),
-    /// Smoothed demand, requests per second.
-    smoothed: Option<f64>,
-    /// The demand the allocation uses (after the hysteresis band).
-    in_use: Option<f64>,
-    /// Requests allowed per second, last measured.
-    allowed_rate: f64,
-    /// Consecutive reports with no requests.
-    idle_reports: u32,
-    /// The last strategy sent and when.
-    sent: Option<(Strategy, u64)>,
-    /// The share that strategy grants, per second.
-    held: f64,
 }
 
 // === impl StreamState ===
@@ -201,7 +174,7 @@ impl StreamState {
                 touched.push(key);
             }
         }
-        actions.extend(self.allocate(&domain, &touched, rules, now_ms, false).await);
+        actions.extend(self.allocate(&domain, &touched, rules, now_ms).await);
         Ok(response(actions))
     }
 
@@ -221,7 +194,7 @@ impl StreamState {
     ) -> Option<RateLimitQuotaResponse> {
         let domain = self.domain.clone()?;
         let keys: Vec<BucketKey> = self.subscriptions.keys().cloned().collect();
-        response(self.allocate(&domain, &keys, rules, now_ms, false).await)
+        response(self.allocate(&domain, &keys, rules, now_ms).await)
     }
 
     /// Leaves the registry and the hub; call once the stream has ended.
@@ -270,7 +243,6 @@ impl StreamState {
         keys: &[BucketKey],
         rules: &RlqsRules,
         now_ms: u64,
-        force: bool,
     ) -> Vec<BucketAction> {
         let mut actions = Vec::new();
         let period_ms = self.settings.report_period_ms();
@@ -282,7 +254,7 @@ impl StreamState {
                 None => {
                     let ttl_ms = u64::from(super::rules::DEFAULT_TTL_SECONDS) * 1_000;
                     if let Some(sub) = self.subscriptions.get_mut(key)
-                        && sub.due(Strategy::AllowAll, ttl_ms, period_ms, now_ms, force)
+                        && sub.due(Strategy::AllowAll, ttl_ms, period_ms, now_ms)
                     {
                         sub.sent = Some((Strategy::AllowAll, now_ms));
                         actions.push(assign(key, Strategy::AllowAll, ttl_ms / 1_000));
@@ -331,7 +303,7 @@ impl StreamState {
                     let ttl_ms = rule.ttl_seconds * 1_000;
                     if let Some(sub) = self.subscriptions.get_mut(key)
                         && let Some((strategy, _)) = sub.sent
-                        && sub.due(strategy, ttl_ms, period_ms, now_ms, false)
+                        && sub.due(strategy, ttl_ms, period_ms, now_ms)
                     {
                         sub.sent = Some((strategy, now_ms));
                         actions.push(assign(key, strategy, rule.ttl_seconds));
@@ -392,7 +364,7 @@ impl StreamState {
             }
             let strategy = allocator::encode(granted, pool, rule.burst, rule.unit.seconds());
             let ttl_ms = rule.ttl_seconds * 1_000;
-            if sub.due(strategy, ttl_ms, period_ms, now_ms, force) {
+            if sub.due(strategy, ttl_ms, period_ms, now_ms) {
                 let share = granted as f64 / fill;
                 if share > sub.held {
                     grown.push((sub.encoded.clone(), share));
@@ -423,111 +395,6 @@ impl StreamState {
             }
         }
         actions
-    }
-}
-
-// === impl Subscription ===
-
-impl Subscription {
-    /// Takes a report's counts at `now_ms`: a new rate once enough time has
-    /// passed since the last measurement (server receive times; Envoy's
-    /// whole-second `time_elapsed` only when the receive times are too close).
-    fn measure(&mut self, (allowed, denied): (u64, u64), hint_ms: u64, now_ms: u64) {
-        self.pending.0 = self.pending.0.saturating_add(allowed);
-        self.pending.1 = self.pending.1.saturating_add(denied);
-        if allowed == 0 && denied == 0 {
-            self.idle_reports += 1;
-        } else {
-            self.idle_reports = 0;
-        }
-        let mut elapsed = now_ms.saturating_sub(self.measured_ms);
-        if elapsed < MIN_MEASURE_MS {
-            if hint_ms < MIN_MEASURE_MS {
-                return;
-            }
-            elapsed = hint_ms;
-        }
-        let seconds = elapsed as f64 / 1_000.0;
-        let (allowed, denied) = std::mem::take(&mut self.pending);
-        let demand = (allowed.saturating_add(denied)) as f64 / seconds;
-        self.allowed_rate = allowed as f64 / seconds;
-        let smoothed = allocator::smoothed(self.smoothed, demand);
-        self.smoothed = Some(smoothed);
-        self.in_use = Some(allocator::settle(self.in_use, smoothed));
-        self.measured_ms = now_ms;
-    }
-
-    /// Whether `strategy` must be sent: it differs from what was sent, or
-    /// the TTL would run out before the report after next.
-    fn due(
-        &self,
-        strategy: Strategy,
-        ttl_ms: u64,
-        period_ms: u64,
-        now_ms: u64,
-        force: bool,
-    ) -> bool {
-        match self.sent {
-            None => true,
-            Some((sent, at)) => {
-                let refresh_after = ttl_ms.saturating_sub(2 * period_ms).min(ttl_ms / 2);
-                force || sent != strategy || now_ms.saturating_sub(at) >= refresh_after
-            }
-        }
-    }
-}
-
-fn response(actions: Vec<BucketAction>) -> Option<RateLimitQuotaResponse> {
-    (!actions.is_empty()).then_some(RateLimitQuotaResponse {
-        bucket_action: actions,
-    })
-}
-
-fn abandon(bucket: HashMap<String, String>) -> BucketAction {
-    BucketAction {
-        bucket_id: Some(BucketId { bucket }),
-        bucket_action: Some(bucket_action::BucketAction::AbandonAction(AbandonAction {})),
-    }
-}
-
-/// An assignment; the TTL is always set, in whole seconds (Envoy reads an
-/// unset TTL as zero and drops fractions).
-fn assign(key: &BucketKey, strategy: Strategy, ttl_seconds: u64) -> BucketAction {
-    let strategy = match strategy {
-        Strategy::AllowAll => rate_limit_strategy::Strategy::BlanketRule(
-            rate_limit_strategy::BlanketRule::AllowAll as i32,
-        ),
-        Strategy::DenyAll => rate_limit_strategy::Strategy::BlanketRule(
-            rate_limit_strategy::BlanketRule::DenyAll as i32,
-        ),
-        Strategy::TokenBucket {
-            max_tokens,
-            tokens_per_fill,
-            fill_seconds,
-        } => rate_limit_strategy::Strategy::TokenBucket(TokenBucket {
-            max_tokens,
-            tokens_per_fill: Some(tokens_per_fill),
-            fill_interval: Some(ProtoDuration {
-                seconds: i64::try_from(fill_seconds).unwrap_or(i64::MAX),
-                nanos: 0,
-            }),
-        }),
-    };
-    BucketAction {
-        bucket_id: Some(BucketId {
-            bucket: key.to_map(),
-        }),
-        bucket_action: Some(bucket_action::BucketAction::QuotaAssignmentAction(
-            QuotaAssignmentAction {
-                assignment_time_to_live: Some(ProtoDuration {
-                    seconds: i64::try_from(ttl_seconds.max(1)).unwrap_or(i64::MAX),
-                    nanos: 0,
-                }),
-                rate_limit_strategy: Some(RateLimitStrategy {
-                    strategy: Some(strategy),
-                }),
-            },
-        )),
     }
 }
 

@@ -5,8 +5,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use prost_types::Duration as ProtoDuration;
+
 use super::*;
 use crate::clock::{Clock, ManualClock};
+use crate::proto::envoy::service::rate_limit_quota::v3::BucketId;
+use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action;
+use crate::proto::envoy::r#type::v3::rate_limit_strategy;
 use crate::rlqs::registry::MemoryRegistry;
 use crate::rlqs::rules::RlqsRuleDoc;
 
