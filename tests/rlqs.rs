@@ -669,3 +669,52 @@ async fn after_the_registry_is_lost_a_learning_period_caps_shares_at_an_equal_pa
     .await;
     assert_eq!(a.stats().decided_expired + b.stats().decided_expired, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_shares_rlqs_limits_through_redis_and_refuses_bad_flags() {
+    use common::process::{BIN, Serve};
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rules.yaml");
+    std::fs::write(&config, rules_yaml(100, 100)).unwrap();
+    let config = config.to_str().unwrap();
+    let url = redis.url();
+    let flags = [
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--rlqs-report-period",
+        "500ms",
+    ];
+    let mut one = Serve::start(config, &flags);
+    let mut two = Serve::start(config, &flags);
+    one.client().await;
+    two.client().await;
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let a = SimEnvoy::start("mesh", vec![addr(one.grpc_port)], TICK);
+    let b = SimEnvoy::start("mesh", vec![addr(two.grpc_port)], TICK);
+    a.set_demand(&api(), 100.0);
+    b.set_demand(&api(), 100.0);
+    // Two processes, one limit: half each.
+    eventually(
+        "halves across two processes",
+        Duration::from_secs(20),
+        || a.share(&api()) == Some(50.0) && b.share(&api()) == Some(50.0),
+    )
+    .await;
+
+    for (flag, value) in [
+        ("--rlqs-max-buckets-per-stream", "0"),
+        ("--rlqs-report-period", "0s"),
+        ("--rlqs-abandon-after-idle-reports", "0"),
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(["serve", "--config", config, flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+}
