@@ -191,6 +191,17 @@ fn check_config(path: &std::path::Path, domain_files: DomainFiles) -> ExitCode {
                     .unwrap_or_default();
                 println!("  {}: {limit}{shadow}{quota}{policy}", rule.path);
             }
+            for rule in rules.rlqs().all() {
+                println!(
+                    "  rlqs {}: {}: {} per {} shared by all Envoys (burst {}, TTL {} s)",
+                    rule.domain,
+                    rule.name,
+                    rule.requests_per_unit,
+                    rule.unit,
+                    rule.burst,
+                    rule.ttl_seconds
+                );
+            }
             println!(
                 "ok: {} domains, {} rules",
                 rules.domains().count(),

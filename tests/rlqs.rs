@@ -717,4 +717,32 @@ async fn the_binary_shares_rlqs_limits_through_redis_and_refuses_bad_flags() {
         assert_eq!(out.status.code(), Some(64), "{flag} {value}: {stderr}");
         assert!(stderr.contains(flag), "{flag}: {stderr}");
     }
+
+    // check-config lists RLQS rules and refuses a bad one.
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", config])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("rlqs mesh: api: 100 per second shared by all Envoys (burst 100, TTL 2 s)"),
+        "{stdout}"
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        rules_yaml(100, 100).replace("assignment_ttl_seconds: 2", "assignment_ttl_seconds: 0"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("rlqs[0].assignment_ttl_seconds: must be 1 to 3600 whole seconds, not 0"),
+        "{stderr}"
+    );
 }
