@@ -746,3 +746,37 @@ async fn the_binary_shares_rlqs_limits_through_redis_and_refuses_bad_flags() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_keeps_the_assignments_in_force_until_it_answers_again() {
+    let redis = RedisServer::start();
+    // The registry's deadline must sit well inside TTL − report period.
+    let registry: Option<Arc<dyn Registry>> = Some(Arc::new(
+        RedisRegistry::new(&redis.url(), Duration::from_millis(200)).unwrap(),
+    ));
+    let instance = Instance::start(&rules_yaml(100, 100), settings(), registry).await;
+    let a = SimEnvoy::start("mesh", vec![instance.addr()], TICK);
+    a.set_demand(&api(), 100.0);
+    eventually("a alone has the limit", Duration::from_secs(10), || {
+        a.share(&api()) == Some(100.0)
+    })
+    .await;
+    // Redis stops answering (connections stay open) for longer than the
+    // 2 s TTL: the stream keeps extending what is in force.
+    redis.pause();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(a.share(&api()), Some(100.0));
+    assert_eq!(a.stats().decided_expired, 0, "an assignment expired");
+    // A newcomer meanwhile gets nothing (its Envoy runs its fallback).
+    let b = SimEnvoy::start("mesh", vec![instance.addr()], TICK);
+    b.set_demand(&api(), 100.0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.share(&api()), None);
+    // Redis answers again: the limit is divided once more.
+    redis.resume();
+    eventually("halves after recovery", Duration::from_secs(20), || {
+        a.share(&api()) == Some(50.0) && b.share(&api()) == Some(50.0)
+    })
+    .await;
+    assert_eq!(a.stats().decided_expired + b.stats().decided_expired, 0);
+}
