@@ -383,12 +383,19 @@ fn rlqs_settings(args: &ServeArgs) -> ratekeeper::rlqs::RlqsSettings {
 
 /// Where RLQS subscribers are shared: the Redis of `--store redis`, so
 /// instances divide one limit; otherwise this instance's memory.
-fn rlqs_registry(args: &ServeArgs) -> anyhow::Result<Option<Arc<dyn ratekeeper::rlqs::Registry>>> {
+fn rlqs_registry(
+    args: &ServeArgs,
+    mode: &Mode,
+) -> anyhow::Result<Option<Arc<dyn ratekeeper::rlqs::Registry>>> {
     match args.store {
         StoreKind::Redis => {
-            let registry =
-                ratekeeper::rlqs::RedisRegistry::new(&args.redis_url, args.redis_connect_timeout)
-                    .context("--redis-url (RLQS registry)")?;
+            let tls = redis_tls(args, mode)?;
+            let registry = ratekeeper::rlqs::RedisRegistry::with_tls(
+                &args.redis_url,
+                args.redis_connect_timeout,
+                tls.as_ref(),
+            )
+            .context("--redis-url (RLQS registry)")?;
             Ok(Some(Arc::new(registry)))
         }
         StoreKind::Memory => Ok(None),
@@ -658,7 +665,7 @@ async fn run(
         .with_max_in_flight(args.max_in_flight)
         .with_failure_policy(args.failure_policy)
         .with_shutdown_timeout(args.shutdown_timeout)
-        .with_rlqs(rlqs_settings(&args), rlqs_registry(&args)?);
+        .with_rlqs(rlqs_settings(&args), rlqs_registry(&args, mode)?);
     server
         .serve(
             Listeners {

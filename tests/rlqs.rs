@@ -780,3 +780,49 @@ async fn a_silent_redis_keeps_the_assignments_in_force_until_it_answers_again() 
     .await;
     assert_eq!(a.stats().decided_expired + b.stats().decided_expired, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_registry_speaks_tls_with_a_private_ca_and_client_certificates() {
+    use common::pki::pki;
+    use ratekeeper::rlqs::registry::{Report, Timing};
+    use ratekeeper::store::redis::RedisTls;
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), &pki.ca).unwrap();
+    std::fs::write(dir.path().join("server.crt"), &pki.server.cert).unwrap();
+    std::fs::write(dir.path().join("server.key"), &pki.server.key).unwrap();
+    let redis = RedisServer::start_tls(dir.path(), &[]);
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let tls = RedisTls {
+        ca_pem: Some(pki.ca.clone().into_bytes()),
+        client_pem: Some((
+            pki.client.cert.clone().into_bytes(),
+            pki.client.key.clone().into_bytes(),
+        )),
+    };
+    let report = [Report {
+        bucket: "7:service3:api".into(),
+        demand: Some(5.0),
+        allowed_rate: 5.0,
+        held: Some(10.0),
+    }];
+    let timing = Timing {
+        stale_ms: 10_000,
+        learning_ms: 0,
+    };
+    let registry = RedisRegistry::with_tls(&url, Duration::from_secs(2), Some(&tls)).unwrap();
+    let exchange = registry
+        .exchange("mesh", "m1", &report, timing)
+        .await
+        .unwrap();
+    assert_eq!(exchange.members[0].len(), 1);
+    assert_eq!(exchange.members[0][0].held, 10.0);
+    // Without the private CA the server is not trusted.
+    let untrusted = RedisRegistry::with_tls(&url, Duration::from_secs(2), None).unwrap();
+    assert!(
+        untrusted
+            .exchange("mesh", "m1", &report, timing)
+            .await
+            .is_err()
+    );
+}

@@ -17,6 +17,7 @@ use redis::aio::MultiplexedConnection;
 
 use super::{Exchange, Member, Registry, Report, Timing};
 use crate::store::StoreError;
+use crate::store::redis::RedisTls;
 
 const PREFIX: &str = "rk:rlqs:v1:";
 
@@ -48,7 +49,25 @@ impl RedisRegistry {
     ///
     /// [`StoreError::Connection`] when the URL is invalid.
     pub fn new(url: &str, deadline: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Connection(e.to_string()))?;
+        Self::with_tls(url, deadline, None)
+    }
+
+    /// A registry at `url` (`rediss://`) trusting `tls`'s CA and presenting
+    /// its client certificate, as the Redis store does.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Connection`] when the URL or certificates are invalid.
+    pub fn with_tls(
+        url: &str,
+        deadline: Duration,
+        tls: Option<&RedisTls>,
+    ) -> Result<Self, StoreError> {
+        let client = match tls {
+            Some(tls) => redis::Client::build_with_tls(url, tls.certificates()),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| StoreError::Connection(e.to_string()))?;
         Ok(Self {
             client,
             script: Arc::new(redis::Script::new(include_str!("exchange.lua"))),
@@ -74,8 +93,8 @@ impl RedisRegistry {
         Ok(connection)
     }
 
-    /// Runs `call` with a connection under the deadline; a failed
-    /// connection is dropped so the next call opens a new one.
+    /// Runs `call` with a connection under the deadline; after any failure
+    /// the connection is dropped so the next call opens a new one.
     async fn with_connection<T>(
         &self,
         call: impl AsyncFnOnce(MultiplexedConnection) -> redis::RedisResult<T>,
@@ -84,8 +103,11 @@ impl RedisRegistry {
         match tokio::time::timeout(self.deadline, call(connection)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => {
+                // A connection that answers with an error (READONLY after a
+                // failover, LOADING, …) is evidence, not a promise: retire
+                // it; the next call opens a fresh one.
+                *self.connection.lock().await = None;
                 if error.is_io_error() || error.is_connection_dropped() {
-                    *self.connection.lock().await = None;
                     return Err(StoreError::Connection(error.to_string()));
                 }
                 Err(StoreError::Backend(error.to_string()))
