@@ -826,3 +826,49 @@ async fn the_redis_registry_speaks_tls_with_a_private_ca_and_client_certificates
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_from_many_instances_never_hand_out_the_same_room() {
+    use ratekeeper::rlqs::registry::{Claim, Report, Timing};
+    let redis = RedisServer::start();
+    let timing = Timing {
+        stale_ms: 10_000,
+        learning_ms: 0,
+    };
+    // 20 members on 4 "instances" (registry handles) all claim the whole pool at once.
+    let registries: Vec<Arc<RedisRegistry>> = (0..4)
+        .map(|_| Arc::new(RedisRegistry::new(&redis.url(), Duration::from_secs(2)).unwrap()))
+        .collect();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let registry = registries[i % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let member = format!("m{i}");
+            let report = [Report {
+                bucket: "b".into(),
+                demand: None,
+                allowed_rate: 0.0,
+                held: Some(0.0),
+            }];
+            registry
+                .exchange("mesh", &member, &report, timing)
+                .await
+                .unwrap();
+            let claim = Claim {
+                bucket: "b".into(),
+                wanted: 100,
+                pool: 100,
+                fill_seconds: 1,
+            };
+            registry
+                .hold("mesh", &member, &[claim], timing)
+                .await
+                .unwrap()[0]
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(total, 100, "every token granted once");
+}

@@ -8,8 +8,9 @@
 //! reported for `stale_ms` are dropped, so a crashed instance's streams age
 //! out; streams that end leave at once ([`Registry::leave`]). The registry
 //! Each member also records the share it holds, so a share only grows into
-//! room the others do not hold ([`Registry::hold`] records a grown share
-//! before it is sent). The registry
+//! room the others do not hold: [`Registry::hold`] claims a grown share
+//! atomically against the others' (one script in Redis) before it is sent,
+//! so two instances can never hand out the same room. The registry
 //! also says whether it is [`learning`](Exchange::learning): it lost its
 //! state (or just started) less than a TTL ago, so Envoys may still hold
 //! assignments it cannot see.
@@ -47,6 +48,30 @@ pub struct Report {
     /// keeps what the registry has (a client reconnecting under its id
     /// still holds what it was sent on its previous stream).
     pub held: Option<f64>,
+}
+
+/// A grown share a member wants to hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The bucket's injective key.
+    pub bucket: String,
+    /// Tokens per fill wanted.
+    pub wanted: u64,
+    /// The rule's tokens per fill, for every member together.
+    pub pool: u64,
+    /// The fill interval in seconds (held shares are kept per second).
+    pub fill_seconds: u64,
+}
+
+/// The tokens a claim can have beside `others` (tokens per fill the other
+/// members hold): the one rule both registries apply.
+pub fn claimable(claim: &Claim, others: f64) -> u64 {
+    let room = (claim.pool as f64 - others.max(0.0) + 1e-6).floor();
+    if room <= 0.0 {
+        0
+    } else {
+        claim.wanted.min(room as u64)
+    }
 }
 
 /// A member of a bucket as the registry holds it.
@@ -88,8 +113,10 @@ pub trait Registry: Send + Sync + fmt::Debug {
         timing: Timing,
     ) -> Result<Exchange, StoreError>;
 
-    /// Records the share `member` now holds in each `(bucket, per second)`,
-    /// before it is sent: a grown share is visible to every instance first.
+    /// Claims grown shares for `member`, atomically against what every other
+    /// member holds: each claim gets `min(wanted, pool − others' held)`
+    /// (never below zero), which is recorded as held before it is sent.
+    /// Returns the tokens granted, per claim.
     ///
     /// # Errors
     ///
@@ -98,9 +125,9 @@ pub trait Registry: Send + Sync + fmt::Debug {
         &self,
         domain: &str,
         member: &str,
-        held: &[(String, f64)],
+        claims: &[Claim],
         timing: Timing,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<u64>, StoreError>;
 
     /// Removes `member` from `buckets`.
     ///

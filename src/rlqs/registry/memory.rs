@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Exchange, Member, Registry, Report, Timing};
+use super::{Claim, Exchange, Member, Registry, Report, Timing, claimable};
 use crate::clock::Clock;
 use crate::store::StoreError;
 
@@ -98,19 +98,35 @@ impl Registry for MemoryRegistry {
         &self,
         domain: &str,
         member: &str,
-        held: &[(String, f64)],
+        claims: &[Claim],
         _timing: Timing,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<u64>, StoreError> {
+        let now = self.clock.now_ms();
         let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        for (bucket, share) in held {
-            if let Some(entry) = map
-                .get_mut(&(domain.to_owned(), bucket.clone()))
-                .and_then(|entries| entries.get_mut(member))
-            {
-                entry.held = *share;
-            }
+        let mut granted = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let entries = map
+                .entry((domain.to_owned(), claim.bucket.clone()))
+                .or_default();
+            let fill = claim.fill_seconds.max(1) as f64;
+            let others: f64 = entries
+                .iter()
+                .filter(|(id, _)| id.as_str() != member)
+                .map(|(_, e)| e.held * fill)
+                .sum();
+            let tokens = claimable(claim, others);
+            entries
+                .entry(member.to_owned())
+                .or_insert(Entry {
+                    demand: None,
+                    allowed_rate: 0.0,
+                    held: 0.0,
+                    seen_ms: now,
+                })
+                .held = tokens as f64 / fill;
+            granted.push(tokens);
         }
-        Ok(())
+        Ok(granted)
     }
 
     async fn leave(
@@ -206,6 +222,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept.members[0][0].held, 2.0);
+        // Claims only get what the others leave.
+        let claim = |wanted| Claim {
+            bucket: "b".into(),
+            wanted,
+            pool: 10,
+            fill_seconds: 1,
+        };
+        registry
+            .exchange("d", "z", &[report("b", 1.0)], TIMING)
+            .await
+            .unwrap();
+        assert_eq!(
+            registry.hold("d", "z", &[claim(9)], TIMING).await.unwrap(),
+            [5]
+        );
+        assert_eq!(
+            registry.hold("d", "z", &[claim(3)], TIMING).await.unwrap(),
+            [3]
+        );
+        registry.leave("d", "z", &["b".to_owned()]).await.unwrap();
         registry.leave("d", "b", &["b".to_owned()]).await.unwrap();
         let four = registry
             .exchange("d", "c", &[report("b", 2.0)], TIMING)

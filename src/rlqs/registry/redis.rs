@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 
-use super::{Exchange, Member, Registry, Report, Timing};
+use super::{Claim, Exchange, Member, Registry, Report, Timing};
 use crate::store::StoreError;
 use crate::store::redis::RedisTls;
 
@@ -153,13 +153,13 @@ impl Registry for RedisRegistry {
                 .arg(
                     report
                         .demand
-                        .map_or_else(|| "-1".to_owned(), |d| format!("{d:.3}")),
+                        .map_or_else(|| "-1".to_owned(), |d| format!("{d:.6}")),
                 )
                 .arg(format!("{:.3}", report.allowed_rate))
                 .arg(
                     report
                         .held
-                        .map_or_else(|| "-1".to_owned(), |h| format!("{h:.3}")),
+                        .map_or_else(|| "-1".to_owned(), |h| format!("{h:.6}")),
                 );
         }
         let (learning, buckets): (i64, Vec<Vec<String>>) = self
@@ -192,25 +192,40 @@ impl Registry for RedisRegistry {
         &self,
         domain: &str,
         member: &str,
-        held: &[(String, f64)],
+        claims: &[Claim],
         timing: Timing,
-    ) -> Result<(), StoreError> {
-        if held.is_empty() {
-            return Ok(());
+    ) -> Result<Vec<u64>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
         }
         let tag = domain_tag(domain);
         let mut invocation = self.hold_script.prepare_invoke();
-        for (bucket, _) in held {
-            invocation.key(format!("{tag}:b:{}", hex(bucket)));
+        for claim in claims {
+            invocation.key(format!("{tag}:b:{}", hex(&claim.bucket)));
         }
         invocation.arg(member).arg(timing.stale_ms);
-        for (_, share) in held {
-            invocation.arg(format!("{share:.3}"));
+        for claim in claims {
+            invocation
+                .arg(claim.wanted)
+                .arg(claim.pool)
+                .arg(claim.fill_seconds.max(1));
         }
-        self.with_connection(async |mut connection| {
-            invocation.invoke_async::<()>(&mut connection).await
-        })
-        .await
+        let granted: Vec<u64> = self
+            .with_connection(async |mut connection| invocation.invoke_async(&mut connection).await)
+            .await?;
+        if granted.len() != claims.len() {
+            return Err(StoreError::Protocol(format!(
+                "rlqs hold: {} grants for {} claims",
+                granted.len(),
+                claims.len()
+            )));
+        }
+        // The script applies the same rule as `claimable`; never trust more.
+        Ok(granted
+            .into_iter()
+            .zip(claims)
+            .map(|(g, c)| g.min(c.wanted))
+            .collect())
     }
 
     async fn leave(

@@ -21,13 +21,30 @@ use super::RlqsSettings;
 use super::allocator::{self, Strategy};
 use super::bucket::BucketKey;
 use super::hub::{BucketView, Hub, Refusal};
-use super::registry::{Registry, Report, Timing};
+use super::registry::{Claim, Registry, Report, Timing};
 use super::rules::{RlqsRule, RlqsRules};
 use crate::Error;
 use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::BucketAction;
 use crate::proto::envoy::service::rate_limit_quota::v3::{
     RateLimitQuotaResponse, RateLimitQuotaUsageReports,
 };
+
+/// An assignment this stream means to send, before grown shares are
+/// claimed.
+#[derive(Debug)]
+struct Plan {
+    key: BucketKey,
+    /// Tokens per fill to grant (lowered to what a claim got).
+    granted: u64,
+    /// Whether it grows the share held, and must be claimed first.
+    claim: bool,
+    /// Whether a zero grant means "wait for room" (not "deny").
+    wait_if_zero: bool,
+    pool: u64,
+    burst: u64,
+    fill_seconds: u64,
+    ttl_seconds: u64,
+}
 
 /// One stream's state.
 #[derive(Debug)]
@@ -312,8 +329,7 @@ impl StreamState {
                 return actions;
             }
         };
-        let mut grown: Vec<(String, f64)> = Vec::new();
-        let mut pending: Vec<(BucketKey, Strategy, u64, f64)> = Vec::new();
+        let mut plans: Vec<Plan> = Vec::new();
         for ((key, rule), members) in limited.iter().zip(exchange.members) {
             let fill = rule.unit.seconds() as f64;
             let pool = rule.requests_per_unit;
@@ -357,41 +373,67 @@ impl StreamState {
                 },
             );
             if granted == 0 && target > 0 && sub.sent.is_none() {
-                // No room yet: the others shrink on their next report. The
+                // No room yet: the others shrink on their next look. The
                 // Envoy stays in its no-assignment behaviour meanwhile
                 // rather than being denied everything.
                 continue;
             }
-            let strategy = allocator::encode(granted, pool, rule.burst, rule.unit.seconds());
-            let ttl_ms = rule.ttl_seconds * 1_000;
-            if sub.due(strategy, ttl_ms, period_ms, now_ms) {
-                let share = granted as f64 / fill;
-                if share > sub.held {
-                    grown.push((sub.encoded.clone(), share));
-                }
-                pending.push((key.clone(), strategy, rule.ttl_seconds, share));
-            }
-        }
-        // A grown share is recorded before it is sent, so no other instance
-        // hands out the same room meanwhile.
-        if !grown.is_empty()
-            && let Err(error) = self
-                .registry
-                .hold(domain, &self.member, &grown, timing)
-                .await
-        {
-            tracing::warn!(%domain, %error, "rlqs registry unavailable; keeping the assignments in force");
-            pending.retain(|(key, _, _, share)| {
-                self.subscriptions
-                    .get(key)
-                    .is_some_and(|sub| *share <= sub.held)
+            plans.push(Plan {
+                claim: granted as f64 / fill > sub.held,
+                wait_if_zero: target > 0,
+                key: key.clone(),
+                granted,
+                pool,
+                burst: rule.burst,
+                fill_seconds: rule.unit.seconds(),
+                ttl_seconds: rule.ttl_seconds,
             });
         }
-        for (key, strategy, ttl_seconds, share) in pending {
-            if let Some(sub) = self.subscriptions.get_mut(&key) {
+        // A grown share is claimed atomically against what the others hold
+        // before it is sent, so no two instances hand out the same room.
+        let claims: Vec<Claim> = plans
+            .iter()
+            .filter(|plan| plan.claim)
+            .filter_map(|plan| {
+                Some(Claim {
+                    bucket: self.subscriptions.get(&plan.key)?.encoded.clone(),
+                    wanted: plan.granted,
+                    pool: plan.pool,
+                    fill_seconds: plan.fill_seconds,
+                })
+            })
+            .collect();
+        if !claims.is_empty() {
+            match self
+                .registry
+                .hold(domain, &self.member, &claims, timing)
+                .await
+            {
+                Ok(granted) => {
+                    let mut granted = granted.into_iter();
+                    for plan in plans.iter_mut().filter(|plan| plan.claim) {
+                        plan.granted = plan.granted.min(granted.next().unwrap_or(0));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%domain, %error, "rlqs registry unavailable; keeping the assignments in force");
+                    plans.retain(|plan| !plan.claim);
+                }
+            }
+        }
+        for plan in plans {
+            let Some(sub) = self.subscriptions.get_mut(&plan.key) else {
+                continue;
+            };
+            if plan.granted == 0 && plan.wait_if_zero && sub.sent.is_none() {
+                continue;
+            }
+            let strategy =
+                allocator::encode(plan.granted, plan.pool, plan.burst, plan.fill_seconds);
+            if sub.due(strategy, plan.ttl_seconds * 1_000, period_ms, now_ms) {
                 sub.sent = Some((strategy, now_ms));
-                sub.held = share;
-                actions.push(assign(&key, strategy, ttl_seconds));
+                sub.held = plan.granted as f64 / plan.fill_seconds as f64;
+                actions.push(assign(&plan.key, strategy, plan.ttl_seconds));
             }
         }
         actions
