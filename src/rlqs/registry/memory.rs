@@ -233,9 +233,10 @@ mod tests {
             .exchange("d", "z", &[report("b", 1.0)], TIMING)
             .await
             .unwrap();
+        // "b" holds 2 of the 10 tokens.
         assert_eq!(
             registry.hold("d", "z", &[claim(9)], TIMING).await.unwrap(),
-            [5]
+            [8]
         );
         assert_eq!(
             registry.hold("d", "z", &[claim(3)], TIMING).await.unwrap(),
