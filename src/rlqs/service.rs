@@ -138,8 +138,11 @@ impl RateLimitQuotaService for RlqsService {
         // its handle is not needed: it owns everything it touches.
         tokio::spawn(async move {
             let mut stop = service.stop.clone();
-            let mut tick = tokio::time::interval(service.settings.reallocate_every);
+            // Ten ticks per re-read; a stream with a bucket waiting for room
+            // looks on every tick, so it gets the room soon after it is left.
+            let mut tick = tokio::time::interval(service.settings.reallocate_every / 10);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks: u32 = 0;
             loop {
                 let event = tokio::select! {
                     message = inbound.next() => Event::Message(message),
@@ -169,6 +172,10 @@ impl RateLimitQuotaService for RlqsService {
                         break;
                     }
                     Event::Tick => {
+                        ticks = ticks.wrapping_add(1);
+                        if !ticks.is_multiple_of(10) && !state.is_waiting() {
+                            continue;
+                        }
                         let rules = service.limiter.rules();
                         Ok(state
                             .reallocate_all(rules.rlqs(), service.clock.now_ms())

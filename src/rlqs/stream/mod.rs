@@ -56,6 +56,8 @@ pub struct StreamState {
     domain: Option<String>,
     /// When the last message arrived.
     last_message_ms: Option<u64>,
+    /// The last registry call failed (an outage is logged once, not per call).
+    registry_failing: bool,
     subscriptions: HashMap<BucketKey, Subscription>,
     settings: RlqsSettings,
     hub: Hub,
@@ -80,6 +82,7 @@ impl StreamState {
             persistent,
             domain: None,
             last_message_ms: None,
+            registry_failing: false,
             subscriptions: HashMap::new(),
             settings,
             hub,
@@ -193,6 +196,21 @@ impl StreamState {
         }
         actions.extend(self.allocate(&domain, &touched, rules, now_ms).await);
         Ok(response(actions))
+    }
+
+    /// Logs a registry failure once per outage.
+    fn registry_failed(&mut self, domain: &str, error: &crate::store::StoreError) {
+        if !std::mem::replace(&mut self.registry_failing, true) {
+            tracing::warn!(%domain, %error, "rlqs registry unavailable; keeping the assignments in force");
+        } else {
+            tracing::debug!(%domain, %error, "rlqs registry still unavailable");
+        }
+    }
+
+    /// Whether a limited bucket has had nothing sent yet (it waits for
+    /// room the others are giving up).
+    pub fn is_waiting(&self) -> bool {
+        self.subscriptions.values().any(|sub| sub.sent.is_none())
     }
 
     /// Whether the client has said nothing for longer than a subscriber may
@@ -311,11 +329,16 @@ impl StreamState {
             .exchange(domain, &self.member, &reports, timing)
             .await
         {
-            Ok(exchange) => exchange,
+            Ok(exchange) => {
+                if std::mem::take(&mut self.registry_failing) {
+                    tracing::info!(%domain, "rlqs registry answers again");
+                }
+                exchange
+            }
             Err(error) => {
                 // Fail static: Envoys keep what they hold until its TTL;
                 // extend what was sent, give nothing new.
-                tracing::warn!(%domain, %error, "rlqs registry unavailable; keeping the assignments in force");
+                self.registry_failed(domain, &error);
                 for (key, rule) in &limited {
                     let ttl_ms = rule.ttl_seconds * 1_000;
                     if let Some(sub) = self.subscriptions.get_mut(key)
@@ -416,7 +439,7 @@ impl StreamState {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%domain, %error, "rlqs registry unavailable; keeping the assignments in force");
+                    self.registry_failed(domain, &error);
                     plans.retain(|plan| !plan.claim);
                 }
             }
