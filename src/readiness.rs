@@ -36,12 +36,13 @@ use crate::limiter::Limiter;
 const UNREADY_RECHECK: Duration = Duration::from_millis(100);
 
 /// gRPC health service names kept in step with readiness (besides `""`):
-/// our two services and `ratelimit`, the name envoyproxy/ratelimit reports.
-pub const HEALTH_NAMES: [&str; 4] = [
+/// our services and `ratelimit`, the name envoyproxy/ratelimit reports.
+pub const HEALTH_NAMES: [&str; 5] = [
     "",
     "ratelimit",
     "ratekeeper.v1.RateLimiter",
     "envoy.service.ratelimit.v3.RateLimitService",
+    "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
 ];
 
 /// The readiness state: a cheap-to-clone handle.

@@ -872,3 +872,19 @@ async fn concurrent_claims_from_many_instances_never_hand_out_the_same_room() {
     }
     assert_eq!(total, 100, "every token granted once");
 }
+
+#[tokio::test]
+async fn health_reports_the_rlqs_service_by_name() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let instance = Instance::start(&rules_yaml(100, 100), settings(), None).await;
+    let mut health = HealthClient::new(instance.server.channel().await);
+    let response = health
+        .check(HealthCheckRequest {
+            service: "envoy.service.rate_limit_quota.v3.RateLimitQuotaService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status(), ServingStatus::Serving);
+}
