@@ -874,7 +874,7 @@ async fn concurrent_claims_from_many_instances_never_hand_out_the_same_room() {
 }
 
 #[tokio::test]
-async fn health_reports_the_rlqs_service_by_name() {
+async fn health_and_reflection_know_the_rlqs_service() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let instance = Instance::start(&rules_yaml(100, 100), settings(), None).await;
@@ -887,4 +887,34 @@ async fn health_reports_the_rlqs_service_by_name() {
         .unwrap()
         .into_inner();
     assert_eq!(response.status(), ServingStatus::Serving);
+
+    // Reflection lists it, so grpcurl needs no proto files.
+    use futures::StreamExt;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(instance.server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let response = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "envoy.service.rate_limit_quota.v3.RateLimitQuotaService"),
+        "{list:?}"
+    );
 }

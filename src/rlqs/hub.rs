@@ -46,7 +46,7 @@ pub struct BucketView {
 }
 
 /// A bucket refused by a cap, or with a bad id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
     /// The stream has `--rlqs-max-buckets-per-stream` buckets.
     StreamCap,

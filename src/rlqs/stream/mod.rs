@@ -58,6 +58,8 @@ pub struct StreamState {
     last_message_ms: Option<u64>,
     /// The last registry call failed (an outage is logged once, not per call).
     registry_failing: bool,
+    /// Refusal reasons already logged on this stream.
+    refusals_logged: std::collections::HashSet<Refusal>,
     subscriptions: HashMap<BucketKey, Subscription>,
     settings: RlqsSettings,
     hub: Hub,
@@ -83,6 +85,7 @@ impl StreamState {
             domain: None,
             last_message_ms: None,
             registry_failing: false,
+            refusals_logged: std::collections::HashSet::new(),
             subscriptions: HashMap::new(),
             settings,
             hub,
@@ -138,7 +141,9 @@ impl StreamState {
             let key = match BucketKey::new(&map) {
                 Ok(key) => key,
                 Err(error) => {
-                    tracing::warn!(%domain, %error, "rlqs bucket refused");
+                    if self.first_refusal(Refusal::InvalidBucketId) {
+                        tracing::warn!(%domain, %error, "rlqs bucket refused (logged once per stream; counted in ratekeeper_rlqs_refused_buckets_total)");
+                    }
                     self.hub.refused(&domain, Refusal::InvalidBucketId);
                     actions.push(abandon(map));
                     continue;
@@ -161,7 +166,9 @@ impl StreamState {
                 }
             } else {
                 if self.subscriptions.len() >= self.settings.max_buckets_per_stream {
-                    tracing::warn!(%domain, bucket = %key, cap = self.settings.max_buckets_per_stream, "rlqs bucket refused: the stream has the most buckets allowed (--rlqs-max-buckets-per-stream)");
+                    if self.first_refusal(Refusal::StreamCap) {
+                        tracing::warn!(%domain, bucket = %key, cap = self.settings.max_buckets_per_stream, "rlqs bucket refused: the stream has the most buckets allowed (--rlqs-max-buckets-per-stream)");
+                    }
                     self.hub.refused(&domain, Refusal::StreamCap);
                     actions.push(abandon(key.to_map()));
                     continue;
@@ -170,7 +177,9 @@ impl StreamState {
                     .hub
                     .subscribe(&domain, &key, self.settings.max_buckets_per_domain)
                 {
-                    tracing::warn!(%domain, bucket = %key, cap = self.settings.max_buckets_per_domain, "rlqs bucket refused: the domain has the most buckets allowed (--rlqs-max-buckets-per-domain)");
+                    if self.first_refusal(Refusal::DomainCap) {
+                        tracing::warn!(%domain, bucket = %key, cap = self.settings.max_buckets_per_domain, "rlqs bucket refused: the domain has the most buckets allowed (--rlqs-max-buckets-per-domain)");
+                    }
                     self.hub.refused(&domain, Refusal::DomainCap);
                     actions.push(abandon(key.to_map()));
                     continue;
@@ -198,6 +207,13 @@ impl StreamState {
         Ok(response(actions))
     }
 
+    /// Whether this is the stream's first refusal for `reason` (each is
+    /// logged once per stream: bucket ids come from client headers, and a
+    /// flood of bad ones must not flood the log).
+    fn first_refusal(&mut self, reason: Refusal) -> bool {
+        self.refusals_logged.insert(reason)
+    }
+
     /// Logs a registry failure once per outage.
     fn registry_failed(&mut self, domain: &str, error: &crate::store::StoreError) {
         if !std::mem::replace(&mut self.registry_failing, true) {
@@ -220,8 +236,8 @@ impl StreamState {
             .is_some_and(|at| now_ms.saturating_sub(at) > self.settings.stale_ms())
     }
 
-    /// Recomputes every subscription with `rules` (after a reload) and sends
-    /// whatever changed.
+    /// Re-reads the registry for every subscription with `rules` (between
+    /// reports, and after a reload) and returns whatever changed.
     pub async fn reallocate_all(
         &mut self,
         rules: &RlqsRules,
