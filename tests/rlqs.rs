@@ -747,6 +747,28 @@ async fn the_binary_shares_rlqs_limits_through_redis_and_refuses_bad_flags() {
     );
 }
 
+/// Checks that nothing answers a PING on `port`: the paused server is the
+/// one the test talks to (ports are unique within this test process only;
+/// a server of another process on the same port would make the test
+/// meaningless, and this says so).
+fn assert_silent(port: u16) {
+    use std::io::{Read, Write};
+    let Ok(mut socket) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let _ = socket.write_all(b"PING\r\n");
+    let mut reply = [0u8; 16];
+    if let Ok(n) = socket.read(&mut reply) {
+        assert!(
+            n == 0,
+            "port {port} still answers after the pause: another process's server owns it"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_redis_keeps_the_assignments_in_force_until_it_answers_again() {
     let redis = RedisServer::start();
@@ -764,6 +786,7 @@ async fn a_silent_redis_keeps_the_assignments_in_force_until_it_answers_again() 
     // Redis stops answering (connections stay open) for longer than the
     // 2 s TTL: the stream keeps extending what is in force.
     redis.pause();
+    assert_silent(redis.port);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(a.share(&api()), Some(100.0));
     assert_eq!(a.stats().decided_expired, 0, "an assignment expired");
