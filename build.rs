@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "ratekeeper/v1/leases.proto",
     "ratekeeper/v1/admin.proto",
     "envoy/service/ratelimit/v3/rls.proto",
+    "envoy/service/rate_limit_quota/v3/rlqs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

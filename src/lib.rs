@@ -31,6 +31,8 @@
 //!   reset) over gRPC and HTTP JSON, and the `ratekeeper admin` client.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.
+//! - [`rlqs`]: Envoy's Rate Limit Quota Service: one global limit divided
+//!   among Envoys by demand.
 //! - [`readiness`]: readiness for `/readyz` and gRPC health.
 //! - [`server`]: the listeners, health, reflection, shutdown order.
 //! - [`upstream`]: envoyproxy/ratelimit's HTTP surface (`/healthcheck`,
@@ -53,6 +55,7 @@ pub mod overrides;
 pub mod proto;
 pub mod readiness;
 pub mod reload;
+pub mod rlqs;
 pub mod rules;
 pub mod server;
 pub mod shutdown;
