@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "ratekeeper/v1/admin.proto",
     "ratekeeper/v1/reservations.proto",
     "envoy/service/ratelimit/v3/rls.proto",
+    "envoy/service/rate_limit_quota/v3/rlqs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

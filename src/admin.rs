@@ -31,6 +31,8 @@ pub struct AdminState {
     pub reload: ReloadStatus,
     /// Whether to take traffic, from the readiness monitor.
     pub readiness: Readiness,
+    /// RLQS buckets, for `/metrics` and `/debug/rlqs`.
+    pub rlqs: crate::rlqs::Hub,
 }
 
 /// The metrics-only routes (`--metrics-addr`): `/metrics` and `/healthz`,
@@ -50,6 +52,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/rules", get(rules))
+        .route("/debug/rlqs", get(debug_rlqs))
         .with_state(Arc::new(state))
 }
 
@@ -97,8 +100,14 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.limiter.metrics().render(),
+        state.limiter.metrics().render() + &state.rlqs.render_metrics(),
     )
+}
+
+/// `/debug/rlqs`: every RLQS bucket subscribed on this instance with its
+/// global limit, assigned shares, realised rate and subscribers.
+async fn debug_rlqs(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    axum::Json(state.rlqs.debug_json())
 }
 
 /// One rule as `/rules` shows it.

@@ -32,6 +32,8 @@
 //!   reset) over gRPC and HTTP JSON, and the `ratekeeper admin` client.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`reload`]: hot reload of the rules.
+//! - [`rlqs`]: Envoy's Rate Limit Quota Service: one global limit divided
+//!   among Envoys by demand.
 //! - [`readiness`]: readiness for `/readyz` and gRPC health.
 //! - [`server`]: the listeners, health, reflection, shutdown order.
 //! - [`upstream`]: envoyproxy/ratelimit's HTTP surface (`/healthcheck`,
@@ -55,6 +57,7 @@ pub mod proto;
 pub mod readiness;
 pub mod reload;
 pub mod reservation;
+pub mod rlqs;
 pub mod rules;
 pub mod server;
 pub mod shutdown;

@@ -212,6 +212,17 @@ fn check_config(
                     .unwrap_or_default();
                 println!("  {}: {limit}{shadow}{quota}{policy}", rule.path);
             }
+            for rule in rules.rlqs().all() {
+                println!(
+                    "  rlqs {}: {}: {} per {} shared by all Envoys (burst {}, TTL {} s)",
+                    rule.domain,
+                    rule.name,
+                    rule.requests_per_unit,
+                    rule.unit,
+                    rule.burst,
+                    rule.ttl_seconds
+                );
+            }
             println!(
                 "ok: {} domains, {} rules",
                 rules.domains().count(),
@@ -447,6 +458,44 @@ fn admin_settings(
     };
     let overrides = Overrides::new(backend, Arc::new(SystemClock)).with_max(args.max_overrides);
     Ok((overrides, auth))
+}
+
+/// RLQS settings from the flags.
+fn rlqs_settings(args: &ServeArgs) -> ratekeeper::rlqs::RlqsSettings {
+    ratekeeper::rlqs::RlqsSettings {
+        report_period: args.rlqs_report_period,
+        max_buckets_per_stream: args.rlqs_max_buckets_per_stream,
+        max_buckets_per_domain: args.rlqs_max_buckets_per_domain,
+        abandon_after_idle_reports: args.rlqs_abandon_after_idle_reports,
+        ..Default::default()
+    }
+}
+
+/// Where RLQS subscribers are shared: the Redis of `--store redis`, so
+/// instances divide one limit; otherwise this instance's memory.
+fn rlqs_registry(
+    args: &ServeArgs,
+    mode: &Mode,
+) -> anyhow::Result<Option<Arc<dyn ratekeeper::rlqs::Registry>>> {
+    match args.store {
+        StoreKind::Redis => {
+            let tls = redis_tls(args, mode)?;
+            let registry = ratekeeper::rlqs::RedisRegistry::with_tls(
+                &args.redis_url,
+                args.redis_connect_timeout,
+                tls.as_ref(),
+            )
+            .context("--redis-url (RLQS registry)")?;
+            Ok(Some(Arc::new(registry)))
+        }
+        StoreKind::Memory => Ok(None),
+        _ => {
+            tracing::warn!(
+                "RLQS subscribers are shared through Redis only with --store redis; this instance divides its limits among its own streams"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// The clock decisions read: the system's, or the frozen one of
@@ -715,7 +764,8 @@ async fn run(
         .with_failure_policy(args.failure_policy)
         .with_shutdown_timeout(args.shutdown_timeout)
         .with_overrides(overrides, args.overrides_poll_interval)
-        .with_admin_auth(admin_auth);
+        .with_admin_auth(admin_auth)
+        .with_rlqs(rlqs_settings(&args), rlqs_registry(&args, mode)?);
     server
         .serve(
             Listeners {

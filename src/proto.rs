@@ -22,6 +22,13 @@ pub mod envoy {
                 tonic::include_proto!("envoy.service.ratelimit.v3");
             }
         }
+        /// `envoy.service.rate_limit_quota.*` (RLQS)
+        pub mod rate_limit_quota {
+            /// `envoy.service.rate_limit_quota.v3`
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.rate_limit_quota.v3");
+            }
+        }
     }
     /// `envoy.extensions.*`
     pub mod extensions {

@@ -37,12 +37,13 @@ const UNREADY_RECHECK: Duration = Duration::from_millis(100);
 
 /// gRPC health service names kept in step with readiness (besides `""`):
 /// our services and `ratelimit`, the name envoyproxy/ratelimit reports.
-pub const HEALTH_NAMES: [&str; 6] = [
+pub const HEALTH_NAMES: [&str; 7] = [
     "",
     "ratelimit",
     "ratekeeper.v1.RateLimiter",
     "envoy.service.ratelimit.v3.RateLimitService",
     "ratekeeper.v1.Leases",
+    "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
     "ratekeeper.v1.ReservationService",
 ];
 

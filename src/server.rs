@@ -23,6 +23,7 @@ use crate::lease::service::LeaseService;
 use crate::limiter::{FailurePolicy, Limiter};
 use crate::metrics::{Metrics, MetricsSettings};
 use crate::overrides::Overrides;
+use crate::proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaServiceServer;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::ratekeeper::v1::leases_server::LeasesServer;
 use crate::proto::ratekeeper::v1::rate_limiter_server::RateLimiterServer;
@@ -30,6 +31,7 @@ use crate::proto::ratekeeper::v1::reservation_service_server::ReservationService
 use crate::readiness::Readiness;
 use crate::reload::{ReloadSettings, ReloadStatus};
 use crate::reservation::service::SettleService;
+use crate::rlqs::{Hub, MemoryRegistry, Registry as RlqsRegistry, RlqsService, RlqsSettings};
 use crate::rules::Rules;
 use crate::store::{CounterStore, OverLimitCache};
 use crate::upstream::{self, UpstreamListeners};
@@ -115,6 +117,11 @@ pub struct Server {
     admin_auth: AdminAuth,
     /// How often the overrides store's version is read.
     overrides_poll: Duration,
+    /// RLQS: settings, the subscriber registry (`None`: in memory) and the
+    /// clock that times reports.
+    rlqs: RlqsSettings,
+    rlqs_registry: Option<Arc<dyn RlqsRegistry>>,
+    rlqs_clock: Arc<dyn crate::clock::Clock>,
 }
 
 // === impl Server ===
@@ -141,6 +148,9 @@ impl Server {
             max_connection_age: None,
             admin_auth: AdminAuth::LoopbackOnly,
             overrides_poll: overrides::refresh::DEFAULT_POLL_INTERVAL,
+            rlqs: RlqsSettings::default(),
+            rlqs_registry: None,
+            rlqs_clock: Arc::new(crate::clock::MonotonicClock::default()),
         }
     }
 
@@ -155,6 +165,24 @@ impl Server {
     pub fn with_overrides(mut self, overrides: Overrides, poll: Duration) -> Self {
         self.limiter = self.limiter.with_overrides(overrides);
         self.overrides_poll = poll;
+        self
+    }
+
+    /// Runs RLQS with `settings`, sharing subscribers through `registry`
+    /// (`None`: this instance's memory).
+    pub fn with_rlqs(
+        mut self,
+        settings: RlqsSettings,
+        registry: Option<Arc<dyn RlqsRegistry>>,
+    ) -> Self {
+        self.rlqs = settings;
+        self.rlqs_registry = registry;
+        self
+    }
+
+    /// Times RLQS reports with `clock` (tests move it by hand).
+    pub fn with_rlqs_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.rlqs_clock = clock;
         self
     }
 
@@ -372,6 +400,18 @@ impl Server {
         .with_headers(self.headers.clone())
         .with_quota_mode(self.quota)
         .with_dynamic_metadata(self.dynamic_metadata);
+        let rlqs_hub = Hub::default();
+        let rlqs_registry = self.rlqs_registry.clone().unwrap_or_else(|| {
+            Arc::new(MemoryRegistry::new(self.rlqs_clock.clone())) as Arc<dyn RlqsRegistry>
+        });
+        let rlqs = RlqsService::new(
+            self.limiter.clone(),
+            rlqs_registry,
+            rlqs_hub.clone(),
+            self.rlqs,
+            self.rlqs_clock.clone(),
+            stop_rx.clone(),
+        );
         let grpc = builder
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -407,6 +447,12 @@ impl Server {
                 ))
                 .max_decoding_message_size(self.limits.max_request_bytes),
             )
+            // One report carries every bucket of an Envoy: room for the
+            // per-stream cap's worth of them.
+            .add_service(
+                RateLimitQuotaServiceServer::new(rlqs)
+                    .max_decoding_message_size(self.limits.max_request_bytes.max(16 << 20)),
+            )
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
 
         let reload_status = ReloadStatus::default();
@@ -414,6 +460,7 @@ impl Server {
             limiter: self.limiter.clone(),
             reload: reload_status.clone(),
             readiness: readiness.clone(),
+            rlqs: rlqs_hub,
         };
         let monitoring = readiness.monitor(
             self.limiter.clone(),

@@ -443,6 +443,28 @@ pub struct ServeArgs {
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "RATEKEEPER_SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// RLQS: the Envoys' usage report period (Envoy sends every 5 s,
+    /// whatever its config says); a subscriber silent for 3 periods is gone.
+    #[arg(long, env = "RATEKEEPER_RLQS_REPORT_PERIOD", default_value = "5s", value_parser = parse_duration)]
+    pub rlqs_report_period: Duration,
+
+    /// RLQS: most buckets one stream may subscribe to; more are abandoned.
+    #[arg(long, env = "RATEKEEPER_RLQS_MAX_BUCKETS_PER_STREAM",
+          default_value_t = crate::rlqs::DEFAULT_MAX_BUCKETS_PER_STREAM, value_parser = parse_positive)]
+    pub rlqs_max_buckets_per_stream: usize,
+
+    /// RLQS: most distinct buckets a domain may have on this instance; more
+    /// are abandoned.
+    #[arg(long, env = "RATEKEEPER_RLQS_MAX_BUCKETS_PER_DOMAIN",
+          default_value_t = crate::rlqs::DEFAULT_MAX_BUCKETS_PER_DOMAIN, value_parser = parse_positive)]
+    pub rlqs_max_buckets_per_domain: usize,
+
+    /// RLQS: reports without requests after which a bucket is abandoned.
+    #[arg(long, env = "RATEKEEPER_RLQS_ABANDON_AFTER_IDLE_REPORTS",
+          default_value_t = crate::rlqs::DEFAULT_ABANDON_AFTER_IDLE_REPORTS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rlqs_abandon_after_idle_reports: u32,
 }
 
 /// The policy names, listed in `--help` and checked like an enum.

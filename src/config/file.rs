@@ -18,6 +18,8 @@ pub struct FileDoc {
     pub domain: Option<Text>,
     /// Top-level descriptors; may be empty or absent.
     pub descriptors: Option<Vec<DescriptorDoc>>,
+    /// ratekeeper extension: RLQS limits shared by Envoys (see docs/rlqs.md).
+    pub rlqs: Option<Vec<crate::rlqs::rules::RlqsRuleDoc>>,
 }
 
 /// One descriptor node.

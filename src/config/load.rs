@@ -133,8 +133,10 @@ impl ConfigSnapshot {
     /// (naming both).
     pub fn compile_with(&self, domain_files: DomainFiles) -> Result<Rules, ConfigError> {
         let mut domains: HashMap<String, MergedDomain<'_>> = HashMap::new();
+        let mut rlqs = crate::rlqs::RlqsRules::default();
         for (name, text) in &self.files {
             let (domain, doc) = parse_document(name, text)?;
+            rlqs.add(name, &domain, doc.rlqs.as_deref().unwrap_or_default())?;
             let descriptors = doc.descriptors.as_deref().unwrap_or_default();
             let compiler = Compiler {
                 file: name,
@@ -167,7 +169,8 @@ impl ConfigSnapshot {
                 .into_iter()
                 .map(|(domain, merged)| (domain, DescriptorTree::new(merged.root)))
                 .collect(),
-        ))
+        )
+        .with_rlqs(rlqs))
     }
 }
 
@@ -259,6 +262,7 @@ fn parse_document(name: &str, text: &str) -> Result<(String, FileDoc), ConfigErr
         FileDoc {
             domain: None,
             descriptors: None,
+            rlqs: None,
         }
     } else {
         // The YAML error text already carries the path inside the file and

@@ -136,6 +136,8 @@ pub struct Rules {
     /// until one does (as envoyproxy/ratelimit). `false` for every loaded
     /// set, empty or not.
     unloaded: bool,
+    /// The RLQS rules (the files' `rlqs:` sections).
+    rlqs: Arc<crate::rlqs::RlqsRules>,
 }
 
 // === impl Unit ===
@@ -277,7 +279,19 @@ impl Rules {
         Self {
             domains,
             unloaded: false,
+            rlqs: Arc::default(),
         }
+    }
+
+    /// These rules with `rlqs` as their RLQS rules.
+    pub fn with_rlqs(mut self, rlqs: crate::rlqs::RlqsRules) -> Self {
+        self.rlqs = Arc::new(rlqs);
+        self
+    }
+
+    /// The RLQS rules.
+    pub fn rlqs(&self) -> &crate::rlqs::RlqsRules {
+        &self.rlqs
     }
 
     /// The state before any configuration has loaded: no domains, and
@@ -286,6 +300,7 @@ impl Rules {
         Self {
             domains: HashMap::new(),
             unloaded: true,
+            rlqs: Arc::default(),
         }
     }
 

@@ -142,7 +142,7 @@ pub struct RedisTls {
 
 impl RedisTls {
     /// The certificates in redis-rs's form.
-    pub(super) fn certificates(&self) -> redis::TlsCertificates {
+    pub(crate) fn certificates(&self) -> redis::TlsCertificates {
         redis::TlsCertificates {
             client_tls: self.client_pem.clone().map(|(client_cert, client_key)| {
                 redis::ClientTlsConfig {
