@@ -216,20 +216,30 @@ fn wait_for_redis(port: u16) {
 /// A port that was free a moment ago, and never handed out before in this
 /// test process (tests run in parallel, and a port picked by one must not be
 /// picked again by another before its server binds it).
+///
+/// Picked below the kernel's ephemeral range: between this pick and the
+/// server's bind, the kernel may hand an ephemeral port to any outgoing
+/// connection (a client of another test), and the server would then fail
+/// to bind. Ports below the range are only ever taken by an explicit bind.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000.min(ephemeral_start / 2);
+    for _ in 0..10_000 {
+        let port = fastrand::u16(low..ephemeral_start);
+        if given.contains(&port) {
+            continue;
+        }
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    panic!("no free port below the ephemeral range ({low}..{ephemeral_start})");
 }
 
 // --------------------------------------------------------------- stores ---
