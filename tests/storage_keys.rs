@@ -98,7 +98,7 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
             "{key}"
         );
         let ttl: i64 = ::redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
-        let window: i64 = if key.ends_with("|3600000") {
+        let window: i64 = if key.contains("|fw|3600000|") {
             3_600_000
         } else {
             60_000
@@ -110,6 +110,95 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
             .any(|k| k.contains("d4:keysn2k1:xv1:1k1:yv1:2|fw|3600000")),
         "{keys:?}"
     );
+}
+
+/// A run's keys come windowed for the window this host expects Redis to be
+/// in. When Redis's clock says another window (a boundary passed on the
+/// way, a host clock that is off), the hits still count in Redis's window,
+/// never in the one the host guessed.
+#[tokio::test]
+async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
+    const WINDOW: i64 = 60_000;
+    let redis = RedisServer::start();
+    let server = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&redis.url(), Duration::from_secs(2))),
+    )
+    .await;
+    // The first decision loads the code into Redis.
+    let mut client = server.client().await;
+    client
+        .should_allow(allow_request("keys", &[&[("a", "load")]], 1))
+        .await
+        .unwrap();
+    let mut conn = redis.connection();
+    let libraries: Vec<::redis::Value> = ::redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query(&mut conn)
+        .unwrap();
+    let listed = format!("{libraries:?}");
+    let function = listed
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .find(|word| word.starts_with("ratekeeper_decide_"))
+        .unwrap_or_else(|| panic!("no decide function in {listed}"))
+        .to_owned();
+
+    let counters = [
+        "rk4:{skew}:d1:an1k1:av1:1|fw|60000",
+        "rk4:{skew}:d1:an1k1:av1:2|fw|60000",
+    ];
+    let count = |key: &str, conn: &mut ::redis::Connection| -> Option<i64> {
+        ::redis::cmd("GET").arg(key).query(conn).unwrap()
+    };
+    // A run of one hit on each counter, windowed for `expected`, on Redis's
+    // clock ('' reads TIME): returns Redis's now and the counts after.
+    let run = |expected: i64, conn: &mut ::redis::Connection| -> Vec<i64> {
+        let mut cmd = ::redis::cmd("FCALL");
+        cmd.arg(&function).arg(counters.len());
+        for counter in counters {
+            cmd.arg(format!("{counter}|{expected}"));
+        }
+        cmd.arg("")
+            .arg(0)
+            .arg(4)
+            .arg(counters.len())
+            .arg(WINDOW)
+            .arg(1)
+            .arg(expected);
+        cmd.query(conn).unwrap()
+    };
+    let window_of = |now: i64| now - now % WINDOW;
+
+    // Ten windows behind Redis, then ten ahead, then Redis's own. Each run
+    // adds one to the counts of Redis's window (a boundary passing between
+    // runs starts them again).
+    let mut last: Option<(i64, i64)> = None; // (window, count)
+    for offset in [-10 * WINDOW, 10 * WINDOW, 0] {
+        let guess = window_of(redis_now_ms(&mut conn)) + offset;
+        let reply = run(guess, &mut conn);
+        let start = window_of(reply[0]);
+        let expected = match last {
+            Some((window, count)) if window == start => count + 1,
+            _ => 1,
+        };
+        assert_eq!(reply[1..], [expected, expected], "offset {offset}");
+        for counter in counters {
+            let own = format!("{counter}|{start}");
+            assert_eq!(count(&own, &mut conn), Some(expected), "{own}");
+            let ttl: i64 = ::redis::cmd("PTTL").arg(&own).query(&mut conn).unwrap();
+            assert!(ttl > 0 && ttl <= WINDOW, "{own}: pttl {ttl}");
+            if start != guess {
+                let guessed = format!("{counter}|{guess}");
+                assert_eq!(count(&guessed, &mut conn), None, "{guessed}");
+            }
+        }
+        last = Some((start, expected));
+    }
+}
+
+fn redis_now_ms(conn: &mut ::redis::Connection) -> i64 {
+    let (seconds, micros): (i64, i64) = ::redis::cmd("TIME").query(conn).unwrap();
+    seconds * 1000 + micros / 1000
 }
 
 /// With expiry jitter, the keys of one window no longer expire together,
@@ -239,6 +328,7 @@ async fn one_redis_request_per_decision() {
     assert_eq!(calls("unwatch"), 0, "{info}");
     assert!(calls("ping") <= 2, "{info}");
     // Inside the code: each of the three descriptors counted once per
-    // decision (one HINCRBY on its window's field), whatever the batching.
-    assert_eq!(calls("hincrby"), 1_200, "{info}");
+    // decision (one INCRBY on its window's key), whatever the batching.
+    assert_eq!(calls("incrby"), 1_200, "{info}");
+    assert_eq!(calls("hincrby"), 0, "{info}");
 }

@@ -2,7 +2,8 @@
 -- (turned into a tombstone holding the settled cost) and actual - estimate
 -- is applied to the counters it charged, in one call. The Rust settle
 -- (src/reservation/adjust.rs) is the spec; this is its twin over the
--- ratekeeper.lua state layout.
+-- ratekeeper.lua state layout (a fixed window's count at the counter's key,
+-- '|', the window's start; a sliding window's in a hash field per start).
 --
 -- KEYS[1]   the reservation record (a hash: d domain, e estimate,
 --           x expires at (Unix ms), s 'open' or the settled cost)
@@ -58,7 +59,16 @@ for i = 2, #KEYS do
   local a = 6 + (i - 2) * 5
   local alg, limit, w, burst, start =
     tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
-  if alg == FW or alg == SW then
+  if alg == FW then
+    -- Only a window the counter still holds: once gone, moot. INCRBY keeps
+    -- the window's TTL.
+    local wk = k .. '|' .. start
+    local count = redis.call('GET', wk)
+    if count then
+      local settled = math.min(math.max(0, tonumber(count) + actual - estimate), COUNT_CAP)
+      redis.call('INCRBY', wk, string.format('%d', settled - tonumber(count)))
+    end
+  elseif alg == SW then
     -- Only a window the counter still holds: once gone, moot.
     local count = redis.call('HGET', k, start)
     if count then

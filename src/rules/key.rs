@@ -11,7 +11,10 @@
 //! `k<len>:<key>` followed by `v<len>:<value>` (the runtime value) or
 //! `p<len>:<pattern>` (a `share_threshold` wildcard), then `|<algorithm>|<window ms>`.
 //! `rk4` versions the layout and the state format (`rk1` kept a hash, `rk2`
-//! and `rk3` packed strings; `rk4` keeps window counts as hash fields).
+//! and `rk3` packed strings; `rk4` keeps sliding-window counts as hash
+//! fields). A fixed window's count of one window lives at the counter's key
+//! followed by `|<window start ms>` ([`push_window`]): one integer per
+//! window, which a plain `INCRBY` counts and its TTL removes.
 //! `<tag>` is a 64-bit FNV-1a hash of the rest in hex; inside braces it is
 //! the Redis Cluster hash tag, so all state of one descriptor lives on one
 //! slot, and it never contains a brace itself.
@@ -65,6 +68,27 @@ pub fn storage_key(
         *slot = HEX[((tag >> (60 - 4 * i)) & 0xf) as usize];
     }
     key
+}
+
+/// Turns a fixed-window counter's key into the key of its window starting
+/// at `start_ms` (Unix ms). The Lua code builds the same (`window_key` in
+/// `store/redis/ratekeeper.lua`); the counter's key ends with its window
+/// length, so the window's key is as injective as the counter's.
+pub fn push_window(key: &mut Vec<u8>, start_ms: u64) {
+    key.push(b'|');
+    push_decimal(key, start_ms);
+}
+
+/// The window length (ms) of a fixed-window counter's key (as
+/// [`storage_key`] builds them with the algorithm `fw`), `None` for any
+/// other key. Read from the end: the variable parts come before it.
+pub fn fixed_window_ms(key: &[u8]) -> Option<u64> {
+    let mut parts = key.rsplitn(3, |&b| b == b'|');
+    let window = parts.next()?;
+    if parts.next()? != b"fw" || parts.next().is_none() || window.is_empty() {
+        return None;
+    }
+    std::str::from_utf8(window).ok()?.parse().ok()
 }
 
 /// Gives `key` the hash tag of `anchor` (both ratekeeper keys), so that it
@@ -176,6 +200,27 @@ mod tests {
         assert_eq!(tag_end, 5 + 16, "{key}");
         assert!(key.ends_with("|fw|60000"), "{key}");
         assert!(key.contains("d3:domn1k4:userv5:alice"), "{key}");
+    }
+
+    #[test]
+    fn a_fixed_window_key_says_its_window_and_windows_keep_keys_apart() {
+        let key = key("d", &[("user", "a|fw|5")]);
+        assert_eq!(fixed_window_ms(&key), Some(60_000));
+        let entries = [EntryRef {
+            key: "user",
+            value: "a|fw|5",
+        }];
+        let sliding = storage_key("d", &entries, &rule(vec![]), "sw", 60_000);
+        assert_eq!(fixed_window_ms(&sliding), None);
+        assert_eq!(fixed_window_ms(b"fw|60000"), None);
+        assert_eq!(fixed_window_ms(b"x|fw|"), None);
+
+        let mut first = key.clone();
+        push_window(&mut first, 1_700_000_000_000);
+        assert!(first.ends_with(b"|fw|60000|1700000000000"));
+        let mut second = key.clone();
+        push_window(&mut second, 1_700_000_060_000);
+        assert_ne!(first, second);
     }
 
     #[test]

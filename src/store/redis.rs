@@ -27,6 +27,7 @@ pub(crate) mod node;
 pub mod sentinel;
 pub(crate) mod upstream_keys;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ use async_trait::async_trait;
 
 use super::{ADMIN_TIMEOUT, CounterStore, RedisCommands, StoreError};
 use crate::algorithm::{BatchHit, Mode, Outcome};
-use crate::clock::Clock;
+use crate::clock::{Clock, SystemClock};
 use crate::rules::KeyLayout;
 use crate::store::envoy_layout::EnvoyLayout;
 use coalesce::{Batching, Job};
@@ -89,6 +90,9 @@ impl RedisSettings {
 pub(crate) struct ScriptTime {
     clock: Arc<OnceLock<Arc<dyn Clock>>>,
     jitter_max_ms: u64,
+    /// Redis's clock minus this host's (ms), as the last reply showed it:
+    /// what [`ScriptTime::expected_now_ms`] adds to this host's clock.
+    offset_ms: Arc<AtomicI64>,
 }
 
 impl ScriptTime {
@@ -96,6 +100,7 @@ impl ScriptTime {
         Self {
             clock: Arc::default(),
             jitter_max_ms: u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX),
+            offset_ms: Arc::default(),
         }
     }
 
@@ -106,6 +111,29 @@ impl ScriptTime {
 
     pub(crate) fn now_ms(&self) -> Option<u64> {
         self.clock.get().map(|clock| clock.now_ms())
+    }
+
+    /// What the code's `now` will most likely be: the injected time, else
+    /// this host's clock corrected by the offset the last reply showed.
+    /// Only an estimate, to name the window a call expects (a guess off by
+    /// a boundary costs the script a string, never a wrong count): the
+    /// decision's time is Redis's.
+    pub(crate) fn expected_now_ms(&self) -> u64 {
+        match self.clock.get() {
+            Some(clock) => clock.now_ms(),
+            None => SystemClock
+                .now_ms()
+                .saturating_add_signed(self.offset_ms.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Learns Redis's clock from a reply's `now`.
+    pub(crate) fn observe(&self, redis_now_ms: i64) {
+        if self.clock.get().is_none() {
+            let here = i64::try_from(SystemClock.now_ms()).unwrap_or(i64::MAX);
+            self.offset_ms
+                .store(redis_now_ms.saturating_sub(here), Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn ttl_extra_ms(&self) -> u64 {
@@ -454,13 +482,25 @@ impl CounterStore for RedisStore {
     }
 
     async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
-        let Some(first) = keys.first() else {
+        if keys.is_empty() {
             return Ok(0);
-        };
-        let deleted = self
-            .query(first, redis::cmd("DEL").arg(keys).clone())
-            .await?;
-        redis::from_redis_value(deleted).map_err(|e| StoreError::Protocol(e.to_string()))
+        }
+        // One DEL per counter (all its keys), so the answer counts counters.
+        let mut pipe = redis::pipe();
+        for counter in keys {
+            pipe.cmd("DEL").arg(stored_keys(
+                std::slice::from_ref(counter),
+                &self.batching.time,
+            ));
+        }
+        let deleted: Vec<u64> = super::within(ADMIN_TIMEOUT, async {
+            let call = self.node.call().await?;
+            let result = pipe.query_async(&mut call.connection()).await;
+            call.end(result.as_ref().err());
+            result.map_err(|e| store_error(&e))
+        })
+        .await?;
+        Ok(deleted.iter().filter(|&&n| n > 0).count() as u64)
     }
 
     fn reservations(&self) -> Option<Arc<dyn crate::reservation::ReservationStore>> {
@@ -505,6 +545,27 @@ pub(crate) const REFUND_SOURCE: &str = include_str!("redis/refund.lua");
 
 static REFUND: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(REFUND_SOURCE));
+
+/// The Redis keys holding the state of counters `keys`: a fixed-window
+/// counter's is one key per window, so its windows around Redis's now (the
+/// one before, the current one, the next, in case the estimate of Redis's
+/// clock is a boundary off) stand for it, beside the key itself.
+pub(crate) fn stored_keys(keys: &[Vec<u8>], time: &ScriptTime) -> Vec<Vec<u8>> {
+    let now = time.expected_now_ms();
+    let mut stored = Vec::with_capacity(keys.len() * 4);
+    for key in keys {
+        stored.push(key.clone());
+        if let Some(window) = crate::rules::key::fixed_window_ms(key).filter(|&w| w > 0) {
+            let current = now - now % window;
+            for start in [current.saturating_sub(window), current, current + window] {
+                let mut windowed = key.clone();
+                crate::rules::key::push_window(&mut windowed, start);
+                stored.push(windowed);
+            }
+        }
+    }
+    stored
+}
 
 /// The refund script's KEYS and ARGV for `hits`, at `time`'s clock.
 pub(crate) fn refund_call(

@@ -40,7 +40,9 @@ use super::redis::coalesce::Batching;
 use super::redis::coalesce::share_out;
 use super::redis::encode::{Encoded, assemble};
 use super::redis::node::Node;
-use super::redis::{RedisTls, ScriptTime, decide_on, no_connection, outcomes_of, store_error};
+use super::redis::{
+    RedisTls, ScriptTime, decide_on, no_connection, outcomes_of, store_error, stored_keys,
+};
 use super::{ADMIN_TIMEOUT, CounterStore, RedisCommands, StoreError, groups};
 use crate::algorithm::{BatchHit, Mode, Outcome};
 use crate::reservation::redis::NodeFailure;
@@ -468,14 +470,19 @@ impl CounterStore for RedisClusterStore {
             .map_or(KeyLayout::Ratekeeper, |layout| layout.key_layout())
     }
 
-    /// Each key on its own slot's master, one after another (an
-    /// operator's reset names a key or two).
+    /// Each counter on its own slot's master, one after another (an
+    /// operator's reset names a counter or two).
     async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
         let mut deleted = 0;
         for key in keys {
-            let reply = self.query(key, redis::cmd("DEL").arg(key).clone()).await?;
-            deleted += redis::from_redis_value::<u64>(reply)
+            // A counter's keys share its hash tag: one slot, one DEL.
+            let stored = stored_keys(std::slice::from_ref(key), &self.batching.time);
+            let reply = self
+                .query(key, redis::cmd("DEL").arg(stored).clone())
+                .await?;
+            let gone = redis::from_redis_value::<u64>(reply)
                 .map_err(|e| StoreError::Protocol(e.to_string()))?;
+            deleted += u64::from(gone > 0);
         }
         Ok(deleted)
     }

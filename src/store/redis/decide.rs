@@ -14,8 +14,9 @@
 use redis::{Cmd, Script};
 
 use super::ScriptTime;
-use super::encode::{Assembled, REPLY_PER_HIT};
+use super::encode::{Assembled, REPLY_PER_HIT, RUN, Run};
 use crate::algorithm::{AlgorithmKind, BatchHit, Mode, Outcome, StateView, Stored, apply_batch};
+use crate::rules::key;
 use crate::store::StoreError;
 
 /// The Lua source (see its header for KEYS, ARGV and the reply).
@@ -94,15 +95,38 @@ impl Code {
                 cmd
             }
         };
+        let now = time.now_ms();
+        // The window each run expects, so that its keys go windowed and the
+        // script uses them as they are (see `run` in ratekeeper.lua).
+        let expected = now.unwrap_or_else(|| time.expected_now_ms());
+        let start = |run: &Run| expected - expected % run.window_ms.max(1);
         cmd.arg(call.keys.len());
-        for key in &call.keys {
+        let mut at = 0;
+        let mut windowed = Vec::new();
+        for run in &call.runs {
+            for key in &call.keys[at..at + run.len] {
+                windowed.clear();
+                windowed.extend_from_slice(key);
+                key::push_window(&mut windowed, start(run));
+                cmd.arg(windowed.as_slice());
+            }
+            at += run.len;
+        }
+        for key in &call.keys[at..] {
             cmd.arg(*key);
         }
-        match time.now_ms() {
+        match now {
             Some(now) => cmd.arg(now),
             None => cmd.arg(""),
         };
         cmd.arg(time.ttl_extra_ms());
+        for run in &call.runs {
+            cmd.arg(RUN)
+                .arg(run.len)
+                .arg(run.window_ms)
+                .arg(run.hits)
+                .arg(start(run));
+        }
         for arg in &call.args {
             cmd.arg(*arg);
         }

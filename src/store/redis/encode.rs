@@ -5,8 +5,9 @@
 //! ([`assemble`]): every plain hit — a fixed window adding hits to a key
 //! of its own in an independent decision, which is what Envoy's requests
 //! are — joins a *run* of hits that share a window and a hit count, so a
-//! run costs Redis four arguments whatever its length and nothing per hit
-//! but its key; every other decision goes as it is (mode, count, six
+//! run costs Redis five arguments whatever its length and nothing per hit
+//! but its key (sent windowed, see [`Code::call`](super::decide::Code::call));
+//! every other decision goes as it is (mode, count, six
 //! arguments per hit) and is applied on its own. The reply is split back
 //! into each decision's part in one shape, three integers per hit
 //! ([`Layout::split`]), which `decide::outcomes` turns into answers.
@@ -18,7 +19,7 @@ use crate::algorithm::{AlgorithmKind, BatchHit, Mode};
 pub(crate) const REPLY_PER_HIT: usize = 3;
 
 /// The argument that opens a run (decisions are opened by their mode, 0 to 3).
-const RUN: u64 = 4;
+pub(crate) const RUN: u64 = 4;
 
 /// One decision as calls carry it.
 #[derive(Debug, Clone)]
@@ -46,9 +47,23 @@ struct PlainHit {
 /// where each decision's answer is in the reply.
 #[derive(Debug)]
 pub(crate) struct Assembled<'d> {
+    /// The runs' keys (counters, not yet windowed), run after run, then the
+    /// other decisions' keys.
     pub keys: Vec<&'d [u8]>,
+    /// The runs, in the order of their keys.
+    pub runs: Vec<Run>,
+    /// The other decisions' arguments.
     pub args: Vec<u64>,
     pub layout: Layout,
+}
+
+/// Plain hits sharing a window and a hit count: one group of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub window_ms: u64,
+    pub hits: u64,
+    /// Its keys: the next `len` of the call's.
+    pub len: usize,
 }
 
 /// Where each decision's part of a reply is.
@@ -153,11 +168,16 @@ pub(crate) fn assemble<'d>(decisions: &[&'d Encoded]) -> Assembled<'d> {
     plain.sort_unstable();
 
     let mut keys = Vec::with_capacity(plain.len() + full_keys);
+    let mut runs = Vec::new();
     let mut args = Vec::new();
     let mut run_place = vec![0; plain.len()];
     for run in plain.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
         let (window_ms, hits, _) = run[0];
-        args.extend([RUN, run.len() as u64, window_ms, hits]);
+        runs.push(Run {
+            window_ms,
+            hits,
+            len: run.len(),
+        });
         for &(_, _, index) in run {
             run_place[index] = keys.len();
             keys.push(plain_keys[index]);
@@ -177,6 +197,7 @@ pub(crate) fn assemble<'d>(decisions: &[&'d Encoded]) -> Assembled<'d> {
             len: run_hits + full_keys * REPLY_PER_HIT,
         },
         keys,
+        runs,
         args,
     }
 }
@@ -306,15 +327,20 @@ mod tests {
         let call = assemble(&decisions);
         let keys: Vec<&[u8]> = vec![b"b", b"a", b"c", b"e", b"d"];
         assert_eq!(call.keys, keys);
+        let run = |window_ms, hits, len| Run {
+            window_ms,
+            hits,
+            len,
+        };
         assert_eq!(
-            call.args,
+            call.runs,
             [
-                RUN, 1, 1_000, 1, // b
-                RUN, 2, 60_000, 1, // a, c
-                RUN, 1, 60_000, 2, // e
-                1, 1, 1, 10, 60_000, 10, 1, 1, // d, all or nothing
+                run(1_000, 1, 1),  // b
+                run(60_000, 1, 2), // a, c
+                run(60_000, 2, 1), // e
             ]
         );
+        assert_eq!(call.args, [1, 1, 1, 10, 60_000, 10, 1, 1]); // d, all or nothing
 
         // now; b a c e counted to 3 7 11 12; d found at 4, allowed.
         let reply = [1_000_000, 3, 7, 11, 12, 1, 4, 0];

@@ -11,11 +11,16 @@
 --           drive the clock)
 -- ARGV[2]   ms added to every key's TTL beyond its state's (expiry jitter)
 -- then groups, each opened by its kind:
---   4 (a run): count, window_ms, hits. `count` fixed-window hits, each
---           on its own key and each its own independent decision (the
+--   4 (a run): count, window_ms, hits, start. `count` fixed-window hits,
+--           each on its own key and each its own independent decision (the
 --           Envoy case: a denied hit still counts), all with this window
---           and these hits. Nothing is judged here: the reply is each key's
---           count after the hits, and Rust compares it with the limit.
+--           and these hits. Their keys come already windowed for `start`,
+--           the window Rust expects from its estimate of this server's
+--           clock; when the window of `now` is another (a boundary between
+--           the estimate and now, a skewed estimate), the key of `now`'s
+--           window is used instead. Nothing is judged here: the reply is
+--           each key's count after the hits, and Rust compares it with the
+--           limit.
 --   0 to 3 (a decision in that mode: 0 independent, 1 all-or-nothing,
 --           2 dry run, 3 independent counting only the over-limit hits
 --           when any is over): the number of its hits, then six per hit:
@@ -29,11 +34,15 @@
 -- was measured (0 0: absent).
 --
 -- State in Redis:
--- - fixed and sliding window: a hash whose fields are window starts (Unix
---   ms) and values the counts of those windows, so the common case is one
---   HINCRBY; a clock stepped back into the previous window finds that
---   window's own count. A window's first hit sets the TTL (never shortening
---   it) and drops the field two windows back.
+-- - fixed window: one integer per window, at the counter's key followed by
+--   '|' and the window's start (Unix ms), so the common case is one INCRBY
+--   on a key the call names; the window's first hit sets its TTL (the
+--   window's end), and an old window's key simply expires. A clock stepped
+--   back into the previous window finds that window's own count.
+-- - sliding window: a hash whose fields are window starts and values the
+--   counts of those windows (a decision reads two). A window's first hit
+--   sets the TTL (never shortening it) and drops the field two windows
+--   back.
 -- - token bucket: a string of three packed doubles: level, measured_at,
 --   expires_at (read as absent once expired, whatever the TTL).
 --
@@ -59,15 +68,17 @@ end
 -- Whether PEXPIRE takes NX and GT (Redis 7): found at the first use.
 local expire_options = nil
 
--- A window's first hit: the key lives while the window (a sliding window:
--- the next one too) can matter — never less than it already does — and the
--- field two windows back goes. A new key (no TTL yet) costs one PEXPIRE.
-local function first_hit(kk, alg, start, w, now, extra)
-  local span = w
-  if alg == SW then
-    span = 2 * w
-  end
-  local want = start + span - now + extra
+-- The key of a fixed-window counter's window starting at `field` (the
+-- start as a string).
+local function window_key(base, field)
+  return base .. '|' .. field
+end
+
+-- A sliding window's first hit: the key lives while this window and the
+-- next can matter — never less than it already does — and the field two
+-- windows back goes. A new key (no TTL yet) costs one PEXPIRE.
+local function first_hit(kk, start, w, now, extra)
+  local want = start + 2 * w - now + extra
   if expire_options == nil then
     expire_options = (redis.REDIS_VERSION_NUM or 0) >= 0x070000
   end
@@ -88,10 +99,10 @@ local function first_hit(kk, alg, start, w, now, extra)
 end
 
 -- The decision being applied (reused from one decision to the next): per
--- hit i its key and rule; per key the state the decision found (fx, fy),
+-- hit i its key (a fixed window: also its window's key) and rule; per key the state the decision found (fx, fy),
 -- the state in Redis now (bx, by) and the state as the decision has changed
 -- it (cx, cy).
-local key, alg, limit, window, burst, hits, enforced, start, allowed = {}, {}, {}, {}, {}, {}, {}, {}, {}
+local key, wkey, alg, limit, window, burst, hits, enforced, start, allowed = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
 local fx, fy, bx, by, cx, cy = {}, {}, {}, {}, {}, {}
 local over = {}
 -- The call's time and TTL extra.
@@ -104,7 +115,7 @@ local function load(i)
   end
   local v1, v2 = 0, 0
   if alg[i] == FW then
-    v1 = tonumber(redis.call('HGET', kk, start[i])) or 0
+    v1 = tonumber(redis.call('GET', wkey[i])) or 0
   elseif alg[i] == SW then
     local got = redis.call('HMGET', kk, start[i], start[i] - window[i])
     v1, v2 = tonumber(got[1]) or 0, tonumber(got[2]) or 0
@@ -157,10 +168,15 @@ local function write(i)
     local expires = now + ceil_div(cx[kk], math.max(limit[i], 1))
     redis.call('SET', kk, struct.pack('ddd', cx[kk], cy[kk], expires),
       'PX', math.max(1, expires - now) + extra)
+  elseif alg[i] == FW then
+    redis.call('INCRBY', wkey[i], cx[kk] - bx[kk])
+    if bx[kk] == 0 then
+      redis.call('PEXPIRE', wkey[i], start[i] + window[i] - now + extra)
+    end
   else
     redis.call('HINCRBY', kk, start[i], cx[kk] - bx[kk])
     if bx[kk] == 0 then
-      first_hit(kk, alg[i], start[i], window[i], now, extra)
+      first_hit(kk, start[i], window[i], now, extra)
     end
   end
   bx[kk], by[kk] = cx[kk], cy[kk]
@@ -186,6 +202,9 @@ local function decide(keys, argv, reply, mode, count, k, a)
     enforced[i] = argv[b + 5] == '1'
     if alg[i] ~= TB then
       start[i] = now - (now % window[i])
+    end
+    if alg[i] == FW then
+      wkey[i] = window_key(key[i], string.format('%d', start[i]))
     end
   end
 
@@ -249,21 +268,27 @@ local function decide(keys, argv, reply, mode, count, k, a)
 end
 
 -- A run of `count` one-hit decisions at keys after `k`, all with window
--- `w_arg` and hits `n_arg`: one HINCRBY each, appended to `reply`. The
--- arguments go back to Redis as the strings they came as, and the window's
--- start is formatted once.
-local function run(keys, reply, k, count, w_arg, n_arg)
+-- `w_arg` and hits `n_arg`, windowed for `expected` (a start): one INCRBY
+-- each (and a PEXPIRE for a window's first hit), appended to `reply`. The
+-- arguments go back to Redis as the strings they came as. When `now` is in
+-- the expected window (nearly always) the keys are used as they came: no
+-- string is built per hit.
+local function run(keys, reply, k, count, w_arg, n_arg, expected)
   local w, n = tonumber(w_arg), tonumber(n_arg)
   local start = now - (now % w)
   local field = string.format('%d', start)
+  local ttl = start + w - now + extra
   local r = #reply
   for i = k + 1, k + count do
     local kk = keys[i]
-    local after = redis.call('HINCRBY', kk, field, n_arg)
+    if field ~= expected then
+      kk = window_key(string.sub(kk, 1, #kk - #expected - 1), field)
+    end
+    local after = redis.call('INCRBY', kk, n_arg)
     r = r + 1
     reply[r] = after
     if after == n then
-      first_hit(kk, FW, start, w, now, extra)
+      redis.call('PEXPIRE', kk, ttl)
     end
   end
 end
@@ -285,8 +310,8 @@ local function decide_all(keys, argv)
     local kind = tonumber(argv[a])
     local count = tonumber(argv[a + 1])
     if kind == RUN then
-      run(keys, reply, k, count, argv[a + 2], argv[a + 3])
-      a = a + 4
+      run(keys, reply, k, count, argv[a + 2], argv[a + 3], argv[a + 4])
+      a = a + 5
     else
       decide(keys, argv, reply, kind, count, k, a + 2)
       a = a + 2 + count * ARGS_PER_HIT

@@ -10,9 +10,10 @@
 -- then five per key: algorithm (1 fixed window, 2 sliding window, 3 token
 --           bucket), limit, window_ms, burst, hits
 --
--- State as the decision code keeps it (ratekeeper.lua): window counts in a
--- hash field per window start; a token bucket as three packed doubles
--- (level, measured_at, expires_at).
+-- State as the decision code keeps it (ratekeeper.lua): a fixed window's
+-- count at the counter's key followed by '|' and the window's start; a
+-- sliding window's counts in a hash field per window start; a token bucket
+-- as three packed doubles (level, measured_at, expires_at).
 
 local now = tonumber(ARGV[1])
 if not now then
@@ -45,6 +46,12 @@ for i, kk in ipairs(KEYS) do
             'PX', math.max(1, q) + extra)
         end
       end
+    end
+  elseif alg == 1 then
+    local wk = kk .. '|' .. string.format('%d', now - (now % w))
+    local count = tonumber(redis.call('GET', wk)) or 0
+    if count > 0 and hits > 0 then
+      redis.call('INCRBY', wk, -math.min(count, hits))
     end
   else
     local start = now - (now % w)
