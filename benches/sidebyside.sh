@@ -26,7 +26,10 @@
 #                pipelined) replayed into the same Redis: its Redis CPU per decision, once
 #                by redis-cli --pipe (one endless pipeline: the pattern's floor) and once in
 #                pipelines as full as ratekeeper's calls were in this round (its saturation
-#                run's decisions per call, over 2 connections: the same batching)
+#                run's decisions per call, over 2 connections: the same batching); then
+#                ratekeeper's own calls (1 and 3 descriptors) replayed the same way, so both
+#                are measured with Redis alone on its core (in the runs above a server shares
+#                it, as it would not in production)
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RK=${RK:-$ROOT/target/release/ratekeeper}
@@ -190,6 +193,76 @@ PY
   python3 -c "import json,sys; print(json.dumps({'target': 'upstream-pattern', 'label': sys.argv[4], 'redis_us': (float(sys.argv[2]) - float(sys.argv[1])) * 1e6 / int(sys.argv[3])}))" "$r0" "$r1" "$n" "$label"
 }
 
+# Replays ratekeeper's own calls for N decisions of DESCS descriptors each (the FCALLs its Redis
+# store sends for Envoy requests: runs of windowed keys, Redis's TIME), BATCH decisions per call,
+# into a fresh Redis the same way as upstream's commands with BATCH: over 2 connections, one call
+# out per connection, from CPU 1 while Redis has CPU 0 to itself. Redis's cost of the calls
+# themselves, without a server beside it on its core. Prints Redis CPU per decision.
+replay() {
+  local batch=$1 descs=$2 n=400000
+  redis_start
+  # A ratekeeper loads its code into this Redis (one decision), then leaves it.
+  start rk-redis
+  taskset -c 1 "$RLS_BENCH" load --addr http://127.0.0.1:$GRPC_PORT --domain bench --key user \
+    --keys 1 --concurrency 1 --connections 1 --duration 1s --warmup 0s --rate 5 \
+    --json "$WORK/load.json" >/dev/null 2>&1
+  stop
+  local function
+  function=$(redis-cli -p $REDIS_PORT function list | grep -m1 -o 'ratekeeper_decide_[0-9a-f]*')
+  [ -n "$function" ] || { echo "ratekeeper's code is not in Redis" >&2; exit 1; }
+  redis-cli -p $REDIS_PORT flushall >/dev/null
+  local r0 r1
+  r0=$(redis_cpu)
+  taskset -c 1 python3 - "$REDIS_PORT" "$function" "$n" "$batch" "$descs" "$KEYS" <<'PY'
+import random, socket, sys, threading, time
+port, function, n, batch, descs, keys = int(sys.argv[1]), sys.argv[2].encode(), *map(int, sys.argv[3:])
+WINDOW = 60000
+def fnv1a(data):
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+def counter(value):
+    # ratekeeper's key of domain bench, descriptor user=value, 1 a minute (src/rules/key.rs).
+    v = str(value).encode()
+    body = b"d5:benchn1k4:userv%d:%s|fw|60000" % (len(v), v)
+    return b"rk4:{%016x}:%s" % (fnv1a(body), body)
+counters = [counter(v) for v in range(keys)]
+def bulk(x):
+    return b"$%d\r\n%s\r\n" % (len(x), x)
+# Every call made before any is sent (so Redis is fed as fast as the pattern's pre-made file
+# feeds it): one run (window, 1 hit) of its keys, windowed for this host's clock when sent
+# (the placeholder is as long as a start in ms); '' = Redis's TIME.
+PLACE = b"S" * 13
+def call(decisions):
+    ks = [counters[random.randrange(keys)] + b"|" + PLACE for _ in range(decisions * descs)]
+    args = [b"FCALL", function, b"%d" % len(ks), *ks, b"", b"0", b"4", b"%d" % len(ks), b"60000", b"1", PLACE]
+    return b"*%d\r\n" % len(args) + b"".join(bulk(a) for a in args)
+def worker(count):
+    calls = [call(batch) for _ in range(count)]
+    ready.wait()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    f = s.makefile("rb")
+    for payload in calls:
+        now = int(time.time() * 1000)
+        s.sendall(payload.replace(PLACE, b"%d" % (now - now % WINDOW)))
+        head = f.readline()
+        if not head.startswith(b"*"):
+            sys.exit("unexpected reply: %r" % head)
+        for _ in range(int(head[1:])):
+            f.readline()
+ready = threading.Barrier(2)
+threads = [threading.Thread(target=worker, args=(n // batch // 2,)) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+PY
+  r1=$(redis_cpu)
+  redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
+  python3 -c "import json,sys; print(json.dumps({'target': 'rk-replay', 'descs': int(sys.argv[5]), 'label': sys.argv[4], 'redis_us': (float(sys.argv[2]) - float(sys.argv[1])) * 1e6 / int(sys.argv[3])}))" \
+    "$r0" "$r1" "$(( n / batch / 2 * 2 * batch ))" "calls of $batch, 2 connections" "$descs"
+}
+
 results=$WORK/results.jsonl
 : >"$results"
 for round in $(seq "$ROUNDS"); do
@@ -217,7 +290,11 @@ print(int(rows[-1]['rps']*float(sys.argv[3])))" "$results" "$1" "$2"; }
 rows=[json.loads(l) for l in open(sys.argv[1]) if 'rps' in l]
 rows=[r for r in rows if r['target']=='rk-redis' and r['mode']=='closed' and r['descs']==1 and r.get('per_call')]
 print(round(rows[-1]['per_call']) if rows else '')" "$results")
-        [ -n "$batch" ] && upstream "$batch" >>"$results" ;;
+        if [ -n "$batch" ]; then
+          upstream "$batch" >>"$results"
+          replay "$batch" 1 >>"$results"
+          replay "$batch" 3 >>"$results"
+        fi ;;
     esac
   done
 done
@@ -232,6 +309,9 @@ for r in rows:
     if r["target"] == "upstream-pattern":
         print(f"| envoyproxy/ratelimit's commands (INCRBY+EXPIRE) | 1 | {r['label']} | | | | | | | | {r['redis_us']:.2f} | |")
         continue
+    if r["target"] == "rk-replay":
+        print(f"| ratekeeper's calls, replayed | {r['descs']} | {r['label']} | | | | | | | | {r['redis_us']:.2f} | |")
+        continue
     lat = r["latency_us"]; gen = r.get("client_cpu_pct") or 0.0
     load = "closed, %d in flight" % r["concurrency"] if r["mode"] == "closed" else "open, %d/s" % r["target_rate"]
     redis = "" if r["redis_us"] is None else f"{r['redis_us']:.2f}"
@@ -245,7 +325,7 @@ for r in rows:
 from statistics import median
 groups = {}
 for r in rows:
-    if r["target"] != "upstream-pattern" and (r.get("client_cpu_pct") or 0) > limit:
+    if r["target"] not in ("upstream-pattern", "rk-replay") and (r.get("client_cpu_pct") or 0) > limit:
         continue
     groups.setdefault((r["target"], r.get("descs", 1), r["label"]), []).append(r)
 print()
@@ -256,7 +336,7 @@ print("|---|---|---|---|---|---|---|---|---|")
 med = {}
 for (t, d, l), rs in groups.items():
     m = lambda f: median(f(r) for r in rs)
-    if t == "upstream-pattern":
+    if t in ("upstream-pattern", "rk-replay"):
         med[(t, d, l)] = {"redis_us": m(lambda r: r["redis_us"])}
         print(f"| {t} | {d} | {l} | | | | | {med[(t, d, l)]['redis_us']:.2f} | |")
         continue
@@ -284,4 +364,11 @@ try:
     print(f"Redis CPU per extra descriptor (3 vs 1): {extra:.2f} µs")
 except KeyError:
     pass
+for (t, d, l) in med:
+    if t == "rk-replay" and d == 1:
+        pattern = ("upstream-pattern", 1, l.replace("calls", "pipelines"))
+        print(f"Replayed alone on Redis's core ({l}): ratekeeper {med[(t, d, l)]['redis_us']:.2f} µs per decision, "
+              f"upstream pattern {med[pattern]['redis_us']:.2f} µs: ratio", ratio((t, d, l), pattern, "redis_us"))
+        if (t, 3, l) in med:
+            print(f"Replayed alone, Redis CPU per extra descriptor (3 vs 1): {(med[(t, 3, l)]['redis_us'] - med[(t, 1, l)]['redis_us']) / 2:.2f} µs")
 PY

@@ -57,6 +57,25 @@ local FW, SW, TB = 1, 2, 3
 local ARGS_PER_HIT = 6
 local RUN = 4
 
+-- The number of an argument, each string parsed once: limits, windows, hit
+-- counts and group sizes repeat from call to call, and tonumber (strtod)
+-- costs more than a lookup of a string Redis has already hashed. Bounded:
+-- past MEMO_MAX strings it starts afresh.
+local MEMO_MAX = 4096
+local memo, memo_size = {}, 0
+local function num(s)
+  local v = memo[s]
+  if v == nil then
+    v = tonumber(s)
+    if memo_size >= MEMO_MAX then
+      memo, memo_size = {}, 0
+    end
+    memo[s] = v
+    memo_size = memo_size + 1
+  end
+  return v
+end
+
 local function ceil_div(a, b)
   local q = math.floor(a / b)
   if q * b < a then
@@ -107,6 +126,21 @@ local fx, fy, bx, by, cx, cy = {}, {}, {}, {}, {}, {}
 local over = {}
 -- The call's time and TTL extra.
 local now, extra = 0, 0
+-- The reply, reused from call to call (Redis has read the last one by the
+-- next): `filled` integers of this call's so far, and `high` the most any
+-- call may have written (raised before a group writes, so even a call that
+-- failed half-way left nothing past it).
+local reply, filled, high = {}, 0, 0
+
+-- Makes room for `n` more integers in the reply; returns where they start.
+local function claim(n)
+  local r = filled
+  filled = r + n
+  if filled > high then
+    high = filled
+  end
+  return r
+end
 
 local function load(i)
   local kk = key[i]
@@ -184,7 +218,7 @@ end
 
 -- Applies one decision (mode, `count` hits at argument `a`, keys after
 -- `k`) in the general way, appending its answer to `reply`.
-local function decide(keys, argv, reply, mode, count, k, a)
+local function decide(keys, argv, mode, count, k, a)
   -- A call that failed half-way (a command's error aborts it) may have
   -- left its keys here.
   for i = 1, count do
@@ -194,11 +228,11 @@ local function decide(keys, argv, reply, mode, count, k, a)
   for i = 1, count do
     local b = a + (i - 1) * ARGS_PER_HIT
     key[i] = keys[k + i]
-    alg[i] = tonumber(argv[b])
-    limit[i] = tonumber(argv[b + 1])
-    window[i] = tonumber(argv[b + 2])
-    burst[i] = tonumber(argv[b + 3])
-    hits[i] = tonumber(argv[b + 4])
+    alg[i] = num(argv[b])
+    limit[i] = num(argv[b + 1])
+    window[i] = num(argv[b + 2])
+    burst[i] = num(argv[b + 3])
+    hits[i] = num(argv[b + 4])
     enforced[i] = argv[b + 5] == '1'
     if alg[i] ~= TB then
       start[i] = now - (now % window[i])
@@ -250,7 +284,7 @@ local function decide(keys, argv, reply, mode, count, k, a)
     end
   end
 
-  local r = #reply
+  local r = claim(count * 3)
   for i = 1, count do
     local kk = key[i]
     local flag = 0
@@ -273,12 +307,12 @@ end
 -- arguments go back to Redis as the strings they came as. When `now` is in
 -- the expected window (nearly always) the keys are used as they came: no
 -- string is built per hit.
-local function run(keys, reply, k, count, w_arg, n_arg, expected)
-  local w, n = tonumber(w_arg), tonumber(n_arg)
+local function run(keys, k, count, w_arg, n_arg, expected)
+  local w, n = num(w_arg), num(n_arg)
   local start = now - (now % w)
   local field = string.format('%d', start)
   local ttl = start + w - now + extra
-  local r = #reply
+  local r = claim(count)
   for i = k + 1, k + count do
     local kk = keys[i]
     if field ~= expected then
@@ -300,23 +334,29 @@ local function decide_all(keys, argv)
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  extra = tonumber(argv[2])
-  local reply = { now }
+  extra = num(argv[2])
+  filled = 0
+  reply[claim(1) + 1] = now
   local k = 0 -- keys used so far
   local a = 3 -- next argument
   local last = #argv
 
   while a <= last do
-    local kind = tonumber(argv[a])
-    local count = tonumber(argv[a + 1])
+    local kind = num(argv[a])
+    local count = num(argv[a + 1])
     if kind == RUN then
-      run(keys, reply, k, count, argv[a + 2], argv[a + 3], argv[a + 4])
+      run(keys, k, count, argv[a + 2], argv[a + 3], argv[a + 4])
       a = a + 5
     else
-      decide(keys, argv, reply, kind, count, k, a + 2)
+      decide(keys, argv, kind, count, k, a + 2)
       a = a + 2 + count * ARGS_PER_HIT
     end
     k = k + count
   end
+  -- What an earlier, longer reply held past this one's end goes.
+  for i = filled + 1, high do
+    reply[i] = nil
+  end
+  high = filled
   return reply
 end
