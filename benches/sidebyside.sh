@@ -12,7 +12,8 @@
 #   redis-server, redis-cli, taskset, python3 on PATH
 # Optional: DUR (measured seconds per run, 8), WARMUP (2), CONC (64 in flight), CONNS (4),
 #   KEYS (100000 uniform values), ROUNDS (1), MAX_GEN_CPU (90), RK (ratekeeper binary,
-#   target/release/ratekeeper), PASSES ("saturation latency descriptors upstream").
+#   target/release/ratekeeper), PASSES ("saturation latency descriptors upstream"), LOGS (where
+#   a run with failed calls keeps its server's and Redis's logs, target/bench-logs).
 #
 # Each server (and its Redis) runs on CPU 0, the generator on CPU 1; servers are loaded in turn.
 # Passes:
@@ -38,7 +39,7 @@ for tool in "$RK" "$RLS_BENCH" "$LIMITADOR"; do
   [ -x "$tool" ] || { echo "not executable: $tool" >&2; exit 2; }
 done
 DUR=${DUR:-8} WARMUP=${WARMUP:-2} CONC=${CONC:-64} CONNS=${CONNS:-4} KEYS=${KEYS:-100000}
-ROUNDS=${ROUNDS:-1} MAX_GEN_CPU=${MAX_GEN_CPU:-90}
+ROUNDS=${ROUNDS:-1} MAX_GEN_CPU=${MAX_GEN_CPU:-90} LOGS=${LOGS:-$ROOT/target/bench-logs}
 PASSES=${PASSES:-saturation latency descriptors upstream}
 GRPC_PORT=${GRPC_PORT:-29181} HTTP_PORT=$((GRPC_PORT + 1)) REDIS_PORT=$((GRPC_PORT + 2))
 WORK=$(mktemp -d)
@@ -128,6 +129,15 @@ run() {
   fi
   stop
   [ $uses_redis = yes ] && redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
+  # A run with failed calls keeps its server's log (and its Redis's) to say why.
+  local failed
+  failed=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('errors', 0))" "$WORK/out.json" 2>/dev/null)
+  if [ "${failed:-0}" != 0 ]; then
+    local kept="$LOGS/round$round-$target-$descs-${label//[^a-z0-9-]/_}"
+    mkdir -p "$LOGS" && cp "$WORK/$target.log" "$kept.log"
+    [ $uses_redis = yes ] && cp "$WORK/redis.log" "$kept.redis.log"
+    echo "$target ($label): $failed failed calls; logs kept in $kept.*" >&2
+  fi
   python3 - "$WORK/out.json" "$target" "$descs" "$((t1 - t0))" "$r0" "$r1" "$DUR" "$WARMUP" "$(getconf CLK_TCK)" "$label" "$round" "${calls:-0}" <<'PY'
 import json, sys
 out, target, descs, ticks, r0, r1, dur, warmup, hz, label, rnd, calls = sys.argv[1:]
