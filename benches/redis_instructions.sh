@@ -58,7 +58,8 @@ def counter(value):
     # ratekeeper's key of domain bench, descriptor user=value, 1,000,000 a minute.
     v = str(value).encode()
     body = b"d5:benchn1k4:userv%d:%s|fw|60000" % (len(v), v)
-    return b"rk4:{%016x}:%s" % (fnv1a(body), body)
+    h = fnv1a(body)
+    return b"rk4:{%08x}:%s" % ((h ^ (h >> 32)) & 0xFFFFFFFF, body)
 counters = [counter(v) for v in range(keys)] if who == "ratekeeper" else None
 def cmd(*args):
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
@@ -66,9 +67,9 @@ out = sys.stdout.buffer
 for _ in range(n // batch):
     picks = [rnd.randrange(keys) for _ in range(batch * descs)]
     if who == "ratekeeper":
-        ks = [counters[p] + b"|%d" % start for p in picks]
+        ks = [counters[p] + b"|%d" % (start // WINDOW) for p in picks]
         out.write(cmd(b"FCALL", b"ratekeeper_bench", b"%d" % len(ks), *ks, b"%d" % now, b"0",
-                      b"4", b"%d" % len(ks), b"60000", b"1", b"%d" % start))
+                      b"4", b"%d" % len(ks), b"60000", b"1", b"%d" % (start // WINDOW)))
     else:
         # Upstream's key: domain_key_value_windowstart (seconds).
         for p in picks:

@@ -236,14 +236,15 @@ def counter(value):
     # ratekeeper's key of domain bench, descriptor user=value, 1 a minute (src/rules/key.rs).
     v = str(value).encode()
     body = b"d5:benchn1k4:userv%d:%s|fw|60000" % (len(v), v)
-    return b"rk4:{%016x}:%s" % (fnv1a(body), body)
+    h = fnv1a(body)
+    return b"rk4:{%08x}:%s" % ((h ^ (h >> 32)) & 0xFFFFFFFF, body)
 counters = [counter(v) for v in range(keys)]
 def bulk(x):
     return b"$%d\r\n%s\r\n" % (len(x), x)
 # Every call made before any is sent (so Redis is fed as fast as the pattern's pre-made file
 # feeds it): one run (window, 1 hit) of its keys, windowed for this host's clock when sent
-# (the placeholder is as long as a start in ms); '' = Redis's TIME.
-PLACE = b"S" * 13
+# (the placeholder is as long as a window number); '' = Redis's TIME.
+PLACE = b"S" * len(b"%d" % (int(time.time() * 1000) // WINDOW))
 def call(decisions):
     ks = [counters[random.randrange(keys)] + b"|" + PLACE for _ in range(decisions * descs)]
     args = [b"FCALL", function, b"%d" % len(ks), *ks, b"", b"0", b"4", b"%d" % len(ks), b"60000", b"1", PLACE]
@@ -256,7 +257,7 @@ def worker(count):
     f = s.makefile("rb")
     for payload in calls:
         now = int(time.time() * 1000)
-        s.sendall(payload.replace(PLACE, b"%d" % (now - now % WINDOW)))
+        s.sendall(payload.replace(PLACE, b"%d" % (now // WINDOW)))
         head = f.readline()
         if not head.startswith(b"*"):
             sys.exit("unexpected reply: %r" % head)

@@ -71,10 +71,10 @@ pub fn matcher_and_keys(data: &[u8]) {
         key_a == key_b,
         "keys must be equal exactly when descriptors are: {a:?} {b:?}"
     );
-    // The cluster hash tag: `{` + 16 hex digits + `}` right after the prefix.
-    let tag = &key_a[4..22];
+    // The cluster hash tag: `{` + 8 hex digits + `}` right after the prefix.
+    let tag = &key_a[4..14];
     assert!(
-        tag[0] == b'{' && tag[17] == b'}' && tag[1..17].iter().all(u8::is_ascii_hexdigit),
+        tag[0] == b'{' && tag[9] == b'}' && tag[1..9].iter().all(u8::is_ascii_hexdigit),
         "malformed hash tag in {key_a:?}"
     );
 }

@@ -94,7 +94,7 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
     assert_eq!(keys.len(), 3, "{keys:?}");
     for key in &keys {
         assert!(
-            key.starts_with("rk4:{") && key.as_bytes()[21] == b'}',
+            key.starts_with("rk4:{") && key.as_bytes()[13] == b'}',
             "{key}"
         );
         let ttl: i64 = ::redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
@@ -150,8 +150,9 @@ async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
     let count = |key: &str, conn: &mut ::redis::Connection| -> Option<i64> {
         ::redis::cmd("GET").arg(key).query(conn).unwrap()
     };
-    // A run of one hit on each counter, windowed for `expected`, on Redis's
-    // clock ('' reads TIME): returns Redis's now and the counts after.
+    // A run of one hit on each counter, windowed for window number
+    // `expected`, on Redis's clock ('' reads TIME): returns Redis's now and
+    // the counts after.
     let run = |expected: i64, conn: &mut ::redis::Connection| -> Vec<i64> {
         let mut cmd = ::redis::cmd("FCALL");
         cmd.arg(&function).arg(counters.len());
@@ -167,14 +168,14 @@ async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
             .arg(expected);
         cmd.query(conn).unwrap()
     };
-    let window_of = |now: i64| now - now % WINDOW;
+    let window_of = |now: i64| now / WINDOW;
 
     // Ten windows behind Redis, then ten ahead, then Redis's own. Each run
     // adds one to the counts of Redis's window (a boundary passing between
     // runs starts them again).
     let mut last: Option<(i64, i64)> = None; // (window, count)
     for offset in [-10 * WINDOW, 10 * WINDOW, 0] {
-        let guess = window_of(redis_now_ms(&mut conn)) + offset;
+        let guess = window_of(redis_now_ms(&mut conn)) + offset / WINDOW;
         let reply = run(guess, &mut conn);
         let start = window_of(reply[0]);
         let expected = match last {

@@ -3,7 +3,8 @@
 -- is applied to the counters it charged, in one call. The Rust settle
 -- (src/reservation/adjust.rs) is the spec; this is its twin over the
 -- ratekeeper.lua state layout (a fixed window's count at the counter's key,
--- '|', the window's start; a sliding window's in a hash field per start).
+-- '|', the window's number: its start over its length; a sliding window's
+-- in a hash field per start).
 --
 -- KEYS[1]   the reservation record (a hash: d domain, e estimate,
 --           x expires at (Unix ms), s 'open' or the settled cost)
@@ -62,7 +63,7 @@ for i = 2, #KEYS do
   if alg == FW then
     -- Only a window the counter still holds: once gone, moot. INCRBY keeps
     -- the window's TTL.
-    local wk = k .. '|' .. start
+    local wk = k .. '|' .. string.format('%d', tonumber(start) / w)
     local count = redis.call('GET', wk)
     if count then
       local settled = math.min(math.max(0, tonumber(count) + actual - estimate), COUNT_CAP)

@@ -13,11 +13,15 @@
 //! `rk4` versions the layout and the state format (`rk1` kept a hash, `rk2`
 //! and `rk3` packed strings; `rk4` keeps sliding-window counts as hash
 //! fields). A fixed window's count of one window lives at the counter's key
-//! followed by `|<window start ms>` ([`push_window`]): one integer per
-//! window, which a plain `INCRBY` counts and its TTL removes.
-//! `<tag>` is a 64-bit FNV-1a hash of the rest in hex; inside braces it is
-//! the Redis Cluster hash tag, so all state of one descriptor lives on one
-//! slot, and it never contains a brace itself.
+//! followed by `|<window number>` (the window's start over its length,
+//! [`push_window`]): one integer per window, which a plain `INCRBY` counts
+//! and its TTL removes.
+//! `<tag>` is the 64-bit FNV-1a hash of the rest folded to 32 bits, in 8 hex
+//! digits (16 before 2026-12-07: Redis hashes, compares and copies every
+//! key's bytes at every step, and short keys cost it measurably less);
+//! inside braces it is the Redis Cluster hash tag, so all state of one
+//! descriptor lives on one slot, and it never contains a brace itself. It
+//! only places keys: the body after it keeps them apart.
 
 use super::Rule;
 use super::matcher::EntryRef;
@@ -45,7 +49,7 @@ pub fn storage_key(
     let mut key = Vec::with_capacity(KEY_PREFIX.len() + TAG_LEN + 32 + domain.len() + parts);
     key.extend_from_slice(KEY_PREFIX.as_bytes());
     let tag_at = key.len();
-    key.extend_from_slice(b"{0000000000000000}:");
+    key.extend_from_slice(b"{00000000}:");
     let body_at = key.len();
 
     push_part(&mut key, b'd', domain);
@@ -63,20 +67,23 @@ pub fn storage_key(
     key.push(b'|');
     push_decimal(&mut key, window_ms);
 
-    let tag = fnv1a(&key[body_at..]);
-    for (i, slot) in key[tag_at + 1..tag_at + 17].iter_mut().enumerate() {
-        *slot = HEX[((tag >> (60 - 4 * i)) & 0xf) as usize];
+    let hash = fnv1a(&key[body_at..]);
+    let tag = (hash ^ (hash >> 32)) & 0xffff_ffff;
+    for (i, slot) in key[tag_at + 1..tag_at + 9].iter_mut().enumerate() {
+        *slot = HEX[((tag >> (28 - 4 * i)) & 0xf) as usize];
     }
     key
 }
 
-/// Turns a fixed-window counter's key into the key of its window starting
-/// at `start_ms` (Unix ms). The Lua code builds the same (`window_key` in
-/// `store/redis/ratekeeper.lua`); the counter's key ends with its window
-/// length, so the window's key is as injective as the counter's.
-pub fn push_window(key: &mut Vec<u8>, start_ms: u64) {
+/// Turns a fixed-window counter's key, whose window is `window_ms` long,
+/// into the key of its window starting at `start_ms` (Unix ms): `|` and the
+/// window's number, `start_ms / window_ms`. The Lua code builds the same
+/// (`window_key` in `store/redis/ratekeeper.lua`); the counter's key ends
+/// with its window length, so the window's key is as injective as the
+/// counter's.
+pub fn push_window(key: &mut Vec<u8>, start_ms: u64, window_ms: u64) {
     key.push(b'|');
-    push_decimal(key, start_ms);
+    push_decimal(key, start_ms / window_ms.max(1));
 }
 
 /// The window length (ms) of a fixed-window counter's key (as
@@ -99,8 +106,8 @@ pub(crate) fn copy_tag(key: &mut [u8], anchor: &[u8]) {
     key[tag.clone()].copy_from_slice(&anchor[tag]);
 }
 
-/// Length of `{<16 hex digits>}:`.
-const TAG_LEN: usize = 19;
+/// Length of `{<8 hex digits>}:`.
+pub(crate) const TAG_LEN: usize = 11;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -197,7 +204,7 @@ mod tests {
         let key = String::from_utf8(key("dom", &[("user", "alice")])).unwrap();
         assert!(key.starts_with("rk4:{"), "{key}");
         let tag_end = key.find('}').unwrap();
-        assert_eq!(tag_end, 5 + 16, "{key}");
+        assert_eq!(tag_end, 5 + 8, "{key}");
         assert!(key.ends_with("|fw|60000"), "{key}");
         assert!(key.contains("d3:domn1k4:userv5:alice"), "{key}");
     }
@@ -216,10 +223,10 @@ mod tests {
         assert_eq!(fixed_window_ms(b"x|fw|"), None);
 
         let mut first = key.clone();
-        push_window(&mut first, 1_700_000_000_000);
-        assert!(first.ends_with(b"|fw|60000|1700000000000"));
+        push_window(&mut first, 1_700_000_040_000, 60_000);
+        assert!(first.ends_with(b"|fw|60000|28333334"));
         let mut second = key.clone();
-        push_window(&mut second, 1_700_000_060_000);
+        push_window(&mut second, 1_700_000_100_000, 60_000);
         assert_ne!(first, second);
     }
 

@@ -186,7 +186,7 @@ mod tests {
             .collect();
         let alone = Rule::from_override("dom", first);
         assert_eq!(keys[0], layout.key("dom", &entries, &alone, &first));
-        let tag = |k: &[u8]| k[..key::KEY_PREFIX.len() + 19].to_vec();
+        let tag = |k: &[u8]| k[..key::KEY_PREFIX.len() + key::TAG_LEN].to_vec();
         assert!(keys.iter().all(|k| tag(k) == tag(&keys[0])));
         assert_ne!(keys[0], keys[1]);
         assert_ne!(keys[0], keys[2]);

@@ -559,7 +559,7 @@ pub(crate) fn stored_keys(keys: &[Vec<u8>], time: &ScriptTime) -> Vec<Vec<u8>> {
             let current = now - now % window;
             for start in [current.saturating_sub(window), current, current + window] {
                 let mut windowed = key.clone();
-                crate::rules::key::push_window(&mut windowed, start);
+                crate::rules::key::push_window(&mut windowed, start, window);
                 stored.push(windowed);
             }
         }

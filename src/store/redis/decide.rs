@@ -100,6 +100,7 @@ impl Code {
         // script uses them as they are (see `run` in ratekeeper.lua).
         let expected = now.unwrap_or_else(|| time.expected_now_ms());
         let start = |run: &Run| expected - expected % run.window_ms.max(1);
+        let number = |run: &Run| expected / run.window_ms.max(1);
         cmd.arg(call.keys.len());
         let mut at = 0;
         let mut windowed = Vec::new();
@@ -107,7 +108,7 @@ impl Code {
             for key in &call.keys[at..at + run.len] {
                 windowed.clear();
                 windowed.extend_from_slice(key);
-                key::push_window(&mut windowed, start(run));
+                key::push_window(&mut windowed, start(run), run.window_ms);
                 cmd.arg(windowed.as_slice());
             }
             at += run.len;
@@ -125,7 +126,7 @@ impl Code {
                 .arg(run.len)
                 .arg(run.window_ms)
                 .arg(run.hits)
-                .arg(start(run));
+                .arg(number(run));
         }
         for arg in &call.args {
             cmd.arg(*arg);

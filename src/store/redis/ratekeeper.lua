@@ -11,11 +11,11 @@
 --           drive the clock)
 -- ARGV[2]   ms added to every key's TTL beyond its state's (expiry jitter)
 -- then groups, each opened by its kind:
---   4 (a run): count, window_ms, hits, start. `count` fixed-window hits,
---           each on its own key and each its own independent decision (the
---           Envoy case: a denied hit still counts), all with this window
---           and these hits. Their keys come already windowed for `start`,
---           the window Rust expects from its estimate of this server's
+--   4 (a run): count, window_ms, hits, window number. `count`
+--           fixed-window hits, each on its own key and each its own
+--           independent decision (the Envoy case: a denied hit still
+--           counts), all with this window and these hits. Their keys come
+--           already windowed for that window number, the window Rust expects from its estimate of this server's
 --           clock; when the window of `now` is another (a boundary between
 --           the estimate and now, a skewed estimate), the key of `now`'s
 --           window is used instead. Nothing is judged here: the reply is
@@ -35,7 +35,8 @@
 --
 -- State in Redis:
 -- - fixed window: one integer per window, at the counter's key followed by
---   '|' and the window's start (Unix ms), so the common case is one INCRBY
+--   '|' and the window's number (its start in Unix ms over its length), so
+--   the common case is one INCRBY
 --   on a key the call names; the window's first hit sets its TTL (the
 --   window's end), and an old window's key simply expires. A clock stepped
 --   back into the previous window finds that window's own count.
@@ -87,8 +88,8 @@ end
 -- Whether PEXPIRE takes NX and GT (Redis 7): found at the first use.
 local expire_options = nil
 
--- The key of a fixed-window counter's window starting at `field` (the
--- start as a string).
+-- The key of a fixed-window counter's window numbered `field` (a string:
+-- the window's start over its length).
 local function window_key(base, field)
   return base .. '|' .. field
 end
@@ -238,7 +239,7 @@ local function decide(keys, argv, mode, count, k, a)
       start[i] = now - (now % window[i])
     end
     if alg[i] == FW then
-      wkey[i] = window_key(key[i], string.format('%d', start[i]))
+      wkey[i] = window_key(key[i], string.format('%d', start[i] / window[i]))
     end
   end
 
@@ -302,7 +303,7 @@ local function decide(keys, argv, mode, count, k, a)
 end
 
 -- A run of `count` one-hit decisions at keys after `k`, all with window
--- `w_arg` and hits `n_arg`, windowed for `expected` (a start): one INCRBY
+-- `w_arg` and hits `n_arg`, windowed for `expected` (a window number): one INCRBY
 -- each (and a PEXPIRE for a window's first hit), appended to `reply`. The
 -- arguments go back to Redis as the strings they came as. When `now` is in
 -- the expected window (nearly always) the keys are used as they came: no
@@ -310,7 +311,7 @@ end
 local function run(keys, k, count, w_arg, n_arg, expected)
   local w, n = num(w_arg), num(n_arg)
   local start = now - (now % w)
-  local field = string.format('%d', start)
+  local field = string.format('%d', start / w)
   local ttl = start + w - now + extra
   local r = claim(count)
   for i = k + 1, k + count do

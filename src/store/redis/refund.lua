@@ -11,7 +11,8 @@
 --           bucket), limit, window_ms, burst, hits
 --
 -- State as the decision code keeps it (ratekeeper.lua): a fixed window's
--- count at the counter's key followed by '|' and the window's start; a
+-- count at the counter's key followed by '|' and the window's number (its
+-- start over its length); a
 -- sliding window's counts in a hash field per window start; a token bucket
 -- as three packed doubles (level, measured_at, expires_at).
 
@@ -48,7 +49,7 @@ for i, kk in ipairs(KEYS) do
       end
     end
   elseif alg == 1 then
-    local wk = kk .. '|' .. string.format('%d', now - (now % w))
+    local wk = kk .. '|' .. string.format('%d', (now - (now % w)) / w)
     local count = tonumber(redis.call('GET', wk)) or 0
     if count > 0 and hits > 0 then
       redis.call('INCRBY', wk, -math.min(count, hits))
