@@ -43,23 +43,12 @@ trap cleanup EXIT
 
 # gen WHO NOW SEED -> RESP of N decisions for WHO (ratekeeper or upstream) at Unix ms NOW.
 gen() {
-  python3 - "$1" "$2" "$3" "$N" "$BATCH" "$KEYS" "$DESCS" <<'PY'
+  PYTHONPATH="$ROOT/benches" python3 - "$1" "$2" "$3" "$N" "$BATCH" "$KEYS" "$DESCS" <<'PY'
 import random, sys
+from ratekeeper_keys import WINDOW_MS as WINDOW, counter
 who, now, seed, n, batch, keys, descs = sys.argv[1], *map(int, sys.argv[2:])
-WINDOW = 60000
 start = now - now % WINDOW
 rnd = random.Random(seed)
-def fnv1a(data):
-    h = 0xcbf29ce484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return h
-def counter(value):
-    # ratekeeper's key of domain bench, descriptor user=value, 1,000,000 a minute.
-    v = str(value).encode()
-    body = b"d5:benchn1k4:userv%d:%s|fw|60000" % (len(v), v)
-    h = fnv1a(body)
-    return b"rk4:{%08x}:%s" % ((h ^ (h >> 32)) & 0xFFFFFFFF, body)
 counters = [counter(v) for v in range(keys)] if who == "ratekeeper" else None
 def cmd(*args):
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)

@@ -223,21 +223,10 @@ replay() {
   redis-cli -p $REDIS_PORT flushall >/dev/null
   local r0 r1
   r0=$(redis_cpu)
-  taskset -c 1 python3 - "$REDIS_PORT" "$function" "$n" "$batch" "$descs" "$KEYS" <<'PY'
+  PYTHONPATH="$ROOT/benches" taskset -c 1 python3 - "$REDIS_PORT" "$function" "$n" "$batch" "$descs" "$KEYS" <<'PY'
 import random, socket, sys, threading, time
+from ratekeeper_keys import WINDOW_MS as WINDOW, counter
 port, function, n, batch, descs, keys = int(sys.argv[1]), sys.argv[2].encode(), *map(int, sys.argv[3:])
-WINDOW = 60000
-def fnv1a(data):
-    h = 0xcbf29ce484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return h
-def counter(value):
-    # ratekeeper's key of domain bench, descriptor user=value, 1 a minute (src/rules/key.rs).
-    v = str(value).encode()
-    body = b"d5:benchn1k4:userv%d:%s|fw|60000" % (len(v), v)
-    h = fnv1a(body)
-    return b"rk4:{%08x}:%s" % ((h ^ (h >> 32)) & 0xFFFFFFFF, body)
 counters = [counter(v) for v in range(keys)]
 def bulk(x):
     return b"$%d\r\n%s\r\n" % (len(x), x)

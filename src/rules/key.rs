@@ -75,15 +75,20 @@ pub fn storage_key(
     key
 }
 
-/// Turns a fixed-window counter's key, whose window is `window_ms` long,
-/// into the key of its window starting at `start_ms` (Unix ms): `|` and the
-/// window's number, `start_ms / window_ms`. The Lua code builds the same
-/// (`window_key` in `store/redis/ratekeeper.lua`); the counter's key ends
-/// with its window length, so the window's key is as injective as the
+/// The number of the `window_ms`-long window holding `at_ms` (Unix ms):
+/// its start over its length.
+pub fn window_number(at_ms: u64, window_ms: u64) -> u64 {
+    at_ms / window_ms.max(1)
+}
+
+/// Turns a fixed-window counter's key into the key of its window numbered
+/// `number` ([`window_number`]): `|` and the number. The Lua code builds the
+/// same (`window_key` in `store/redis/ratekeeper.lua`); the counter's key
+/// ends with its window length, so the window's key is as injective as the
 /// counter's.
-pub fn push_window(key: &mut Vec<u8>, start_ms: u64, window_ms: u64) {
+pub fn push_window(key: &mut Vec<u8>, number: u64) {
     key.push(b'|');
-    push_decimal(key, start_ms / window_ms.max(1));
+    push_decimal(key, number);
 }
 
 /// The window length (ms) of a fixed-window counter's key (as
@@ -223,10 +228,10 @@ mod tests {
         assert_eq!(fixed_window_ms(b"x|fw|"), None);
 
         let mut first = key.clone();
-        push_window(&mut first, 1_700_000_040_000, 60_000);
+        push_window(&mut first, window_number(1_700_000_040_000, 60_000));
         assert!(first.ends_with(b"|fw|60000|28333334"));
         let mut second = key.clone();
-        push_window(&mut second, 1_700_000_100_000, 60_000);
+        push_window(&mut second, window_number(1_700_000_100_000, 60_000));
         assert_ne!(first, second);
     }
 

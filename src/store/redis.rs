@@ -555,11 +555,11 @@ pub(crate) fn stored_keys(keys: &[Vec<u8>], time: &ScriptTime) -> Vec<Vec<u8>> {
     let mut stored = Vec::with_capacity(keys.len() * 4);
     for key in keys {
         stored.push(key.clone());
-        if let Some(window) = crate::rules::key::fixed_window_ms(key).filter(|&w| w > 0) {
-            let current = now - now % window;
-            for start in [current.saturating_sub(window), current, current + window] {
+        if let Some(window) = crate::rules::key::fixed_window_ms(key) {
+            let current = crate::rules::key::window_number(now, window);
+            for number in [current.saturating_sub(1), current, current + 1] {
                 let mut windowed = key.clone();
-                crate::rules::key::push_window(&mut windowed, start, window);
+                crate::rules::key::push_window(&mut windowed, number);
                 stored.push(windowed);
             }
         }

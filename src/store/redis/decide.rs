@@ -14,7 +14,7 @@
 use redis::{Cmd, Script};
 
 use super::ScriptTime;
-use super::encode::{Assembled, REPLY_PER_HIT, RUN, Run};
+use super::encode::{Assembled, REPLY_PER_HIT, RUN};
 use crate::algorithm::{AlgorithmKind, BatchHit, Mode, Outcome, StateView, Stored, apply_batch};
 use crate::rules::key;
 use crate::store::StoreError;
@@ -99,16 +99,15 @@ impl Code {
         // The window each run expects, so that its keys go windowed and the
         // script uses them as they are (see `run` in ratekeeper.lua).
         let expected = now.unwrap_or_else(|| time.expected_now_ms());
-        let start = |run: &Run| expected - expected % run.window_ms.max(1);
-        let number = |run: &Run| expected / run.window_ms.max(1);
         cmd.arg(call.keys.len());
         let mut at = 0;
         let mut windowed = Vec::new();
         for run in &call.runs {
+            let number = key::window_number(expected, run.window_ms);
             for key in &call.keys[at..at + run.len] {
                 windowed.clear();
                 windowed.extend_from_slice(key);
-                key::push_window(&mut windowed, start(run), run.window_ms);
+                key::push_window(&mut windowed, number);
                 cmd.arg(windowed.as_slice());
             }
             at += run.len;
@@ -126,7 +125,7 @@ impl Code {
                 .arg(run.len)
                 .arg(run.window_ms)
                 .arg(run.hits)
-                .arg(number(run));
+                .arg(key::window_number(expected, run.window_ms));
         }
         for arg in &call.args {
             cmd.arg(*arg);

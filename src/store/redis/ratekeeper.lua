@@ -15,12 +15,12 @@
 --           fixed-window hits, each on its own key and each its own
 --           independent decision (the Envoy case: a denied hit still
 --           counts), all with this window and these hits. Their keys come
---           already windowed for that window number, the window Rust expects from its estimate of this server's
---           clock; when the window of `now` is another (a boundary between
---           the estimate and now, a skewed estimate), the key of `now`'s
---           window is used instead. Nothing is judged here: the reply is
---           each key's count after the hits, and Rust compares it with the
---           limit.
+--           already windowed for that window number, the window Rust
+--           expects from its estimate of this server's clock; when the
+--           window of `now` is another (a boundary between the estimate
+--           and now, a skewed estimate), the key of `now`'s window is used
+--           instead. Nothing is judged here: the reply is each key's count
+--           after the hits, and Rust compares it with the limit.
 --   0 to 3 (a decision in that mode: 0 independent, 1 all-or-nothing,
 --           2 dry run, 3 independent counting only the over-limit hits
 --           when any is over): the number of its hits, then six per hit:
@@ -36,10 +36,10 @@
 -- State in Redis:
 -- - fixed window: one integer per window, at the counter's key followed by
 --   '|' and the window's number (its start in Unix ms over its length), so
---   the common case is one INCRBY
---   on a key the call names; the window's first hit sets its TTL (the
---   window's end), and an old window's key simply expires. A clock stepped
---   back into the previous window finds that window's own count.
+--   the common case is one INCRBY on a key the call names; the window's
+--   first hit sets its TTL (the window's end), and an old window's key
+--   simply expires. A clock stepped back into the previous window finds
+--   that window's own count.
 -- - sliding window: a hash whose fields are window starts and values the
 --   counts of those windows (a decision reads two). A window's first hit
 --   sets the TTL (never shortening it) and drops the field two windows
@@ -88,8 +88,13 @@ end
 -- Whether PEXPIRE takes NX and GT (Redis 7): found at the first use.
 local expire_options = nil
 
--- The key of a fixed-window counter's window numbered `field` (a string:
--- the window's start over its length).
+-- The number of the window starting at `start` (a multiple of `w`), as
+-- the string window keys carry (src/rules/key.rs `window_number`).
+local function window_number(start, w)
+  return string.format('%d', start / w)
+end
+
+-- The key of a fixed-window counter's window numbered `field`.
 local function window_key(base, field)
   return base .. '|' .. field
 end
@@ -119,9 +124,9 @@ local function first_hit(kk, start, w, now, extra)
 end
 
 -- The decision being applied (reused from one decision to the next): per
--- hit i its key (a fixed window: also its window's key) and rule; per key the state the decision found (fx, fy),
--- the state in Redis now (bx, by) and the state as the decision has changed
--- it (cx, cy).
+-- hit i its key (a fixed window: also its window's key) and rule; per key
+-- the state the decision found (fx, fy), the state in Redis now (bx, by)
+-- and the state as the decision has changed it (cx, cy).
 local key, wkey, alg, limit, window, burst, hits, enforced, start, allowed = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
 local fx, fy, bx, by, cx, cy = {}, {}, {}, {}, {}, {}
 local over = {}
@@ -239,7 +244,7 @@ local function decide(keys, argv, mode, count, k, a)
       start[i] = now - (now % window[i])
     end
     if alg[i] == FW then
-      wkey[i] = window_key(key[i], string.format('%d', start[i] / window[i]))
+      wkey[i] = window_key(key[i], window_number(start[i], window[i]))
     end
   end
 
@@ -303,15 +308,15 @@ local function decide(keys, argv, mode, count, k, a)
 end
 
 -- A run of `count` one-hit decisions at keys after `k`, all with window
--- `w_arg` and hits `n_arg`, windowed for `expected` (a window number): one INCRBY
--- each (and a PEXPIRE for a window's first hit), appended to `reply`. The
--- arguments go back to Redis as the strings they came as. When `now` is in
--- the expected window (nearly always) the keys are used as they came: no
--- string is built per hit.
+-- `w_arg` and hits `n_arg`, windowed for `expected` (a window number): one
+-- INCRBY each (and a PEXPIRE for a window's first hit), appended to
+-- `reply`. The arguments go back to Redis as the strings they came as. When
+-- `now` is in the expected window (nearly always) the keys are used as they
+-- came: no string is built per hit.
 local function run(keys, k, count, w_arg, n_arg, expected)
   local w, n = num(w_arg), num(n_arg)
   local start = now - (now % w)
-  local field = string.format('%d', start / w)
+  local field = window_number(start, w)
   local ttl = start + w - now + extra
   local r = claim(count)
   for i = k + 1, k + count do
