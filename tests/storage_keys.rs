@@ -132,16 +132,7 @@ async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
         .await
         .unwrap();
     let mut conn = redis.connection();
-    let libraries: Vec<::redis::Value> = ::redis::cmd("FUNCTION")
-        .arg("LIST")
-        .query(&mut conn)
-        .unwrap();
-    let listed = format!("{libraries:?}");
-    let function = listed
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .find(|word| word.starts_with("ratekeeper_decide_"))
-        .unwrap_or_else(|| panic!("no decide function in {listed}"))
-        .to_owned();
+    let function = decide_function(&mut conn);
 
     let counters = [
         "rk4:{skew}:d1:an1k1:av1:1|fw|60000",
@@ -201,6 +192,71 @@ async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
         }
         last = Some((start, expected));
     }
+}
+
+/// The script reuses its reply table from call to call: a call that failed
+/// half-way (a key of the wrong type) leaves nothing behind in the next,
+/// shorter call's reply.
+#[tokio::test]
+async fn a_call_that_failed_half_way_leaves_nothing_in_the_next_reply() {
+    let redis = RedisServer::start();
+    let server = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&redis.url(), Duration::from_secs(2))),
+    )
+    .await;
+    // The first decision loads the code into Redis.
+    server
+        .client()
+        .await
+        .should_allow(allow_request("keys", &[&[("a", "load")]], 1))
+        .await
+        .unwrap();
+    let mut conn = redis.connection();
+    let function = decide_function(&mut conn);
+    // A fixed time (the code's injected-time argument): window number 1.
+    let run = |keys: &[&str], conn: &mut ::redis::Connection| -> ::redis::RedisResult<Vec<i64>> {
+        let mut cmd = ::redis::cmd("FCALL");
+        cmd.arg(&function).arg(keys.len());
+        for key in keys {
+            cmd.arg(format!("{key}|1"));
+        }
+        cmd.arg(90_000)
+            .arg(0)
+            .arg(4)
+            .arg(keys.len())
+            .arg(60_000)
+            .arg(1)
+            .arg(1);
+        cmd.query(conn)
+    };
+    // Eight hits, the sixth on a key that holds a hash: five counted, then
+    // the call fails.
+    let _: () = ::redis::cmd("HSET")
+        .arg("rk4:{h}:wrong|fw|60000|1")
+        .arg("f")
+        .arg("v")
+        .query(&mut conn)
+        .unwrap();
+    let mut keys: Vec<String> = (0..8).map(|i| format!("rk4:{{h}}:k{i}|fw|60000")).collect();
+    keys[5] = "rk4:{h}:wrong|fw|60000".to_owned();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    assert!(run(&refs, &mut conn).is_err());
+    // Then two hits: the time and two counts, nothing after them.
+    assert_eq!(run(&refs[..2], &mut conn).unwrap(), [90_000, 2, 2]);
+    assert_eq!(run(&refs[7..], &mut conn).unwrap(), [90_000, 1]);
+}
+
+/// The name of ratekeeper's decision function in `conn`'s Redis (loaded
+/// by a first decision).
+fn decide_function(conn: &mut ::redis::Connection) -> String {
+    let libraries: Vec<::redis::Value> = ::redis::cmd("FUNCTION").arg("LIST").query(conn).unwrap();
+    let listed = format!("{libraries:?}");
+    listed
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .find(|word| word.starts_with("ratekeeper_decide_"))
+        .unwrap_or_else(|| panic!("no decide function in {listed}"))
+        .to_owned()
 }
 
 fn redis_now_ms(conn: &mut ::redis::Connection) -> i64 {
