@@ -194,6 +194,47 @@ async fn the_breaker_stops_paying_the_deadline_and_recovers() {
     );
 }
 
+/// A stall of Redis shorter than the breaker's patience: the calls in
+/// flight during it fail (they were late together, one failure), and the
+/// next call after it is counted in Redis again. Counted per decision, the
+/// sixteen late decisions opened the breaker, and every request failed for
+/// a whole cooldown after a single stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stall_fails_only_the_calls_it_held() {
+    let redis = RedisServer::start();
+    // No cooldown or readiness ping ends an opened breaker within the test.
+    let store = Arc::new(CircuitBreaker::new(
+        Arc::new(redis_store(&redis.url(), DEADLINE)),
+        3,
+        Duration::from_secs(3600),
+    ));
+    let server = TestServer::start(
+        Server::new(rules(&[RULES]), store).with_readiness_interval(Duration::from_secs(3600)),
+    )
+    .await;
+    let client = server.client().await;
+    assert!(call(&mut client.clone(), "warm").await.0.unwrap().allowed);
+
+    redis.pause();
+    let held: Vec<_> = (0..16)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move { call(&mut client, &format!("held{i}")).await.0 })
+        })
+        .collect();
+    for answer in futures::future::join_all(held).await {
+        assert_eq!(answer.unwrap().unwrap_err(), tonic::Code::Unavailable);
+    }
+    redis.resume();
+
+    let (answer, _) = call(&mut client.clone(), "after").await;
+    let answer = answer.expect("the call after the stall is answered by Redis");
+    assert_eq!(answer.results[0].remaining, 2);
+    let metrics = http_get(server.admin_addr, "/metrics").await;
+    assert_eq!(store_errors(&metrics, "circuit_open"), 0, "{metrics}");
+    assert_eq!(store_errors(&metrics, "timeout"), 16, "{metrics}");
+}
+
 const PER_RULE: &str = r#"
 domain: per_rule
 descriptors:

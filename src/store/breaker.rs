@@ -8,6 +8,15 @@
 //! ping closes it too, so recovery after the store returns takes at most one
 //! cooldown or one readiness interval, whichever comes first.
 //!
+//! Consecutive means one after another in time: a failure counts only if
+//! its call was admitted after the last failure that counted. The decisions
+//! in flight together — one coalesced Redis call carries twenty of them —
+//! fail together when one call is late, and count as one failure. Counted
+//! per decision, a single 15 ms stall of Redis (an expire cycle, a slow
+//! command, a busy host) opened the breaker and failed a whole cooldown of
+//! requests; now the store must fail requests sent after its first failure
+//! too, `threshold` times over, before the breaker opens.
+//!
 //! What counts: only store failures ([`StoreError::is_store_failure`]: I/O,
 //! deadline, the server's own errors). A reply this request could not use is
 //! a bug in the request's path, not an outage, and counts as the store
@@ -45,6 +54,9 @@ pub struct CircuitBreaker {
 #[derive(Debug, Default)]
 struct State {
     consecutive_failures: u32,
+    /// Counted failures so far, ever: a call admitted at `counted` whose
+    /// failure comes after another's counted failure is of the same wave.
+    counted: u64,
     open_until_ms: Option<u64>,
     probing: bool,
 }
@@ -61,6 +73,8 @@ enum Admission {
 /// dropped before the store answers.
 struct Call<'a> {
     breaker: &'a CircuitBreaker,
+    /// The breaker's counted failures when this call was admitted.
+    admitted_at: u64,
     recorded: bool,
 }
 
@@ -89,19 +103,24 @@ impl CircuitBreaker {
         self.lock().open_until_ms.is_some()
     }
 
-    fn admit(&self) -> Admission {
+    /// Whether a call may go to the store, and the counted failures as of
+    /// its admission.
+    fn admit(&self) -> (Admission, u64) {
         let mut state = self.lock();
-        match state.open_until_ms {
+        let admission = match state.open_until_ms {
             None => Admission::Closed,
             Some(until) if self.clock.now_ms() >= until && !state.probing => {
                 state.probing = true;
                 Admission::Probe
             }
             Some(_) => Admission::Open,
-        }
+        };
+        (admission, state.counted)
     }
 
-    fn record(&self, ok: bool) {
+    /// The outcome of a call admitted when `admitted_at` failures had
+    /// counted.
+    fn record(&self, ok: bool, admitted_at: u64) {
         let mut state = self.lock();
         state.probing = false;
         if ok {
@@ -111,9 +130,15 @@ impl CircuitBreaker {
                     "store answers again; circuit closed"
                 );
             }
-            *state = State::default();
+            state.consecutive_failures = 0;
+            state.open_until_ms = None;
             return;
         }
+        if admitted_at != state.counted {
+            // In flight beside a failure that counted: the same wave.
+            return;
+        }
+        state.counted += 1;
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         if state.consecutive_failures >= self.threshold {
             if state.open_until_ms.is_none() {
@@ -137,11 +162,13 @@ impl CircuitBreaker {
 #[async_trait]
 impl CounterStore for CircuitBreaker {
     async fn apply(&self, hits: &[BatchHit<'_>], mode: Mode) -> Result<Vec<Outcome>, StoreError> {
-        if self.admit() == Admission::Open {
+        let (admission, admitted_at) = self.admit();
+        if admission == Admission::Open {
             return Err(StoreError::CircuitOpen);
         }
         let mut call = Call {
             breaker: self,
+            admitted_at,
             recorded: false,
         };
         let result = self.inner.apply(hits, mode).await;
@@ -152,7 +179,7 @@ impl CounterStore for CircuitBreaker {
     async fn ping(&self) -> Result<Option<String>, StoreError> {
         let result = self.inner.ping().await;
         if result.is_ok() {
-            self.record(true);
+            self.record(true, 0);
         }
         result
     }
@@ -195,15 +222,17 @@ impl CounterStore for CircuitBreaker {
 impl Call<'_> {
     fn finish(&mut self, error: Option<&StoreError>) {
         self.recorded = true;
-        self.breaker
-            .record(!error.is_some_and(StoreError::is_store_failure));
+        self.breaker.record(
+            !error.is_some_and(StoreError::is_store_failure),
+            self.admitted_at,
+        );
     }
 }
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
         if !self.recorded {
-            self.breaker.record(false);
+            self.breaker.record(false, self.admitted_at);
         }
     }
 }
@@ -307,6 +336,47 @@ mod tests {
                 .is_err(),
             "a new probe is admitted after the next cooldown"
         );
+    }
+
+    /// Ten decisions in flight together, all dropped at their callers'
+    /// deadline (one late coalesced call): one failure, not ten.
+    async fn a_wave_of_late_calls(breaker: &CircuitBreaker) {
+        let wave = futures::future::join_all((0..10).map(|_| call(breaker)));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), wave)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_that_fail_together_count_once() {
+        let (breaker, store, _) = breaker(ScriptedStore::new(Reply::Hang));
+        a_wave_of_late_calls(&breaker).await;
+        a_wave_of_late_calls(&breaker).await;
+        assert!(!breaker.is_open(), "two waves are two failures of three");
+        assert_eq!(store.calls(), 20);
+        a_wave_of_late_calls(&breaker).await;
+        assert!(breaker.is_open());
+    }
+
+    #[tokio::test]
+    async fn a_success_between_waves_starts_the_count_again() {
+        // Two waves hang, the next call answers, then every call hangs.
+        let store = (0..20)
+            .fold(ScriptedStore::new(Reply::Hang), |store, _| {
+                store.then(Reply::Hang)
+            })
+            .then(Reply::Allow(0));
+        let (breaker, _, _) = breaker(store);
+        a_wave_of_late_calls(&breaker).await;
+        a_wave_of_late_calls(&breaker).await;
+        assert!(call(&breaker).await.is_ok());
+        a_wave_of_late_calls(&breaker).await;
+        a_wave_of_late_calls(&breaker).await;
+        assert!(!breaker.is_open());
+        a_wave_of_late_calls(&breaker).await;
+        assert!(breaker.is_open());
     }
 
     #[tokio::test]
