@@ -57,7 +57,7 @@ for _ in range(n // batch):
     picks = [rnd.randrange(keys) for _ in range(batch * descs)]
     if who == "ratekeeper":
         ks = [counters[p] + b"|%d" % (start // WINDOW) for p in picks]
-        out.write(cmd(b"FCALL", b"ratekeeper_bench", b"%d" % len(ks), *ks, b"%d" % now, b"0",
+        out.write(cmd(b"FCALL", b"ratekeeper_bench", b"%d" % len(ks), *ks, b"%d" % now, b"0", b"0",
                       b"4", b"%d" % len(ks), b"60000", b"1", b"%d" % (start // WINDOW)))
     else:
         # Upstream's key: domain_key_value_windowstart (seconds).

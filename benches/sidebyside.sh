@@ -236,7 +236,7 @@ def bulk(x):
 PLACE = b"S" * len(b"%d" % (int(time.time() * 1000) // WINDOW))
 def call(decisions):
     ks = [counters[random.randrange(keys)] + b"|" + PLACE for _ in range(decisions * descs)]
-    args = [b"FCALL", function, b"%d" % len(ks), *ks, b"", b"0", b"4", b"%d" % len(ks), b"60000", b"1", PLACE]
+    args = [b"FCALL", function, b"%d" % len(ks), *ks, b"", b"0", b"0", b"4", b"%d" % len(ks), b"60000", b"1", PLACE]
     return b"*%d\r\n" % len(args) + b"".join(bulk(a) for a in args)
 def worker(count):
     calls = [call(batch) for _ in range(count)]

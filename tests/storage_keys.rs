@@ -1,6 +1,6 @@
 //! What ends up in the store: counters of different descriptors never
 //! collide (on both stores), and every Redis key is versioned, hash-tagged
-//! and always carries an expiry no longer than its window. Also ACL
+//! and always carries an expiry (its window, plus jitter under a window). Also ACL
 //! credentials in the Redis URL.
 
 mod common;
@@ -103,7 +103,9 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
         } else {
             60_000
         };
-        assert!(ttl > 0 && ttl <= window, "{key}: pttl {ttl}");
+        // The default expiry jitter: less than a window (and 300 s) past
+        // the window's end.
+        assert!(ttl > 0 && ttl < window + window.min(300_000), "{key}: pttl {ttl}");
     }
     assert!(
         keys.iter()
@@ -151,6 +153,7 @@ async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
             cmd.arg(format!("{counter}|{expected}"));
         }
         cmd.arg("")
+            .arg(0)
             .arg(0)
             .arg(4)
             .arg(counters.len())
@@ -223,6 +226,7 @@ async fn a_call_that_failed_half_way_leaves_nothing_in_the_next_reply() {
         }
         cmd.arg(90_000)
             .arg(0)
+            .arg(0)
             .arg(4)
             .arg(keys.len())
             .arg(60_000)
@@ -264,40 +268,64 @@ fn redis_now_ms(conn: &mut ::redis::Connection) -> i64 {
     seconds * 1000 + micros / 1000
 }
 
-/// With expiry jitter, the keys of one window no longer expire together,
-/// and none outlives its state by more than the jitter.
+/// With the default settings the keys of one window do not all expire at
+/// its end (Redis would block deleting them all at once): each gets up to
+/// 300 s more, and less than its own window, so a key of a short window
+/// outlives it by less than its length.
 #[tokio::test]
-async fn expiry_jitter_spreads_key_expiry_within_its_bound() {
+async fn default_expiry_jitter_spreads_a_windows_keys_within_their_window() {
+    const SHORT: &str = r#"
+domain: short
+descriptors:
+  - key: s
+    rate_limit: {unit: second, requests_per_unit: 100}
+"#;
     let redis = RedisServer::start();
     let store = ratekeeper::store::RedisStore::new(&ratekeeper::store::redis::RedisSettings {
         timeout: Duration::from_secs(2),
-        expiry_jitter: Duration::from_secs(5),
         ..ratekeeper::store::redis::RedisSettings::new(redis.url())
     })
     .unwrap();
-    let server = TestServer::with(rules(&[RULES]), Arc::new(store)).await;
+    let server = TestServer::with(rules(&[RULES, SHORT]), Arc::new(store)).await;
     let mut client = server.client().await;
+    let mut conn = redis.connection();
+    let pttl = |key: &str, conn: &mut ::redis::Connection| -> i64 {
+        ::redis::cmd("PTTL").arg(key).query(conn).unwrap()
+    };
+    let mut minute = Vec::new();
+    let mut second = Vec::new();
     for i in 0..20 {
         let value = i.to_string();
-        client
-            .should_allow(allow_request("keys", &[&[("a", &value)]], 1))
-            .await
-            .unwrap();
+        for (domain, entry) in [("keys", "a"), ("short", "s")] {
+            client
+                .should_allow(allow_request(domain, &[&[(entry, &value)]], 1))
+                .await
+                .unwrap();
+        }
+        // Read at once: a 1 s window's key may be gone a second later.
+        let keys: Vec<String> = conn.keys(format!("*v{}:{value}|*", value.len())).unwrap();
+        for key in keys {
+            let ttl = pttl(&key, &mut conn);
+            if key.contains("|fw|1000|") {
+                second.push(ttl);
+            } else {
+                minute.push(ttl);
+            }
+        }
     }
-    let mut conn = redis.connection();
-    let keys: Vec<String> = conn.keys("*").unwrap();
-    assert_eq!(keys.len(), 20);
-    let ttls: Vec<i64> = keys
-        .iter()
-        .map(|key| ::redis::cmd("PTTL").arg(key).query(&mut conn).unwrap())
-        .collect();
-    for ttl in &ttls {
-        assert!(*ttl > 0 && *ttl <= 60_000 + 5_000, "pttl {ttl}");
+    assert_eq!((minute.len(), second.len()), (20, 20));
+    for ttl in &minute {
+        assert!(*ttl > 0 && *ttl < 60_000 + 60_000, "pttl {ttl}");
     }
-    // Without jitter they would differ by the few ms the calls took; 20
-    // draws from 5 s all landing within 100 ms of each other is below 1e-25.
-    let spread = ttls.iter().max().unwrap() - ttls.iter().min().unwrap();
-    assert!(spread > 100, "{ttls:?}");
+    // Without the bound, 300 s of jitter would give nearly all over 2 s.
+    for ttl in &second {
+        assert!(*ttl <= 1_000 + 1_000, "pttl {ttl}: {second:?}");
+    }
+    // Without jitter the minute keys would differ by the few ms the calls
+    // took; 20 draws from a minute all landing within 100 ms of each other
+    // is below 1e-50.
+    let spread = minute.iter().max().unwrap() - minute.iter().min().unwrap();
+    assert!(spread > 100, "{minute:?}");
 }
 
 #[tokio::test]

@@ -25,6 +25,10 @@ pub const DEFAULT_REDIS_POOL_SIZE: usize = crate::store::redis::DEFAULT_POOL_SIZ
 /// round trip plus jitter), and still under Envoy's 20 ms rate limit
 /// timeout, so a failure-policy answer reaches Envoy before it gives up.
 pub const DEFAULT_STORE_TIMEOUT: &str = "15ms";
+/// Default expiry jitter: upstream's 300 s; taken modulo each key's window,
+/// it spreads the end of a window's keys over the next window (at most 5
+/// minutes), so Redis never blocks deleting them at once.
+pub const DEFAULT_EXPIRATION_JITTER_MAX: &str = "300s";
 /// Default deadline for opening a Redis connection.
 pub const DEFAULT_REDIS_CONNECT_TIMEOUT: &str = "1s";
 /// Default cap on live counters in the memory store.
@@ -208,13 +212,14 @@ pub struct ServeArgs {
     #[arg(long, env = "RATEKEEPER_REDIS_CONNECT_TIMEOUT", default_value = DEFAULT_REDIS_CONNECT_TIMEOUT, value_parser = parse_duration)]
     pub redis_connect_timeout: Duration,
 
-    /// Redis stores: add up to this much (at random per call) to every key's
-    /// TTL, so the keys of one window do not all expire in the same
-    /// millisecond (envoyproxy/ratelimit's EXPIRATION_JITTER_MAX_SECONDS).
-    /// A key never outlives its state by more than this. 0 turns it off.
-    /// With `--key-layout envoy-ratelimit`, upstream's keys get whole seconds
-    /// in `[0, this)`, as upstream draws them.
-    #[arg(long, env = "RATEKEEPER_EXPIRATION_JITTER_MAX", default_value = "0s", value_parser = humantime::parse_duration)]
+    /// Redis stores: add up to this much (at random per call), and less than
+    /// the key's window, to every key's TTL, so the keys of one window do
+    /// not all expire at its end: Redis would block deleting them
+    /// (envoyproxy/ratelimit's EXPIRATION_JITTER_MAX_SECONDS). A key never
+    /// outlives its state by more than this. 0 turns it off. With
+    /// `--key-layout envoy-ratelimit`, upstream's keys get whole seconds in
+    /// `[0, this)`, as upstream draws them.
+    #[arg(long, env = "RATEKEEPER_EXPIRATION_JITTER_MAX", default_value = DEFAULT_EXPIRATION_JITTER_MAX, value_parser = humantime::parse_duration)]
     pub expiration_jitter_max: Duration,
 
     /// Redis stores: `ratekeeper` keys, or `envoy-ratelimit`: count every
@@ -331,7 +336,8 @@ pub struct ServeArgs {
     pub failure_policy: FailurePolicy,
 
     /// Consecutive store failures after which the circuit breaker opens and
-    /// answers by the failure policy without calling the store.
+    /// answers by the failure policy without calling the store. Calls in
+    /// flight together (one coalesced Redis call) fail as one.
     #[arg(long, env = "RATEKEEPER_BREAKER_FAILURES", default_value_t = crate::store::breaker::DEFAULT_THRESHOLD,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub breaker_failures: u32,
@@ -525,6 +531,10 @@ mod tests {
         assert!(args.admin_addr.ip().is_loopback());
         assert_eq!(args.store, StoreKind::Memory);
         assert_eq!(args.store_timeout, Duration::from_millis(15));
+        // The library's default is the flag's.
+        let library = crate::store::redis::RedisSettings::new("redis://x");
+        assert_eq!(args.expiration_jitter_max, library.expiry_jitter);
+        assert_eq!(args.expiration_jitter_max, Duration::from_secs(300));
         assert_eq!(args.near_limit_ratio, 0.8);
         assert!(!args.quota_mode && !args.merge_domain_config);
         let bounds = serve(&["--config", "x", "--near-limit-ratio", "0"]).unwrap();

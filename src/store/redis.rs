@@ -64,8 +64,9 @@ pub struct RedisSettings {
     /// Certificates for a `rediss://` URL; `None` trusts the public web PKI
     /// roots and sends no client certificate.
     pub tls: Option<RedisTls>,
-    /// Up to this much (chosen at random per call) is added to every key's
-    /// Redis TTL, so the keys of one window do not all expire at once.
+    /// Up to this much (chosen at random per call), and less than the key's
+    /// window, is added to every key's Redis TTL, so the keys of one window
+    /// do not all expire at once.
     pub expiry_jitter: Duration,
 }
 
@@ -78,7 +79,7 @@ impl RedisSettings {
             timeout: Duration::from_millis(15),
             connect_timeout: Duration::from_secs(1),
             tls: None,
-            expiry_jitter: Duration::ZERO,
+            expiry_jitter: DEFAULT_EXPIRY_JITTER,
         }
     }
 }
@@ -136,19 +137,35 @@ impl ScriptTime {
         }
     }
 
-    pub(crate) fn ttl_extra_ms(&self) -> u64 {
-        let jitter = match self.jitter_max_ms {
+    /// A call's expiry jitter, drawn from `[0, --expiration-jitter-max)`.
+    /// The decision scripts add it to a key's TTL modulo the key's window.
+    pub(crate) fn jitter_ms(&self) -> u64 {
+        match self.jitter_max_ms {
             0 => 0,
             max => fastrand::u64(0..max),
-        };
-        let grace = if self.clock.get().is_some() {
+        }
+    }
+
+    /// What every TTL gets besides the jitter: the grace of injected time.
+    pub(crate) fn grace_ms(&self) -> u64 {
+        if self.clock.get().is_some() {
             INJECTED_TIME_GRACE_MS
         } else {
             0
-        };
-        jitter + grace
+        }
+    }
+
+    /// Jitter and grace together, for TTLs with no window to bound them.
+    pub(crate) fn ttl_extra_ms(&self) -> u64 {
+        self.jitter_ms() + self.grace_ms()
     }
 }
+
+/// Default expiry jitter (`--expiration-jitter-max`), upstream's 300 s:
+/// taken modulo each key's window, it spreads the end of a window's keys
+/// over the next window (at most 5 minutes), not all at its end, when Redis
+/// would block for tens of milliseconds deleting them.
+pub const DEFAULT_EXPIRY_JITTER: Duration = Duration::from_secs(300);
 
 /// Default connections per endpoint. Redis runs one command at a time, and
 /// each connection carries one coalesced call at a time: fewer connections
@@ -578,7 +595,8 @@ pub(crate) fn refund_call(
             .map(|n| n.to_string())
             .unwrap_or_default()
             .into(),
-        time.ttl_extra_ms().to_string().into(),
+        time.jitter_ms().to_string().into(),
+        time.grace_ms().to_string().into(),
     ];
     for hit in hits {
         for value in [

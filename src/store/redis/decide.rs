@@ -119,7 +119,7 @@ impl Code {
             Some(now) => cmd.arg(now),
             None => cmd.arg(""),
         };
-        cmd.arg(time.ttl_extra_ms());
+        cmd.arg(time.jitter_ms()).arg(time.grace_ms());
         for run in &call.runs {
             cmd.arg(RUN)
                 .arg(run.len)

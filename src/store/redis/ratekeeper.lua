@@ -9,7 +9,11 @@
 -- KEYS      every hit's key, group after group
 -- ARGV[1]   now in Unix ms, or '' to read Redis TIME (production; tests
 --           drive the clock)
--- ARGV[2]   ms added to every key's TTL beyond its state's (expiry jitter)
+-- ARGV[2]   expiry jitter in ms, drawn per call: each key's TTL gets this
+--           modulo its window beyond its state's, so the keys of one window
+--           expire spread over up to a window, never all at its end
+-- ARGV[3]   ms added to every TTL besides (non-zero only while tests drive
+--           the clock, whose time need not keep pace with Redis's)
 -- then groups, each opened by its kind:
 --   4 (a run): count, window_ms, hits, window number. `count`
 --           fixed-window hits, each on its own key and each its own
@@ -50,7 +54,7 @@
 -- Kept lean: it runs for every request inside Redis's one thread. Nothing
 -- is allocated per decision: the working tables below are created once (with
 -- the library) and reused, and the functions are defined once. A run — what
--- nearly every Envoy request is — costs one HINCRBY per hit and no argument
+-- nearly every Envoy request is — costs one INCRBY per hit and no argument
 -- of its own per hit (arguments and the numbers formatted from them are
 -- measurable parts of a call's cost).
 
@@ -85,6 +89,16 @@ local function ceil_div(a, b)
   return q
 end
 
+-- The call's time, expiry jitter and TTL grace (ARGV[1] to ARGV[3]).
+local now, jitter, grace = 0, 0, 0
+
+-- What a key of window `w` lives beyond its state: the call's jitter, kept
+-- under one window (a key of a short window outlives it by less than its
+-- length, a long window's keys get the whole spread), plus the grace.
+local function ttl_extra(w)
+  return jitter % w + grace
+end
+
 -- Whether PEXPIRE takes NX and GT (Redis 7): found at the first use.
 local expire_options = nil
 
@@ -102,8 +116,8 @@ end
 -- A sliding window's first hit: the key lives while this window and the
 -- next can matter — never less than it already does — and the field two
 -- windows back goes. A new key (no TTL yet) costs one PEXPIRE.
-local function first_hit(kk, start, w, now, extra)
-  local want = start + 2 * w - now + extra
+local function first_hit(kk, start, w)
+  local want = start + 2 * w - now + ttl_extra(w)
   if expire_options == nil then
     expire_options = (redis.REDIS_VERSION_NUM or 0) >= 0x070000
   end
@@ -130,8 +144,7 @@ end
 local key, wkey, alg, limit, window, burst, hits, enforced, start, allowed = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
 local fx, fy, bx, by, cx, cy = {}, {}, {}, {}, {}, {}
 local over = {}
--- The call's time and TTL extra.
-local now, extra = 0, 0
+
 -- The reply, reused from call to call (Redis has read the last one by the
 -- next): `filled` integers of this call's so far, and `high` the most any
 -- call may have written (raised before a group writes, so even a call that
@@ -207,16 +220,16 @@ local function write(i)
   if alg[i] == TB then
     local expires = now + ceil_div(cx[kk], math.max(limit[i], 1))
     redis.call('SET', kk, struct.pack('ddd', cx[kk], cy[kk], expires),
-      'PX', math.max(1, expires - now) + extra)
+      'PX', math.max(1, expires - now) + ttl_extra(window[i]))
   elseif alg[i] == FW then
     redis.call('INCRBY', wkey[i], cx[kk] - bx[kk])
     if bx[kk] == 0 then
-      redis.call('PEXPIRE', wkey[i], start[i] + window[i] - now + extra)
+      redis.call('PEXPIRE', wkey[i], start[i] + window[i] - now + ttl_extra(window[i]))
     end
   else
     redis.call('HINCRBY', kk, start[i], cx[kk] - bx[kk])
     if bx[kk] == 0 then
-      first_hit(kk, start[i], window[i], now, extra)
+      first_hit(kk, start[i], window[i])
     end
   end
   bx[kk], by[kk] = cx[kk], cy[kk]
@@ -317,7 +330,7 @@ local function run(keys, k, count, w_arg, n_arg, expected)
   local w, n = num(w_arg), num(n_arg)
   local start = now - (now % w)
   local field = window_number(start, w)
-  local ttl = start + w - now + extra
+  local ttl = start + w - now + ttl_extra(w)
   local r = claim(count)
   for i = k + 1, k + count do
     local kk = keys[i]
@@ -340,11 +353,11 @@ local function decide_all(keys, argv)
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  extra = num(argv[2])
+  jitter, grace = num(argv[2]), num(argv[3])
   filled = 0
   reply[claim(1) + 1] = now
   local k = 0 -- keys used so far
-  local a = 3 -- next argument
+  local a = 4 -- next argument
   local last = #argv
 
   while a <= last do

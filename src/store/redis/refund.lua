@@ -5,8 +5,8 @@
 --
 -- KEYS      the counters
 -- ARGV[1]   now in Unix ms, or '' to read Redis TIME (tests drive the clock)
--- ARGV[2]   ms added to a rewritten token bucket's TTL (as the decision
---           code adds)
+-- ARGV[2]   expiry jitter and ARGV[3] TTL grace, in ms: a rewritten token
+--           bucket's TTL gets them as the decision code adds them
 -- then five per key: algorithm (1 fixed window, 2 sliding window, 3 token
 --           bucket), limit, window_ms, burst, hits
 --
@@ -21,10 +21,10 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local extra = tonumber(ARGV[2]) or 0
+local jitter, grace = tonumber(ARGV[2]) or 0, tonumber(ARGV[3]) or 0
 
 for i, kk in ipairs(KEYS) do
-  local b = 3 + (i - 1) * 5
+  local b = 4 + (i - 1) * 5
   local alg = tonumber(ARGV[b])
   local limit = tonumber(ARGV[b + 1])
   local w = tonumber(ARGV[b + 2])
@@ -44,7 +44,7 @@ for i, kk in ipairs(KEYS) do
             q = q + 1
           end
           redis.call('SET', kk, struct.pack('ddd', after, now, now + q),
-            'PX', math.max(1, q) + extra)
+            'PX', math.max(1, q) + jitter % w + grace)
         end
       end
     end
