@@ -14,7 +14,7 @@ use common::coalescing::{CALLERS, Phase, decisions_keep_their_semantics};
 use common::{RedisServer, T0};
 use ratekeeper::clock::{Clock, ManualClock};
 use ratekeeper::store::redis::RedisSettings;
-use ratekeeper::store::{MemoryStore, RedisStore};
+use ratekeeper::store::{CounterStore, MemoryStore, RedisStore};
 
 /// Lanes (connections) of the Redis store in these tests.
 const LANES: usize = 2;
@@ -117,4 +117,63 @@ async fn a_redis_that_refuses_functions_is_served_through_evalsha() {
     let scripts = scripts.into_inner();
     assert!((1..=2).contains(&scripts), "{scripts} calls");
     assert_eq!(calls(&redis, "fcall"), 0);
+}
+
+/// Envoy's hits on one hot key (a route's limit), 64 at once: one `INCRBY`
+/// per call carries them all, and each decision gets the count it would
+/// have found alone — exactly the limit passes, and the admitted see every
+/// remaining count from the limit down, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_on_one_hot_key_share_one_incrby_and_keep_their_counts() {
+    use ratekeeper::algorithm::{AlgorithmKind, BatchHit, Mode, Quota};
+
+    const LIMIT: u64 = 10;
+    let redis = RedisServer::start();
+    let store = store_on(redis.url());
+    let hot = key("route");
+    let hit = BatchHit {
+        key: &hot,
+        algorithm: AlgorithmKind::FixedWindow,
+        quota: Quota {
+            limit: LIMIT,
+            window_ms: 60_000,
+            burst: LIMIT,
+        },
+        hits: 1,
+        enforced: true,
+    };
+    // Up first, so the 64 below go out together behind a held Redis.
+    store.apply(&[hit], Mode::Independent).await.unwrap();
+    reset_stats(&redis);
+    redis.pause();
+    let decisions = futures::future::join_all(
+        (0..CALLERS).map(|_| store.apply(std::slice::from_ref(&hit), Mode::Independent)),
+    );
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redis.resume();
+    };
+    let (answers, ()) = tokio::join!(decisions, resume);
+    let mut remaining: Vec<u64> = answers
+        .into_iter()
+        .map(|answer| answer.unwrap().remove(0))
+        .filter(|outcome| outcome.allowed)
+        .map(|outcome| outcome.remaining)
+        .collect();
+    remaining.sort_unstable();
+    // The first call took one; the 64 leave 8 down to 0 to the admitted.
+    assert_eq!(remaining, (0..LIMIT - 1).collect::<Vec<_>>());
+    let fcalls = calls(&redis, "fcall");
+    assert!((1..=2).contains(&fcalls), "{fcalls} calls");
+    assert_eq!(calls(&redis, "incrby"), fcalls, "one INCRBY per call");
+    let windowed = format!("{}|{}", String::from_utf8_lossy(&hot), T0 / 60_000);
+    let count: u64 = ::redis::cmd("GET")
+        .arg(windowed)
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(
+        count,
+        1 + CALLERS as u64,
+        "every hit counted, denied ones too"
+    );
 }

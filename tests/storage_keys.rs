@@ -105,7 +105,10 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
         };
         // The default expiry jitter: less than a window (and 300 s) past
         // the window's end.
-        assert!(ttl > 0 && ttl < window + window.min(300_000), "{key}: pttl {ttl}");
+        assert!(
+            ttl > 0 && ttl < window + window.min(300_000),
+            "{key}: pttl {ttl}"
+        );
     }
     assert!(
         keys.iter()

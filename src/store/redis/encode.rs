@@ -8,9 +8,14 @@
 //! run costs Redis five arguments whatever its length and nothing per hit
 //! but its key (sent windowed, see [`Code::call`](super::decide::Code::call));
 //! every other decision goes as it is (mode, count, six
-//! arguments per hit) and is applied on its own. The reply is split back
-//! into each decision's part in one shape, three integers per hit
-//! ([`Layout::split`]), which `decide::outcomes` turns into answers.
+//! arguments per hit) and is applied on its own. Plain hits of several
+//! decisions on one key (a hot limit: a route's, a tenant's) go as one hit
+//! of their sum: one `INCRBY` for the call, and each decision's count is
+//! the one it would have found counted alone, in the call's order (a run's
+//! hits are independent, so that is exactly their one-at-a-time answer).
+//! The reply is split back into each decision's part in one shape, three
+//! integers per hit ([`Layout::split`]), which `decide::outcomes` turns
+//! into answers.
 
 use crate::algorithm::{AlgorithmKind, BatchHit, Mode};
 
@@ -70,8 +75,9 @@ pub(crate) struct Run {
 #[derive(Debug)]
 pub(crate) struct Layout {
     /// Per plain hit, in the order of the decisions: its place in the reply
-    /// (after `now`).
-    run_place: Vec<usize>,
+    /// (after `now`), and the hits later decisions added to its key in the
+    /// same run entry (taken off the count there to give this hit's).
+    run_place: Vec<(usize, u64)>,
     /// Integers of the runs (they come first).
     run_hits: usize,
     /// Integers the reply holds after `now`.
@@ -150,39 +156,46 @@ fn is_plain(hits: &[BatchHit<'_>], mode: Mode) -> bool {
 /// (plain hits grouped by window and hits), then the other decisions in
 /// their order.
 pub(crate) fn assemble<'d>(decisions: &[&'d Encoded]) -> Assembled<'d> {
-    // Every plain hit: (window, hits, its index among the plain hits).
-    let mut plain: Vec<(u64, u64, usize)> = Vec::new();
-    let mut plain_keys: Vec<&[u8]> = Vec::new();
+    // Every plain hit, in the order of the decisions: its key, window and
+    // hits.
+    let mut plain: Vec<(&[u8], u64, u64)> = Vec::new();
     let mut full_keys = 0;
     for decision in decisions {
         match &decision.form {
-            Form::Plain(hits) => {
-                for (hit, key) in hits.iter().zip(&decision.keys) {
-                    plain.push((hit.window_ms, hit.hits, plain.len()));
-                    plain_keys.push(key);
-                }
-            }
+            Form::Plain(hits) => plain.extend(
+                hits.iter()
+                    .zip(&decision.keys)
+                    .map(|(hit, key)| (key.as_slice(), hit.window_ms, hit.hits)),
+            ),
             Form::Full(_) => full_keys += decision.keys.len(),
         }
     }
-    plain.sort_unstable();
+    let (entries, of_hit) = merge_keys(&plain);
 
-    let mut keys = Vec::with_capacity(plain.len() + full_keys);
+    // The entries, grouped in runs by window and hits.
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_unstable_by_key(|&e| (entries[e].window_ms, entries[e].hits, e));
+    let mut keys = Vec::with_capacity(entries.len() + full_keys);
     let mut runs = Vec::new();
     let mut args = Vec::new();
-    let mut run_place = vec![0; plain.len()];
-    for run in plain.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-        let (window_ms, hits, _) = run[0];
+    let mut entry_place = vec![0; entries.len()];
+    for run in order.chunk_by(|&a, &b| {
+        (entries[a].window_ms, entries[a].hits) == (entries[b].window_ms, entries[b].hits)
+    }) {
         runs.push(Run {
-            window_ms,
-            hits,
+            window_ms: entries[run[0]].window_ms,
+            hits: entries[run[0]].hits,
             len: run.len(),
         });
-        for &(_, _, index) in run {
-            run_place[index] = keys.len();
-            keys.push(plain_keys[index]);
+        for &e in run {
+            entry_place[e] = keys.len();
+            keys.push(entries[e].key);
         }
     }
+    let run_place = of_hit
+        .iter()
+        .map(|&(entry, later)| (entry_place[entry], later))
+        .collect();
     let run_hits = keys.len();
     for decision in decisions {
         if let Form::Full(full) = &decision.form {
@@ -200,6 +213,41 @@ pub(crate) fn assemble<'d>(decisions: &[&'d Encoded]) -> Assembled<'d> {
         runs,
         args,
     }
+}
+
+/// One key of a call's runs: the sum of the plain hits on it.
+#[derive(Debug, Clone, Copy)]
+struct Entry<'d> {
+    key: &'d [u8],
+    window_ms: u64,
+    hits: u64,
+}
+
+/// The entries of `plain` hits (key, window, hits; in the order of the
+/// decisions) — one per key — and per hit its entry and the hits later
+/// hits add to it.
+fn merge_keys<'d>(plain: &[(&'d [u8], u64, u64)]) -> (Vec<Entry<'d>>, Vec<(usize, u64)>) {
+    // Sorting finds the hits that share a key without hashing every key;
+    // equal keys stay in decision order.
+    let mut by_key: Vec<usize> = (0..plain.len()).collect();
+    by_key.sort_by_key(|&i| plain[i].0);
+    let mut entries = Vec::with_capacity(plain.len());
+    let mut of_hit = vec![(0, 0); plain.len()];
+    for same in by_key.chunk_by(|&a, &b| plain[a].0 == plain[b].0) {
+        let (key, window_ms, _) = plain[same[0]];
+        let total = same.iter().map(|&i| plain[i].2).sum::<u64>();
+        let mut counted = 0;
+        for &i in same {
+            counted += plain[i].2;
+            of_hit[i] = (entries.len(), total - counted);
+        }
+        entries.push(Entry {
+            key,
+            window_ms,
+            hits: total,
+        });
+    }
+    (entries, of_hit)
 }
 
 // === impl Layout ===
@@ -235,11 +283,12 @@ impl Layout {
                 Form::Plain(hits) => hits
                     .iter()
                     .zip(places.by_ref())
-                    .flat_map(|(hit, &place)| {
+                    .flat_map(|(hit, &(place, later))| {
                         // A run returns the count after the hits; the
                         // verdict is the fixed window's (rejected hits
                         // count too).
-                        let after = ints[place];
+                        let later = i64::try_from(later).unwrap_or(i64::MAX);
+                        let after = ints[place].saturating_sub(later);
                         let taken = i64::try_from(hit.hits).unwrap_or(i64::MAX);
                         let allowed = u64::try_from(after).is_ok_and(|a| a <= hit.limit);
                         [i64::from(allowed), after.saturating_sub(taken), 0]
@@ -350,6 +399,32 @@ mod tests {
         assert_eq!(parts[1], [1, 4, 0]); // d as the script answered
         assert_eq!(parts[2], [1, 2, 0, 0, 10, 0]); // b: 3; c: 11 is over 10
         assert_eq!(parts[3], [0, 10, 0]); // e: 12 after 2 hits, over
+    }
+
+    #[test]
+    fn hits_of_several_decisions_on_one_key_go_as_one_with_each_its_own_count() {
+        let one = |key: &'static [u8], hits| {
+            Encoded::new(&[hit(key, FW, 60_000, hits)], Mode::Independent)
+        };
+        let (a, b, c, d) = (one(b"k", 1), one(b"k", 1), one(b"l", 1), one(b"k", 2));
+        let decisions = [&a, &b, &c, &d];
+        let call = assemble(&decisions);
+        // k once, with its four hits; l alone.
+        let keys: Vec<&[u8]> = vec![b"l", b"k"];
+        assert_eq!(call.keys, keys);
+        let run = |hits, len| Run {
+            window_ms: 60_000,
+            hits,
+            len,
+        };
+        assert_eq!(call.runs, [run(1, 1), run(4, 1)]);
+        // k went from 7 to 11 (the limit is 10): a found 7, b 8, and d 9,
+        // whose 2 hits go over; l went from 0 to 1.
+        let (_, parts) = call.layout.split(&decisions, &[0, 1, 11]).unwrap();
+        assert_eq!(
+            parts,
+            [vec![1, 7, 0], vec![1, 8, 0], vec![1, 0, 0], vec![0, 9, 0]]
+        );
     }
 
     #[test]
