@@ -235,11 +235,14 @@ fn merge_keys<'d>(plain: &[(&'d [u8], u64, u64)]) -> (Vec<Entry<'d>>, Vec<(usize
     let mut of_hit = vec![(0, 0); plain.len()];
     for same in by_key.chunk_by(|&a, &b| plain[a].0 == plain[b].0) {
         let (key, window_ms, _) = plain[same[0]];
-        let total = same.iter().map(|&i| plain[i].2).sum::<u64>();
-        let mut counted = 0;
+        // Saturating, as the counts themselves are (a cost near u64::MAX).
+        let total = same
+            .iter()
+            .fold(0u64, |sum, &i| sum.saturating_add(plain[i].2));
+        let mut counted = 0u64;
         for &i in same {
-            counted += plain[i].2;
-            of_hit[i] = (entries.len(), total - counted);
+            counted = counted.saturating_add(plain[i].2);
+            of_hit[i] = (entries.len(), total.saturating_sub(counted));
         }
         entries.push(Entry {
             key,
