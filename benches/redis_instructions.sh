@@ -84,7 +84,13 @@ measure() {
   [ -n "$warm" ] && redis-cli -p $PORT --pipe <"$WORK/warm.resp" >/dev/null
   callgrind_control -z $vg_pid >/dev/null 2>&1
   redis-cli -p $PORT --pipe <"$WORK/measured.resp" >"$WORK/pipe.log"
-  callgrind_control -d $vg_pid >/dev/null 2>&1
+  # The dump is asked for until it is written: the first request to a
+  # freshly started valgrind can go unanswered.
+  for _ in $(seq 20); do
+    callgrind_control -d $vg_pid >/dev/null 2>&1
+    ls "$WORK"/cg.*.1 >/dev/null 2>&1 && break
+    sleep 0.5
+  done
   grep -q "errors: 0," "$WORK/pipe.log" || { echo "$who $state: Redis answered errors" >&2; cat "$WORK/pipe.log" >&2; exit 1; }
   redis-cli -p $PORT shutdown nosave >/dev/null 2>&1
   wait $vg_pid 2>/dev/null; vg_pid=
