@@ -5,11 +5,15 @@
 # different slot and master). Servers (ratekeeper and every redis-server)
 # are pinned to CPU 0, the load generator to CPU 1; each round runs every
 # shape in turn, and medians over rounds are reported. See BENCHMARKS.md.
+# The load generator is rls-bench (RLS_BENCH: an Envoy RLS load generator
+# that reports its own CPU); a run whose generator used more than 90 % of
+# its core measured the generator, and is printed as INVALID.
 #
-# Usage: benches/cluster.sh [rounds, default 3] [seconds per run, default 5] [open-loop rate, default 2000]
+# Usage: RLS_BENCH=path/to/rls-bench benches/cluster.sh [rounds, default 3] [seconds per run, default 5] [open-loop rate, default 2000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/common.sh
+: "${RLS_BENCH:?set RLS_BENCH to the rls-bench binary}"
 
 ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-5}
@@ -22,7 +26,7 @@ SINGLE_RK=127.0.0.1:19285
 CLUSTER_RK=127.0.0.1:19295
 KEYS=100000
 
-cargo build --release --quiet --bin ratekeeper --example loadgen
+cargo build --release --quiet --bin ratekeeper
 BIN=target/release
 work=$(mktemp -d)
 cleanup() { stop_started; rm -rf "$work"; }
@@ -54,11 +58,20 @@ wait_port $SINGLE_RK
 wait_port $CLUSTER_RK
 declare -A addr_of=([single]=$SINGLE_RK [cluster]=$CLUSTER_RK)
 
-run() { # server descriptors [loadgen flags...]: prints the RESULT line
+run() { # server descriptors [rls-bench flags...]: prints "rps=… p50_us=… p99_us=… gen_cpu=…"
   local server=$1 descriptors=$2; shift 2
-  taskset -c $LOAD_CPU $BIN/examples/loadgen --addr "http://${addr_of[$server]}" --connections 4 \
-    --duration "${SECONDS_PER_RUN}s" --warmup 1s --keys $KEYS --domain bench --api envoy \
-    --descriptors "$descriptors" "$@" | grep '^RESULT '
+  taskset -c $LOAD_CPU "$RLS_BENCH" load --addr "http://${addr_of[$server]}" --connections 4 \
+    --duration "${SECONDS_PER_RUN}s" --warmup 1s --keys $KEYS --dist uniform --domain bench \
+    --key user --descriptors-per-request "$descriptors" --json "$work/out.json" "$@" \
+    >"$work/out.txt" 2>&1 || true
+  python3 - "$work/out.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+lat, cpu = r["latency_us"], r.get("client_cpu_pct") or 0
+flag = " INVALID(generator saturated)" if cpu > 90 else ""
+print("RESULT rps=%.0f p50_us=%.0f p99_us=%.0f errors=%d gen_cpu=%.0f%s" % (
+    r["rps"], lat["p50"], lat["p99"], r.get("errors", 0), cpu, flag))
+PY
 }
 
 shapes=("single 1" "single 10" "cluster 1" "cluster 10")
