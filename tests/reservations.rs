@@ -421,6 +421,54 @@ async fn the_ttl_is_clamped_and_open_reservations_are_bounded() {
     );
 }
 
+/// With the default expiry jitter (up to 300 s) a reservation record and
+/// its tombstone outlive their own lifetime by less than that lifetime: a
+/// 2 s reservation is not kept in Redis for minutes. (Its expiry is in the
+/// record; the TTL only frees the memory.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_records_outlive_their_ttl_by_less_than_it() {
+    let redis = RedisServer::start();
+    // Redis's own clock: TTLs are real.
+    let server = TestServer::with(
+        rules(&[RULES]),
+        Arc::new(redis_store(&redis.url(), Duration::from_secs(2))),
+    )
+    .await;
+    let channel = server.channel().await;
+    let mut limiter = RateLimiterClient::new(channel.clone());
+    let mut reservations = ReservationServiceClient::new(channel);
+    let mut conn = redis.connection();
+    let mut pttl = |id: &str| -> i64 {
+        let records: Vec<String> =
+            ::redis::Commands::keys(&mut conn, format!("*rsv:{id}")).unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        ::redis::cmd("PTTL")
+            .arg(&records[0])
+            .query(&mut conn)
+            .unwrap()
+    };
+    // Five draws of up to 300 s: without the bound, all five under 2 s
+    // would be a 1e-11 chance.
+    for _ in 0..5 {
+        let reserved = limiter
+            .should_allow(reserve_request(&[TENANT], 1, Duration::from_secs(2)))
+            .await
+            .unwrap()
+            .into_inner();
+        let ttl = pttl(&reserved.reservation_id);
+        assert!(ttl > 0 && ttl < 2 * 2_000, "record pttl {ttl}");
+        let settled = reservations
+            .settle(settle_request(&reserved.reservation_id, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(settled.status(), SettleStatus::Settled);
+        let tombstone = 10 * 60 * 1_000;
+        let ttl = pttl(&reserved.reservation_id);
+        assert!(ttl > 0 && ttl < 2 * tombstone, "tombstone pttl {ttl}");
+    }
+}
+
 /// Exact across instances: 64 callers reserve on one of three ratekeeper
 /// instances sharing a redis-server and settle on another; every counter
 /// ends charged at exactly the sum of the actual costs.

@@ -179,7 +179,10 @@ impl Record<'_> {
             .ignore()
             .cmd("PEXPIRE")
             .arg(&self.key)
-            .arg(self.ttl_ms.saturating_add(time.ttl_extra_ms()))
+            .arg(
+                self.ttl_ms
+                    .saturating_add(time.ttl_extra_within(self.ttl_ms)),
+            )
             .ignore();
         let call = node.call().await.map_err(no_connection)?;
         let written: redis::RedisResult<()> = pipe.query_async(&mut call.connection()).await;
@@ -236,7 +239,8 @@ pub(crate) async fn settle_on(
         .arg(domain)
         .arg(actual)
         .arg(TOMBSTONE_MS)
-        .arg(time.ttl_extra_ms());
+        .arg(time.jitter_ms())
+        .arg(time.grace_ms());
     for (_, how) in &charges {
         for part in how.split(' ') {
             invocation.arg(part);

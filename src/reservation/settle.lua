@@ -11,7 +11,9 @@
 -- KEYS[2..] the counters it charged, in the record's order
 -- ARGV[1]   now in Unix ms, or '' to read Redis TIME
 -- ARGV[2]   domain    ARGV[3] actual cost
--- ARGV[4]   ms the tombstone lives   ARGV[5] ms added to counter TTLs
+-- ARGV[4]   ms the tombstone lives   ARGV[5] expiry jitter   ARGV[6] TTL
+--           grace (as ratekeeper.lua: a TTL gets the jitter modulo the
+--           lifetime it extends, plus the grace)
 -- then per counter five: algorithm (1 fixed, 2 sliding, 3 token bucket),
 -- limit, window_ms, burst, window start
 --
@@ -31,7 +33,7 @@ else
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local domain, actual = ARGV[2], tonumber(ARGV[3])
-local tombstone_ms, extra = tonumber(ARGV[4]), tonumber(ARGV[5])
+local tombstone_ms, jitter, grace = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 
 local got = redis.call('HMGET', rec, 'd', 'e', 'x', 's')
 if not got[1] or got[1] ~= domain then
@@ -50,14 +52,14 @@ if tonumber(got[3]) <= now then
   return { 0, 1 }
 end
 redis.call('HSET', rec, 's', actual)
-redis.call('PEXPIRE', rec, tombstone_ms + extra)
+redis.call('PEXPIRE', rec, tombstone_ms + jitter % tombstone_ms + grace)
 if actual == estimate then
   return { 1, estimate }
 end
 
 for i = 2, #KEYS do
   local k = KEYS[i]
-  local a = 6 + (i - 2) * 5
+  local a = 7 + (i - 2) * 5
   local alg, limit, w, burst, start =
     tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4]
   if alg == FW then
@@ -100,7 +102,7 @@ for i = 2, #KEYS do
         q = q + 1
       end
       local expires = now + q
-      redis.call('SET', k, struct.pack('ddd', settled, now, expires), 'PX', math.max(1, expires - now) + extra)
+      redis.call('SET', k, struct.pack('ddd', settled, now, expires), 'PX', math.max(1, expires - now) + jitter % w + grace)
     end
   end
 end

@@ -138,7 +138,9 @@ impl ScriptTime {
     }
 
     /// A call's expiry jitter, drawn from `[0, --expiration-jitter-max)`.
-    /// The decision scripts add it to a key's TTL modulo the key's window.
+    /// The scripts add it to a TTL modulo the lifetime the TTL extends (a
+    /// key's window, a record's own TTL), so nothing outlives its state by
+    /// more than that lifetime again.
     pub(crate) fn jitter_ms(&self) -> u64 {
         match self.jitter_max_ms {
             0 => 0,
@@ -155,9 +157,11 @@ impl ScriptTime {
         }
     }
 
-    /// Jitter and grace together, for TTLs with no window to bound them.
-    pub(crate) fn ttl_extra_ms(&self) -> u64 {
-        self.jitter_ms() + self.grace_ms()
+    /// What a TTL extending a state that lives `lifetime_ms` gets beyond
+    /// it: the jitter modulo that lifetime, plus the grace (the scripts'
+    /// `jitter % w + grace`).
+    pub(crate) fn ttl_extra_within(&self, lifetime_ms: u64) -> u64 {
+        self.jitter_ms() % lifetime_ms.max(1) + self.grace_ms()
     }
 }
 
