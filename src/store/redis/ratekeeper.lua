@@ -41,8 +41,8 @@
 -- - fixed window: one integer per window, at the counter's key followed by
 --   '|' and the window's number (its start in Unix ms over its length), so
 --   the common case is one INCRBY on a key the call names; the window's
---   first hit sets its TTL (the window's end), and an old window's key
---   simply expires. A clock stepped back into the previous window finds
+--   first hit sets its TTL (the window's end plus the jitter), and an old
+--   window's key simply expires. A clock stepped back into the previous window finds
 --   that window's own count.
 -- - sliding window: a hash whose fields are window starts and values the
 --   counts of those windows (a decision reads two). A window's first hit
