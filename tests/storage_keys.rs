@@ -281,7 +281,7 @@ async fn default_expiry_jitter_spreads_a_windows_keys_within_their_window() {
 domain: short
 descriptors:
   - key: s
-    rate_limit: {unit: second, requests_per_unit: 100}
+    rate_limit: {unit: second, unit_multiplier: 10, requests_per_unit: 100}
 "#;
     let redis = RedisServer::start();
     let store = ratekeeper::store::RedisStore::new(&ratekeeper::store::redis::RedisSettings {
@@ -296,7 +296,7 @@ descriptors:
         ::redis::cmd("PTTL").arg(key).query(conn).unwrap()
     };
     let mut minute = Vec::new();
-    let mut second = Vec::new();
+    let mut short = Vec::new();
     for i in 0..20 {
         let value = i.to_string();
         for (domain, entry) in [("keys", "a"), ("short", "s")] {
@@ -305,24 +305,24 @@ descriptors:
                 .await
                 .unwrap();
         }
-        // Read at once: a 1 s window's key may be gone a second later.
+        // Read at once: a 10 s window's key may be gone 10 s later.
         let keys: Vec<String> = conn.keys(format!("*v{}:{value}|*", value.len())).unwrap();
         for key in keys {
             let ttl = pttl(&key, &mut conn);
-            if key.contains("|fw|1000|") {
-                second.push(ttl);
+            if key.contains("|fw|10000|") {
+                short.push(ttl);
             } else {
                 minute.push(ttl);
             }
         }
     }
-    assert_eq!((minute.len(), second.len()), (20, 20));
+    assert_eq!((minute.len(), short.len()), (20, 20));
     for ttl in &minute {
         assert!(*ttl > 0 && *ttl < 60_000 + 60_000, "pttl {ttl}");
     }
-    // Without the bound, 300 s of jitter would give nearly all over 2 s.
-    for ttl in &second {
-        assert!(*ttl <= 1_000 + 1_000, "pttl {ttl}: {second:?}");
+    // Without the bound, 300 s of jitter would give nearly all over 20 s.
+    for ttl in &short {
+        assert!(*ttl <= 10_000 + 10_000, "pttl {ttl}: {short:?}");
     }
     // Without jitter the minute keys would differ by the few ms the calls
     // took; 20 draws from a minute all landing within 100 ms of each other
