@@ -33,6 +33,7 @@
 #                it, as it would not in production)
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/benches/common.sh"
 RK=${RK:-$ROOT/target/release/ratekeeper}
 : "${RLS_BENCH:?set RLS_BENCH to the rls-bench binary}" "${LIMITADOR:?set LIMITADOR to the limitador-server binary}"
 for tool in "$RK" "$RLS_BENCH" "$LIMITADOR"; do
@@ -42,24 +43,10 @@ DUR=${DUR:-8} WARMUP=${WARMUP:-2} CONC=${CONC:-64} CONNS=${CONNS:-4} KEYS=${KEYS
 ROUNDS=${ROUNDS:-1} MAX_GEN_CPU=${MAX_GEN_CPU:-90} LOGS=${LOGS:-$ROOT/target/bench-logs}
 PASSES=${PASSES:-saturation latency descriptors upstream}
 GRPC_PORT=${GRPC_PORT:-29181} HTTP_PORT=$((GRPC_PORT + 1)) REDIS_PORT=$((GRPC_PORT + 2))
-WORK=$(mktemp -d)
-server_pid=
-cleanup() {
-  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null
-  redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+start_bench_work
 
-# The same limit for both servers: domain bench, key user, 1,000,000 a minute (never reached, so
-# every call takes the counting path).
-mkdir -p "$WORK/rules"
-cat >"$WORK/rules/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: user
-    rate_limit: {unit: minute, requests_per_unit: 1000000}
-YAML
+# The same limit for both servers (limitador's below).
+write_bench_rules "$WORK/rules"
 cat >"$WORK/limitador.yaml" <<'YAML'
 - namespace: bench
   name: bench-per-user
@@ -69,13 +56,11 @@ cat >"$WORK/limitador.yaml" <<'YAML'
   variables: ["descriptors[0].user"]
 YAML
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() { for _ in $(seq 200); do port_open "$1" && return 0; sleep 0.05; done; return 1; }
 redis_start() {
   redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
   taskset -c 0 redis-server --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize yes --dir "$WORK" --logfile "$WORK/redis.log" >/dev/null
-  wait_port $REDIS_PORT
+  wait_port 127.0.0.1:$REDIS_PORT
 }
 redis_cpu() { redis-cli -p $REDIS_PORT info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'; }
 proc_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -98,13 +83,12 @@ start() {
   port_open $GRPC_PORT && { echo "port $GRPC_PORT is already in use" >&2; exit 1; }
   taskset -c 0 "${cmd[@]}" >"$WORK/$1.log" 2>&1 &
   server_pid=$!
-  wait_port $GRPC_PORT || { echo "$1 did not start:" >&2; tail -5 "$WORK/$1.log" >&2; exit 1; }
+  wait_port 127.0.0.1:$GRPC_PORT || { echo "$1 did not start:" >&2; tail -5 "$WORK/$1.log" >&2; exit 1; }
 }
 
 # Stops the server and waits until its port is free.
 stop() {
-  kill $server_pid; wait $server_pid 2>/dev/null; server_pid=
-  for _ in $(seq 100); do port_open $GRPC_PORT || return 0; sleep 0.05; done
+  stop_server "$server_pid" "$GRPC_PORT"; server_pid=
 }
 
 # run TARGET DESCRIPTORS [RATE LABEL] -> one JSON line with the generator's figures and the CPU

@@ -15,6 +15,7 @@
 # Each setting waits for its own minute: about a minute and a half a setting.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/benches/common.sh"
 RK=${RK:-$ROOT/target/release/ratekeeper}
 : "${RLS_BENCH:?set RLS_BENCH to the rls-bench binary}"
 for tool in "$RK" "$RLS_BENCH"; do
@@ -23,26 +24,10 @@ done
 KEYS=${KEYS:-100000} RATE=${RATE:-8900} JITTERS=${JITTERS:-default 0s}
 LOGS=${LOGS:-$ROOT/target/bench-logs}
 GRPC_PORT=${GRPC_PORT:-29191} HTTP_PORT=$((GRPC_PORT + 1)) REDIS_PORT=$((GRPC_PORT + 2))
-WORK=$(mktemp -d)
-server_pid=
-cleanup() {
-  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null
-  redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+start_bench_work
 
-mkdir -p "$WORK/rules"
-cat >"$WORK/rules/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: user
-    rate_limit: {unit: minute, requests_per_unit: 1000000}
-YAML
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() { for _ in $(seq 200); do port_open "$1" && return 0; sleep 0.05; done; return 1; }
-stat() { redis-cli -p $REDIS_PORT info stats | tr -d '\r' | sed -nE "s/^$1:([0-9]+)/\1/p"; }
+write_bench_rules "$WORK/rules"
+redis_stat() { redis-cli -p $REDIS_PORT info stats | tr -d '\r' | sed -nE "s/^$1:([0-9]+)/\1/p"; }
 # Sleeps until Redis's clock is at second $1 of a minute.
 until_second() {
   local now
@@ -62,7 +47,7 @@ for jitter in $JITTERS; do
   redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1
   taskset -c 0 redis-server --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize yes --dir "$WORK" --logfile "$WORK/redis.log" >/dev/null
-  wait_port $REDIS_PORT || { echo "redis did not start" >&2; exit 1; }
+  wait_port 127.0.0.1:$REDIS_PORT || exit 1
   # Redis records what blocked it for 5 ms or more (the expire cycle, a slow command).
   redis-cli -p $REDIS_PORT config set latency-monitor-threshold 5 >/dev/null
   flag=()
@@ -71,17 +56,17 @@ for jitter in $JITTERS; do
     --admin-addr 127.0.0.1:$HTTP_PORT --store redis --redis-url redis://127.0.0.1:$REDIS_PORT \
     "${flag[@]}" >"$WORK/server.log" 2>&1 &
   server_pid=$!
-  wait_port $GRPC_PORT || { echo "ratekeeper did not start:" >&2; tail -5 "$WORK/server.log" >&2; exit 1; }
+  wait_port 127.0.0.1:$GRPC_PORT || { echo "ratekeeper did not start:" >&2; tail -5 "$WORK/server.log" >&2; exit 1; }
   # Fill one minute with (nearly) every key, closed loop, from second 38 to 50; then cross the
   # minute at RATE from second 51 to second 11 of the next.
   until_second 38
   load fill --duration 12s
   until_second 51
-  expired0=$(stat expired_keys) capped0=$(stat expired_time_cap_reached_count)
+  expired0=$(redis_stat expired_keys) capped0=$(redis_stat expired_time_cap_reached_count)
   load cross --duration 20s --rate "$RATE"
-  expired=$(( $(stat expired_keys) - expired0 ))
-  capped=$(( $(stat expired_time_cap_reached_count) - capped0 ))
-  kill $server_pid; wait $server_pid 2>/dev/null; server_pid=
+  expired=$(( $(redis_stat expired_keys) - expired0 ))
+  capped=$(( $(redis_stat expired_time_cap_reached_count) - capped0 ))
+  stop_server "$server_pid" "$GRPC_PORT"; server_pid=
   if [ "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("errors", 0))' "$WORK/cross.json")" != 0 ]; then
     kept="$LOGS/window-boundary-$(date +%Y%m%dT%H%M%S)-$jitter"
     mkdir -p "$kept"
@@ -89,7 +74,6 @@ for jitter in $JITTERS; do
     redis-cli -p $REDIS_PORT latency latest >"$kept/redis-latency.txt"
     echo "failed calls: logs kept in $kept" >&2
   fi
-  for _ in $(seq 100); do port_open $GRPC_PORT || break; sleep 0.05; done
   python3 - "$WORK/cross.json" "$jitter" "$RATE" "$expired" "$capped" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

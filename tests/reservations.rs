@@ -464,8 +464,8 @@ async fn reservation_records_outlive_their_ttl_by_less_than_it() {
             .unwrap()
             .into_inner();
         assert_eq!(settled.status(), SettleStatus::Settled);
-        let tombstone = 10 * 60 * 1_000;
         let ttl = pttl(&reserved.reservation_id);
+        let tombstone = ratekeeper::reservation::ledger::TOMBSTONE_MS as i64;
         assert!(ttl > 0 && ttl < 2 * tombstone, "tombstone pttl {ttl}");
     }
 }

@@ -52,14 +52,18 @@ async fn underscore_joined_descriptors_do_not_share_a_counter(backend: Backend) 
 
 both_stores!(underscore_joined_descriptors_do_not_share_a_counter);
 
+/// A redis-server of its own and a server with `yaml` on it, with the
+/// store's default settings (expiry jitter included) on Redis's own clock.
+async fn on_redis(yaml: &[&str]) -> (RedisServer, TestServer) {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis.url(), Duration::from_secs(2));
+    let server = TestServer::with(rules(yaml), Arc::new(store)).await;
+    (redis, server)
+}
+
 #[tokio::test]
 async fn redis_keys_are_versioned_tagged_and_always_expire() {
-    let redis = RedisServer::start();
-    let server = TestServer::with(
-        rules(&[RULES]),
-        Arc::new(redis_store(&redis.url(), Duration::from_secs(2))),
-    )
-    .await;
+    let (redis, server) = on_redis(&[RULES]).await;
     let mut client = server.client().await;
     for entries in [
         &[("a", "1")][..],
@@ -124,12 +128,7 @@ async fn redis_keys_are_versioned_tagged_and_always_expire() {
 #[tokio::test]
 async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
     const WINDOW: i64 = 60_000;
-    let redis = RedisServer::start();
-    let server = TestServer::with(
-        rules(&[RULES]),
-        Arc::new(redis_store(&redis.url(), Duration::from_secs(2))),
-    )
-    .await;
+    let (redis, server) = on_redis(&[RULES]).await;
     // The first decision loads the code into Redis.
     let mut client = server.client().await;
     client
@@ -205,12 +204,7 @@ async fn a_run_windowed_for_another_window_counts_in_redis_s_own() {
 /// shorter call's reply.
 #[tokio::test]
 async fn a_call_that_failed_half_way_leaves_nothing_in_the_next_reply() {
-    let redis = RedisServer::start();
-    let server = TestServer::with(
-        rules(&[RULES]),
-        Arc::new(redis_store(&redis.url(), Duration::from_secs(2))),
-    )
-    .await;
+    let (redis, server) = on_redis(&[RULES]).await;
     // The first decision loads the code into Redis.
     server
         .client()
@@ -283,13 +277,7 @@ descriptors:
   - key: s
     rate_limit: {unit: second, unit_multiplier: 10, requests_per_unit: 100}
 "#;
-    let redis = RedisServer::start();
-    let store = ratekeeper::store::RedisStore::new(&ratekeeper::store::redis::RedisSettings {
-        timeout: Duration::from_secs(2),
-        ..ratekeeper::store::redis::RedisSettings::new(redis.url())
-    })
-    .unwrap();
-    let server = TestServer::with(rules(&[RULES, SHORT]), Arc::new(store)).await;
+    let (redis, server) = on_redis(&[RULES, SHORT]).await;
     let mut client = server.client().await;
     let mut conn = redis.connection();
     let pttl = |key: &str, conn: &mut ::redis::Connection| -> i64 {
@@ -369,9 +357,7 @@ async fn redis_acl_credentials_in_the_url() {
 /// no per-request connection checks, even under concurrency.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_redis_request_per_decision() {
-    let redis = RedisServer::start();
-    let store = Arc::new(redis_store(&redis.url(), Duration::from_secs(2)));
-    let server = TestServer::with(rules(&[RULES]), store).await;
+    let (redis, server) = on_redis(&[RULES]).await;
     let client = server.client().await;
     // Warm up (loads the script), then count from zero.
     let mut warm = client.clone();

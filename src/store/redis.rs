@@ -509,10 +509,8 @@ impl CounterStore for RedisStore {
         // One DEL per counter (all its keys), so the answer counts counters.
         let mut pipe = redis::pipe();
         for counter in keys {
-            pipe.cmd("DEL").arg(stored_keys(
-                std::slice::from_ref(counter),
-                &self.batching.time,
-            ));
+            pipe.cmd("DEL")
+                .arg(stored_keys(counter, &self.batching.time));
         }
         let deleted: Vec<u64> = super::within(ADMIN_TIMEOUT, async {
             let call = self.node.call().await?;
@@ -567,22 +565,20 @@ pub(crate) const REFUND_SOURCE: &str = include_str!("redis/refund.lua");
 static REFUND: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(REFUND_SOURCE));
 
-/// The Redis keys holding the state of counters `keys`: a fixed-window
-/// counter's is one key per window, so its windows around Redis's now (the
-/// one before, the current one, the next, in case the estimate of Redis's
-/// clock is a boundary off) stand for it, beside the key itself.
-pub(crate) fn stored_keys(keys: &[Vec<u8>], time: &ScriptTime) -> Vec<Vec<u8>> {
-    let now = time.expected_now_ms();
-    let mut stored = Vec::with_capacity(keys.len() * 4);
-    for key in keys {
-        stored.push(key.clone());
-        if let Some(window) = crate::rules::key::fixed_window_ms(key) {
-            let current = crate::rules::key::window_number(now, window);
-            for number in [current.saturating_sub(1), current, current + 1] {
-                let mut windowed = key.clone();
-                crate::rules::key::push_window(&mut windowed, number);
-                stored.push(windowed);
-            }
+/// The Redis keys holding the state of the counter at `key`: a
+/// fixed-window counter's is one key per window, so its windows around
+/// Redis's now (the one before, the current one, the next, in case the
+/// estimate of Redis's clock is a boundary off) stand for it, beside the
+/// key itself.
+pub(crate) fn stored_keys(key: &[u8], time: &ScriptTime) -> Vec<Vec<u8>> {
+    use crate::rules::key::{fixed_window_ms, push_window, window_number};
+    let mut stored = vec![key.to_vec()];
+    if let Some(window) = fixed_window_ms(key) {
+        let current = window_number(time.expected_now_ms(), window);
+        for number in [current.saturating_sub(1), current, current + 1] {
+            let mut windowed = key.to_vec();
+            push_window(&mut windowed, number);
+            stored.push(windowed);
         }
     }
     stored

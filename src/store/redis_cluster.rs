@@ -476,7 +476,7 @@ impl CounterStore for RedisClusterStore {
         let mut deleted = 0;
         for key in keys {
             // A counter's keys share its hash tag: one slot, one DEL.
-            let stored = stored_keys(std::slice::from_ref(key), &self.batching.time);
+            let stored = stored_keys(key, &self.batching.time);
             let reply = self
                 .query(key, redis::cmd("DEL").arg(stored).clone())
                 .await?;

@@ -228,9 +228,9 @@ struct Entry<'d> {
 /// hits add to it.
 fn merge_keys<'d>(plain: &[(&'d [u8], u64, u64)]) -> (Vec<Entry<'d>>, Vec<(usize, u64)>) {
     // Sorting finds the hits that share a key without hashing every key;
-    // equal keys stay in decision order.
+    // the index keeps equal keys in decision order (and the sort in place).
     let mut by_key: Vec<usize> = (0..plain.len()).collect();
-    by_key.sort_by_key(|&i| plain[i].0);
+    by_key.sort_unstable_by_key(|&i| (plain[i].0, i));
     let mut entries = Vec::with_capacity(plain.len());
     let mut of_hit = vec![(0, 0); plain.len()];
     for same in by_key.chunk_by(|&a, &b| plain[a].0 == plain[b].0) {

@@ -42,8 +42,8 @@
 --   '|' and the window's number (its start in Unix ms over its length), so
 --   the common case is one INCRBY on a key the call names; the window's
 --   first hit sets its TTL (the window's end plus the jitter), and an old
---   window's key simply expires. A clock stepped back into the previous window finds
---   that window's own count.
+--   window's key simply expires. A clock stepped back into the previous
+--   window finds that window's own count.
 -- - sliding window: a hash whose fields are window starts and values the
 --   counts of those windows (a decision reads two). A window's first hit
 --   sets the TTL (never shortening it) and drops the field two windows
@@ -353,7 +353,9 @@ local function decide_all(keys, argv)
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
-  jitter, grace = num(argv[2]), num(argv[3])
+  -- The jitter is drawn afresh per call: remembering it would only fill
+  -- the memo.
+  jitter, grace = tonumber(argv[2]), num(argv[3])
   filled = 0
   reply[claim(1) + 1] = now
   local k = 0 -- keys used so far
