@@ -58,6 +58,8 @@ use crate::rules::stats_key::sanitise;
 use crate::rules::{Rule, StatsKey, stats_key};
 use crate::store::StoreError;
 
+mod handles;
+
 /// RPCs answered.
 pub const REQUESTS_TOTAL: &str = "ratelimit_requests_total";
 /// Hits evaluated per rule.
@@ -205,6 +207,8 @@ struct Inner {
     detailed: Mutex<HashSet<String>>,
     max_detailed: usize,
     near_limit_ratio: f32,
+    /// The series counted per request, registered once.
+    handles: handles::Handles,
 }
 
 // === impl Metrics ===
@@ -322,6 +326,7 @@ impl Metrics {
                 detailed: Mutex::default(),
                 max_detailed: settings.max_detailed_series,
                 near_limit_ratio: settings.near_limit_ratio,
+                handles: handles::Handles::default(),
             }),
         }
     }
@@ -333,12 +338,20 @@ impl Metrics {
 
     /// Counts one answered RPC.
     pub fn request(&self, surface: Surface, domain: DomainLabel<'_>, decision: RequestDecision) {
-        let labels = vec![
-            Label::new("surface", surface.as_str()),
-            Label::new("domain", domain.to_string()),
-            Label::new("decision", decision.as_str()),
-        ];
-        self.counter(REQUESTS_TOTAL, labels).increment(1);
+        let domain = domain.as_str();
+        let slot = request_slot(surface, decision);
+        self.inner.handles.requests(domain, |series| {
+            series[slot]
+                .get_or_init(|| {
+                    let labels = vec![
+                        Label::new("surface", surface.as_str()),
+                        Label::new("domain", domain.to_owned()),
+                        Label::new("decision", decision.as_str()),
+                    ];
+                    self.counter(REQUESTS_TOTAL, labels)
+                })
+                .increment(1)
+        });
     }
 
     /// Counts a request let through by global shadow mode.
@@ -363,10 +376,6 @@ impl Metrics {
         outcome: &Outcome,
         source: AnswerSource,
     ) {
-        let label = match stats_key(domain, rule, entries) {
-            StatsKey::Rule(key) => key,
-            StatsKey::PerValue(key) => self.per_value_label(domain, rule, key),
-        };
         let counts = RuleCounts::split(
             hits,
             capacity,
@@ -375,41 +384,51 @@ impl Metrics {
             source,
             rule.shadow_mode,
         );
-        let labels = || {
-            vec![
-                Label::new("domain", domain.to_owned()),
-                Label::new("rule", label.clone()),
-            ]
-        };
-        self.counter(RULE_HITS_TOTAL, labels())
-            .increment(counts.total);
-        // The others appear once they have something to count.
-        for (name, count) in [
-            (RULE_ALLOWED_TOTAL, counts.within),
-            (RULE_NEAR_LIMIT_TOTAL, counts.near),
-            (RULE_DENIED_TOTAL, counts.over),
-            (RULE_DENIED_FROM_CACHE_TOTAL, counts.over_from_cache),
-            (RULE_SHADOW_DENIED_TOTAL, counts.shadow),
-        ] {
-            if count > 0 {
-                self.counter(name, labels()).increment(count);
+        let recorder = &self.inner.recorder;
+        // A rule whose stats key has no runtime value in it keeps its
+        // counters; the others are looked up per request (and capped).
+        if stats_key::is_static(rule) {
+            let kept = self.inner.handles.rule(domain, &rule.path, || {
+                match stats_key(domain, rule, entries) {
+                    StatsKey::Rule(label) => {
+                        Some(handles::RuleSeries::new(recorder, domain, label))
+                    }
+                    // Matched from another domain than its own (rare):
+                    // named per request.
+                    StatsKey::PerValue(_) => None,
+                }
+            });
+            if let Some(series) = kept {
+                series.add(recorder, &counts);
+                return;
             }
         }
+        let label = match stats_key(domain, rule, entries) {
+            StatsKey::Rule(key) => key,
+            StatsKey::PerValue(key) => self.per_value_label(domain, rule, key),
+        };
+        handles::RuleSeries::new(recorder, domain, label).add(recorder, &counts);
     }
 
     /// Records one store call, and its failure if it failed.
     pub fn store_call(&self, backend: &'static str, took: Duration, error: Option<&StoreError>) {
-        let labels = vec![Label::new("backend", backend)];
         self.inner
-            .recorder
-            .register_histogram(
-                &Key::from_parts(STORAGE_DURATION_SECONDS, labels.clone()),
-                &METADATA,
-            )
+            .handles
+            .storage(backend, || {
+                self.inner.recorder.register_histogram(
+                    &Key::from_parts(
+                        STORAGE_DURATION_SECONDS,
+                        vec![Label::new("backend", backend)],
+                    ),
+                    &METADATA,
+                )
+            })
             .record(took.as_secs_f64());
         if let Some(error) = error {
-            let mut labels = labels;
-            labels.push(Label::new("reason", error.reason()));
+            let labels = vec![
+                Label::new("backend", backend),
+                Label::new("reason", error.reason()),
+            ];
             self.counter(STORAGE_ERRORS_TOTAL, labels).increment(1);
         }
     }
@@ -460,7 +479,11 @@ impl Metrics {
     /// Counts one config reload.
     pub fn config_reload(&self, result: ReloadResult) {
         let result = match result {
-            ReloadResult::Success => "success",
+            ReloadResult::Success => {
+                // Counters of rules that may be gone are not kept.
+                self.inner.handles.forget_rules();
+                "success"
+            }
             ReloadResult::Failure => "failure",
         };
         self.counter(CONFIG_RELOADS_TOTAL, vec![Label::new("result", result)])
@@ -524,18 +547,40 @@ pub enum DomainLabel<'a> {
     Unknown,
 }
 
+impl<'a> DomainLabel<'a> {
+    /// The label's value.
+    pub fn as_str(&self) -> &'a str {
+        match self {
+            DomainLabel::Known(domain) => domain,
+            DomainLabel::Unknown => "unknown",
+        }
+    }
+}
+
 impl std::fmt::Display for DomainLabel<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DomainLabel::Known(domain) => f.write_str(domain),
-            DomainLabel::Unknown => f.write_str("unknown"),
-        }
+        f.write_str(self.as_str())
     }
 }
 
 // === impl Surface, RequestDecision ===
 
+/// Where the counter of `surface` and `decision` is kept among a domain's
+/// request counters.
+fn request_slot(surface: Surface, decision: RequestDecision) -> usize {
+    surface.index() * RequestDecision::COUNT + decision.index()
+}
+
 impl Surface {
+    const COUNT: usize = 2;
+
+    fn index(self) -> usize {
+        match self {
+            Surface::ShouldAllow => 0,
+            Surface::Envoy => 1,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Surface::ShouldAllow => "should_allow",
@@ -545,6 +590,18 @@ impl Surface {
 }
 
 impl RequestDecision {
+    const COUNT: usize = 5;
+
+    fn index(self) -> usize {
+        match self {
+            RequestDecision::Allowed => 0,
+            RequestDecision::Denied => 1,
+            RequestDecision::Invalid => 2,
+            RequestDecision::Error => 3,
+            RequestDecision::Shed => 4,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             RequestDecision::Allowed => "allowed",
@@ -629,6 +686,115 @@ mod tests {
             AnswerSource::Store,
             false,
         )
+    }
+
+    /// The value of the series of `name` with every label of `labels`.
+    fn series(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        body.lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .find(|line| {
+                labels
+                    .iter()
+                    .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+            })
+            .and_then(|line| line.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn every_surface_and_decision_has_its_own_request_counter() {
+        let surfaces = [Surface::ShouldAllow, Surface::Envoy];
+        let decisions = [
+            RequestDecision::Allowed,
+            RequestDecision::Denied,
+            RequestDecision::Invalid,
+            RequestDecision::Error,
+            RequestDecision::Shed,
+        ];
+        let mut slots: Vec<usize> = surfaces
+            .iter()
+            .flat_map(|&s| decisions.iter().map(move |&d| request_slot(s, d)))
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots, (0..handles::REQUEST_SLOTS).collect::<Vec<_>>());
+
+        let metrics = Metrics::new();
+        for _ in 0..2 {
+            metrics.request(
+                Surface::Envoy,
+                DomainLabel::Known("m"),
+                RequestDecision::Allowed,
+            );
+        }
+        metrics.request(
+            Surface::ShouldAllow,
+            DomainLabel::Known("m"),
+            RequestDecision::Denied,
+        );
+        metrics.request(
+            Surface::Envoy,
+            DomainLabel::Unknown,
+            RequestDecision::Invalid,
+        );
+        let body = metrics.render();
+        let requests = |surface, domain, decision| {
+            let labels = [
+                ("surface", surface),
+                ("domain", domain),
+                ("decision", decision),
+            ];
+            series(&body, REQUESTS_TOTAL, &labels)
+        };
+        assert_eq!(requests("envoy", "m", "allowed"), 2.0);
+        assert_eq!(requests("should_allow", "m", "denied"), 1.0);
+        assert_eq!(requests("envoy", "unknown", "invalid"), 1.0);
+        assert_eq!(requests("should_allow", "m", "allowed"), 0.0);
+    }
+
+    #[test]
+    fn a_rules_counters_count_on_across_reloads_and_apart_per_domain() {
+        use crate::rules::{LevelMatch, Limit, StatsLevel, StatsPath, Unit};
+        let mut rule = Rule::from_override("m", Limit::fixed(10, Unit::Minute));
+        rule.stats = StatsPath::Levels(vec![StatsLevel {
+            key: "user".into(),
+            segment: "user".into(),
+            matched: LevelMatch::KeyOnly,
+            value_to_metric: false,
+            shared: false,
+        }]);
+        rule.path = "m.user".into();
+        let entries = [EntryRef {
+            key: "user",
+            value: "a",
+        }];
+        let metrics = Metrics::new();
+        let count = |domain: &str, allowed: bool| {
+            let outcome = outcome(allowed, if allowed { 0 } else { 10 });
+            metrics.rule(
+                domain,
+                &rule,
+                &entries,
+                1,
+                10,
+                &outcome,
+                AnswerSource::Store,
+            );
+        };
+        count("m", true);
+        count("m", true);
+        metrics.config_reload(ReloadResult::Success);
+        count("m", false);
+        // The same rule matched in another domain has that domain's key.
+        count("n", true);
+        let body = metrics.render();
+        let rule_series =
+            |name, domain, key| series(&body, name, &[("domain", domain), ("rule", key)]);
+        assert_eq!(rule_series(RULE_HITS_TOTAL, "m", "m.user"), 3.0);
+        assert_eq!(rule_series(RULE_ALLOWED_TOTAL, "m", "m.user"), 2.0);
+        assert_eq!(rule_series(RULE_DENIED_TOTAL, "m", "m.user"), 1.0);
+        assert_eq!(rule_series(RULE_HITS_TOTAL, "n", "n.user"), 1.0);
+        assert_eq!(rule_series(RULE_HITS_TOTAL, "n", "m.user"), 0.0);
     }
 
     #[test]

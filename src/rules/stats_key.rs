@@ -75,10 +75,7 @@ pub fn stats_key(domain: &str, rule: &Rule, entries: &[EntryRef<'_>]) -> StatsKe
     key.push_str(domain);
     for (level, entry) in levels.iter().zip(entries) {
         key.push('.');
-        let runtime = level.value_to_metric
-            && !level.shared
-            && matches!(level.matched, LevelMatch::KeyOnly | LevelMatch::Wildcard);
-        if runtime {
+        if level.shows_value() {
             push_entry(&mut key, entry);
         } else {
             key.push_str(&level.segment);
@@ -88,6 +85,27 @@ pub fn stats_key(domain: &str, rule: &Rule, entries: &[EntryRef<'_>]) -> StatsKe
         StatsKey::Rule(sanitise(&key))
     } else {
         StatsKey::PerValue(sanitise(&key))
+    }
+}
+
+/// Whether `rule`'s stats key is the same for every request it matches: no
+/// runtime value goes into it, so it can be worked out once.
+pub fn is_static(rule: &Rule) -> bool {
+    match &rule.stats {
+        StatsPath::Override => false,
+        StatsPath::Levels(levels) => {
+            !rule.detailed_metric && !levels.iter().any(StatsLevel::shows_value)
+        }
+    }
+}
+
+impl StatsLevel {
+    /// Whether this level writes the request's value into the key
+    /// (`value_to_metric` on a level the value is not fixed by).
+    fn shows_value(&self) -> bool {
+        self.value_to_metric
+            && !self.shared
+            && matches!(self.matched, LevelMatch::KeyOnly | LevelMatch::Wildcard)
     }
 }
 
@@ -230,6 +248,35 @@ mod tests {
             .map(|&(key, value)| EntryRef { key, value })
             .collect();
         stats_key("d", rule, &entries)
+    }
+
+    #[test]
+    fn a_key_is_static_exactly_when_no_value_reaches_it() {
+        let rules = [
+            rule(vec![level("user", None, false, false)], false),
+            rule(vec![level("user", None, true, false)], false),
+            rule(vec![level("path", Some("/f/*"), true, false)], false),
+            rule(vec![level("path", Some("/f/*"), true, true)], false),
+            rule(vec![level("path", Some("/f"), true, false)], false),
+            rule(vec![level("user", None, false, false)], true),
+        ];
+        for rule in &rules {
+            let a = key(rule, &[(rule_key(rule), "/f/a")]);
+            let b = key(rule, &[(rule_key(rule), "/f/b")]);
+            let same = a == b && matches!(a, StatsKey::Rule(_));
+            assert_eq!(is_static(rule), same, "{}", rule.path);
+        }
+        assert!(!is_static(&Rule::from_override(
+            "d",
+            Limit::fixed(1, Unit::Minute)
+        )));
+    }
+
+    fn rule_key(rule: &Rule) -> &str {
+        match &rule.stats {
+            StatsPath::Levels(levels) => &levels[0].key,
+            StatsPath::Override => "",
+        }
     }
 
     fn per_value(key: &str) -> StatsKey {
