@@ -12,7 +12,7 @@
 //! config changes), and backends are a handful of constants.
 
 use std::collections::HashMap;
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use ::metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::PrometheusRecorder;
@@ -45,7 +45,7 @@ pub(super) struct Handles {
     requests: RwLock<HashMap<String, RequestSeries>>,
     /// Per-rule counters of rules with a static stats key, by domain and
     /// rule path.
-    rules: RwLock<HashMap<String, HashMap<String, std::sync::Arc<RuleSeries>>>>,
+    rules: RwLock<HashMap<String, HashMap<String, Arc<RuleSeries>>>>,
     /// `ratelimit_storage_duration_seconds`, by backend.
     storage: RwLock<Vec<(&'static str, Histogram)>>,
 }
@@ -67,11 +67,11 @@ impl Handles {
         domain: &str,
         path: &str,
         make: impl FnOnce() -> Option<RuleSeries>,
-    ) -> Option<std::sync::Arc<RuleSeries>> {
+    ) -> Option<Arc<RuleSeries>> {
         if let Some(series) = read(&self.rules).get(domain).and_then(|m| m.get(path)) {
             return Some(series.clone());
         }
-        let series = std::sync::Arc::new(make()?);
+        let series = Arc::new(make()?);
         write(&self.rules)
             .entry(domain.to_owned())
             .or_default()
