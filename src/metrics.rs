@@ -388,18 +388,14 @@ impl Metrics {
         // A rule whose stats key has no runtime value in it keeps its
         // counters; the others are looked up per request (and capped).
         if stats_key::is_static(rule) {
-            let kept = self.inner.handles.rule(domain, &rule.path, || {
-                match stats_key(domain, rule, entries) {
-                    StatsKey::Rule(label) => {
-                        Some(handles::RuleSeries::new(recorder, domain, label))
-                    }
-                    // Matched from another domain than its own (rare):
-                    // named per request.
-                    StatsKey::PerValue(_) => None,
-                }
-            });
-            if let Some(series) = kept {
-                series.add(recorder, &counts);
+            let make = || match stats_key(domain, rule, entries) {
+                StatsKey::Rule(label) => Some(handles::RuleSeries::new(recorder, domain, label)),
+                // Matched from another domain than its own (rare): named
+                // per request.
+                StatsKey::PerValue(_) => None,
+            };
+            let add = |series: &handles::RuleSeries| series.add(recorder, &counts);
+            if self.inner.handles.rule(domain, &rule.path, make, add) {
                 return;
             }
         }
@@ -412,18 +408,13 @@ impl Metrics {
 
     /// Records one store call, and its failure if it failed.
     pub fn store_call(&self, backend: &'static str, took: Duration, error: Option<&StoreError>) {
-        self.inner
-            .handles
-            .storage(backend, || {
-                self.inner.recorder.register_histogram(
-                    &Key::from_parts(
-                        STORAGE_DURATION_SECONDS,
-                        vec![Label::new("backend", backend)],
-                    ),
-                    &METADATA,
-                )
-            })
-            .record(took.as_secs_f64());
+        let register = || {
+            let labels = vec![Label::new("backend", backend)];
+            let key = Key::from_parts(STORAGE_DURATION_SECONDS, labels);
+            self.inner.recorder.register_histogram(&key, &METADATA)
+        };
+        let record = |histogram: &::metrics::Histogram| histogram.record(took.as_secs_f64());
+        self.inner.handles.storage(backend, register, record);
         if let Some(error) = error {
             let labels = vec![
                 Label::new("backend", backend),

@@ -6,13 +6,15 @@
 //! the per-rule counters and the store latency, that was about 8 % of the
 //! server's CPU at saturation (memory store). Here each series is looked up
 //! by label values the request already holds (`&str`s, no allocation) and
-//! registered the first time only. Every map is bounded by the config: the
+//! registered the first time only; the work is done under the map's read
+//! lock, so a request touches no shared reference count. Every map is
+//! bounded by the config: the
 //! domain label is a configured domain or `unknown`, the per-rule map holds
 //! only rules whose stats key has no runtime value in it (emptied when the
 //! config changes), and backends are a handful of constants.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use ::metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::PrometheusRecorder;
@@ -45,7 +47,7 @@ pub(super) struct Handles {
     requests: RwLock<HashMap<String, RequestSeries>>,
     /// Per-rule counters of rules with a static stats key, by domain and
     /// rule path.
-    rules: RwLock<HashMap<String, HashMap<String, Arc<RuleSeries>>>>,
+    rules: RwLock<HashMap<String, HashMap<String, RuleSeries>>>,
     /// `ratelimit_storage_duration_seconds`, by backend.
     storage: RwLock<Vec<(&'static str, Histogram)>>,
 }
@@ -60,23 +62,27 @@ impl Handles {
         f(map.entry(domain.to_owned()).or_default())
     }
 
-    /// The per-rule counters of the rule at `path` in `domain`, made by
-    /// `make` the first time; `None` (nothing kept) when `make` says so.
+    /// Runs `f` on the per-rule counters of the rule at `path` in
+    /// `domain`, made by `make` the first time; `false` (`f` not run,
+    /// nothing kept) when `make` gives none.
     pub(super) fn rule(
         &self,
         domain: &str,
         path: &str,
         make: impl FnOnce() -> Option<RuleSeries>,
-    ) -> Option<Arc<RuleSeries>> {
+        f: impl FnOnce(&RuleSeries),
+    ) -> bool {
         if let Some(series) = read(&self.rules).get(domain).and_then(|m| m.get(path)) {
-            return Some(series.clone());
+            f(series);
+            return true;
         }
-        let series = Arc::new(make()?);
-        write(&self.rules)
-            .entry(domain.to_owned())
-            .or_default()
-            .insert(path.to_owned(), series.clone());
-        Some(series)
+        let Some(made) = make() else {
+            return false;
+        };
+        let mut map = write(&self.rules);
+        let paths = map.entry(domain.to_owned()).or_default();
+        f(paths.entry(path.to_owned()).or_insert(made));
+        true
     }
 
     /// Forgets the per-rule counters (not the series): the rules changed.
@@ -84,22 +90,27 @@ impl Handles {
         write(&self.rules).clear();
     }
 
-    /// The store latency histogram of `backend`, registered the first time.
+    /// Runs `f` on the store latency histogram of `backend`, registered
+    /// the first time.
     pub(super) fn storage(
         &self,
         backend: &'static str,
         register: impl FnOnce() -> Histogram,
-    ) -> Histogram {
-        if let Some((_, h)) = read(&self.storage).iter().find(|(b, _)| *b == backend) {
-            return h.clone();
+        f: impl FnOnce(&Histogram),
+    ) {
+        let find =
+            |list: &[(&'static str, Histogram)]| list.iter().position(|(b, _)| *b == backend);
+        let list = read(&self.storage);
+        if let Some(at) = find(&list) {
+            return f(&list[at].1);
         }
+        drop(list);
         let mut list = write(&self.storage);
-        if let Some((_, h)) = list.iter().find(|(b, _)| *b == backend) {
-            return h.clone();
-        }
-        let histogram = register();
-        list.push((backend, histogram.clone()));
-        histogram
+        let at = find(&list).unwrap_or_else(|| {
+            list.push((backend, register()));
+            list.len() - 1
+        });
+        f(&list[at].1)
     }
 }
 
