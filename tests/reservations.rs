@@ -98,6 +98,19 @@ fn settle_request(id: &str, actual: u64) -> SettleRequest {
     }
 }
 
+/// `id` settled at `actual` through `client`; the call must succeed.
+async fn settle_ok(
+    client: &mut ReservationServiceClient<tonic::transport::Channel>,
+    id: &str,
+    actual: u64,
+) -> SettleResponse {
+    client
+        .settle(settle_request(id, actual))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn ms(d: &prost_types::Duration) -> u64 {
     d.seconds as u64 * 1_000 + d.nanos as u64 / 1_000_000
 }
@@ -163,11 +176,8 @@ async fn concurrent_reserve_and_settle_charge_exactly_the_settled_costs(backend:
                         .unwrap()
                         .into_inner();
                     assert!(response.allowed);
-                    let settled = reservations
-                        .settle(settle_request(&response.reservation_id, actual))
-                        .await
-                        .unwrap()
-                        .into_inner();
+                    let settled =
+                        settle_ok(&mut reservations, &response.reservation_id, actual).await;
                     assert_eq!(settled.status(), SettleStatus::Settled);
                     assert_eq!(
                         (settled.estimated_cost, settled.actual_cost),
@@ -458,11 +468,7 @@ async fn reservation_records_outlive_their_ttl_by_less_than_it() {
             .into_inner();
         let ttl = pttl(&reserved.reservation_id);
         assert!(ttl > 0 && ttl < 2 * 20_000, "record pttl {ttl}");
-        let settled = reservations
-            .settle(settle_request(&reserved.reservation_id, 1))
-            .await
-            .unwrap()
-            .into_inner();
+        let settled = settle_ok(&mut reservations, &reserved.reservation_id, 1).await;
         assert_eq!(settled.status(), SettleStatus::Settled);
         let ttl = pttl(&reserved.reservation_id);
         let tombstone = ratekeeper::reservation::ledger::TOMBSTONE_MS as i64;
@@ -738,11 +744,7 @@ async fn the_binary_serves_reservations_with_its_flags() {
         .into_inner();
     assert!(reserved.allowed);
     assert_eq!(reserved.reservation_ttl.as_ref().map(ms), Some(2_000));
-    let settled = reservations
-        .settle(settle_request(&reserved.reservation_id, 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let settled = settle_ok(&mut reservations, &reserved.reservation_id, 1).await;
     assert_eq!(settled.status(), SettleStatus::Settled);
     serve.terminate().await;
 
