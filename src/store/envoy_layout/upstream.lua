@@ -59,7 +59,9 @@ end
 local function write(i, n)
   if n > 0 then
     local a = 2 + (i - 1) * 4
-    redis.call('INCRBY', KEYS[i], n)
+    -- A string, not a Lua number: Redis would print that with a float
+    -- conversion (see src/store/redis/ratekeeper.lua, `int`).
+    redis.call('INCRBY', KEYS[i], string.format('%d', n))
     redis.call('EXPIRE', KEYS[i], ARGV[a + 3])
   end
 end
