@@ -24,6 +24,7 @@
 //! - [`lease`]: concurrency rules: the `Leases` API and Envoy's slots.
 //! - [`reservation`]: reserve an estimated cost, then settle the actual one.
 //! - [`fuzzing`]: fuzz targets for the config loader, matcher and keys.
+//! - [`huge_pages`]: transparent huge pages off for the process (tail latency).
 //! - [`api`]: the `ShouldAllow` and Envoy RLS gRPC services (with the Envoy
 //!   answer's quota mode, headers and dynamic metadata).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/rules`.
@@ -49,6 +50,7 @@ pub mod config;
 pub mod error;
 pub mod failure_policy;
 pub mod fuzzing;
+pub mod huge_pages;
 pub mod lease;
 pub mod limiter;
 pub mod metrics;

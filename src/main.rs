@@ -351,6 +351,9 @@ fn serve(args: ServeArgs, mode: &Mode) -> ExitCode {
 }
 
 fn serve_with(args: ServeArgs, mode: &Mode, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    if let Err(error) = ratekeeper::huge_pages::disable() {
+        tracing::info!(%error, "transparent huge pages stay as the kernel sets them");
+    }
     let dot_files = match mode {
         Mode::Serve => DotFiles::Skip,
         Mode::Upstream(upstream) => upstream.dot_files,

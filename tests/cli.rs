@@ -912,3 +912,31 @@ fn serve_refuses_bad_overrides_bounds() {
         "invalid value '0s' for '--overrides-poll-interval <OVERRIDES_POLL_INTERVAL>'",
     );
 }
+
+/// The `THP_enabled` line of a process's status: 0 where transparent huge
+/// pages are off for it.
+#[cfg(target_os = "linux")]
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .expect("THP_enabled in /proc/<pid>/status (Linux 5.0 or later)")
+        .trim()
+        .to_owned()
+}
+
+/// Huge-page faults stalled the memory store for milliseconds as it grew
+/// (src/huge_pages.rs): the server turns them off for itself.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_turns_transparent_huge_pages_off_for_itself() {
+    // The flag is inherited: clear it here, or a parent that had set it
+    // would make this pass whatever the binary does.
+    rustix::thread::disable_transparent_huge_pages(false).unwrap();
+    assert_eq!(thp_enabled(std::process::id()), "1");
+
+    let mut server = Serve::start(EXAMPLE, &["--store", "memory"]);
+    server.client().await;
+    assert_eq!(thp_enabled(server.child.id()), "0");
+}
