@@ -15,8 +15,8 @@
 //! already made included, and `/proc/<pid>/status` shows it as
 //! `THP_enabled: 0`.
 
-/// Turns transparent huge pages off for the whole process (a no-op where
-/// the kernel has none).
+/// Turns transparent huge pages off for the whole process (a no-op off
+/// Linux).
 pub fn disable() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     rustix::thread::disable_transparent_huge_pages(true)?;

@@ -43,6 +43,7 @@
 //! The concurrency leases' metrics are in [`crate::lease::metrics`].
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,6 +101,18 @@ pub const ADMIN_WRITES_TOTAL: &str = "ratelimit_admin_writes_total";
 
 /// Default cap on distinct per-value (`detailed_metric`) rule labels.
 pub const DEFAULT_MAX_DETAILED_SERIES: usize = 1_000;
+
+/// Store calls recorded between two drains of the latency histogram.
+///
+/// The Prometheus recorder buffers each histogram sample until its upkeep
+/// or a scrape folds them into the buckets: with neither, a server grew by
+/// 16–20 bytes a store call for as long as it ran (1 MiB/s at 50,000
+/// req/s). Draining every few thousand calls bounds the buffer, and spreads
+/// the bucketing a scrape would otherwise do at once for every call since
+/// the last one (about 5 ns each: a scrape after 15 s at 50,000 req/s took
+/// 4.4–4.8 ms of the serving thread, 0.35–0.87 ms with these drains) into
+/// drains of about 20 µs, one call in 4,096 paying for one.
+const DRAIN_EVERY: u32 = 4_096;
 
 /// Default share of a limit above which hits count as near the limit
 /// (envoyproxy/ratelimit's default `NEAR_LIMIT_RATIO`).
@@ -209,6 +222,8 @@ struct Inner {
     near_limit_ratio: f32,
     /// The series counted per request, registered once.
     handles: handles::Handles,
+    /// Store calls recorded (wrapping): which of them drains the histogram.
+    recorded: AtomicU32,
 }
 
 // === impl Metrics ===
@@ -327,6 +342,7 @@ impl Metrics {
                 max_detailed: settings.max_detailed_series,
                 near_limit_ratio: settings.near_limit_ratio,
                 handles: handles::Handles::default(),
+                recorded: AtomicU32::new(0),
             }),
         }
     }
@@ -415,6 +431,10 @@ impl Metrics {
         };
         let record = |histogram: &::metrics::Histogram| histogram.record(took.as_secs_f64());
         self.inner.handles.storage(backend, register, record);
+        // One caller in DRAIN_EVERY drains (u32 wraps at a multiple of it).
+        if self.inner.recorded.fetch_add(1, Ordering::Relaxed) % DRAIN_EVERY == DRAIN_EVERY - 1 {
+            self.inner.handle.run_upkeep();
+        }
         if let Some(error) = error {
             let labels = vec![
                 Label::new("backend", backend),
