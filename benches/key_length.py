@@ -116,7 +116,8 @@ def replay(variant, seed):
             t.join()
         return (redis_cpu() - before) * 1e6 / (len(made) * BATCH)
     finally:
-        cli("shutdown", "nosave") if server.poll() is None else None
+        if server.poll() is None:
+            cli("shutdown", "nosave")
         server.wait()
 
 

@@ -109,9 +109,9 @@ pub const DEFAULT_MAX_DETAILED_SERIES: usize = 1_000;
 /// 16–20 bytes a store call for as long as it ran (1 MiB/s at 50,000
 /// req/s). Draining every few thousand calls bounds the buffer, and spreads
 /// the bucketing a scrape would otherwise do at once for every call since
-/// the last one (about 5 ns each: a scrape after 15 s at 50,000 req/s took
-/// 4.4–4.8 ms of the serving thread, 0.35–0.87 ms with these drains) into
-/// drains of about 20 µs, one call in 4,096 paying for one.
+/// the last one (about 5 ns each: a scrape after 16 s at 50,000 req/s took
+/// 4.0–4.6 ms, 0.5–0.8 ms with these drains; BENCHMARKS.md) into drains of
+/// about 20 µs, one call in 4,096 paying for one.
 const DRAIN_EVERY: u32 = 4_096;
 
 /// Default share of a limit above which hits count as near the limit
